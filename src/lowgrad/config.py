@@ -1,0 +1,194 @@
+"""Typed, strict configuration: ``params.yaml`` parsed into pydantic models.
+
+Unknown keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lowgrad.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SourceKind = Literal["sklearn_digits", "sklearn_photos", "npz", "npz_jpeg", "image_folder"]
+
+
+class DatasetConfig(_Strict):
+    """One image set. ``id_train`` and ``id_test`` are required names; every other name is an OOD set."""
+
+    source: SourceKind
+    path: str | None = None
+    classes: list[int] | None = None
+    split: Literal["all", "train", "test"] = "all"
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    max_samples: int | None = Field(None, gt=0)
+    n: int = Field(1000, gt=0, description="number of patches (sklearn_photos only)")
+    resize: bool = False
+
+    @model_validator(mode="after")
+    def _check_path(self) -> "DatasetConfig":
+        needs_path = self.source in ("npz", "npz_jpeg", "image_folder")
+        if needs_path and not self.path:
+            raise ValueError(f"source '{self.source}' needs a 'path'")
+        if not needs_path and self.path:
+            raise ValueError(f"source '{self.source}' takes no 'path'")
+        return self
+
+
+class DataConfig(_Strict):
+    image_size: int = Field(gt=0)
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    datasets: dict[str, DatasetConfig]
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        for key in ("id_train", "id_test"):
+            if key not in self.datasets:
+                raise ValueError(f"data.datasets needs an '{key}' entry")
+        if len(self.datasets) < 3:
+            raise ValueError("data.datasets needs at least one OOD set besides id_train and id_test")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("data.mean and data.std need one value per channel")
+        for name in self.datasets:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"dataset name '{name}' may only hold letters, digits and '_'")
+        return self
+
+    @property
+    def ood_names(self) -> list[str]:
+        return [n for n in self.datasets if n not in ("id_train", "id_test")]
+
+
+class ModelConfig(_Strict):
+    arch: Literal["small_cnn", "resnet18_cifar", "resnet20_cifar", "torchvision_resnet50"]
+    num_classes: int = Field(gt=1)
+    checkpoint: str | None = None
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class GradientConfig(_Strict):
+    kernel: Literal["nfk", "ntk"] = "nfk"
+    params: Literal["all"] | list[str] = "all"
+    max_params: int = Field(2_000_000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    chunk_rows: int = Field(256, gt=0)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class SubspaceConfig(_Strict):
+    basis: Literal["pca", "average_gradient"] = "pca"
+    method: Literal["randomized", "incremental"] = "randomized"
+    k: int = Field(32, gt=0)
+    oversample: int = Field(10, ge=0)
+    power_iters: int = Field(4, ge=0)
+
+
+class DetectorsConfig(_Strict):
+    """Detector name -> its hyper-parameters (an empty mapping takes the defaults)."""
+
+    forward: dict[str, dict[str, Any]]
+    gradient: dict[str, dict[str, Any]]
+
+
+class Params(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    gradient: GradientConfig = GradientConfig()
+    subspace: SubspaceConfig = SubspaceConfig()
+    scoring: DetectorsConfig
+
+    @field_validator("scoring")
+    @classmethod
+    def _known_detectors(cls, value: DetectorsConfig) -> DetectorsConfig:
+        from lowgrad.detectors import check_detector_config
+
+        check_detector_config(value.forward, "scoring.forward")
+        check_detector_config(value.gradient, "scoring.gradient")
+        return value
+
+
+def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names of the fields that are valid at ``loc`` (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(getattr(current, "model_fields", {})) if current is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``params.yaml: subspace.kk: unknown key (did you mean 'k'?)``."""
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            valid = _model_fields(Params, item["loc"])
+            hint = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
+            msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        else:
+            msg = item["msg"]
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping into :class:`Params`, raising :class:`ConfigError` with one clear line."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw['a']['b'] = value`` for ``dotted = 'a.b'`` (the ``dvc exp run -S`` convention)."""
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, apply dotted ``overrides`` and validate a params file."""
+    raw = read_raw(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, str(path))

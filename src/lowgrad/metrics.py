@@ -1,0 +1,77 @@
+"""OOD metrics (METHOD.md section 7). Convention: ID is the positive class and higher score = more ID.
+
+Implemented directly in NumPy (rank statistics, step-wise average precision) and tested against
+scikit-learn, including ties. Values are fractions; :func:`ood_metrics` reports percent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _as_1d(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("empty score array")
+    if not np.isfinite(x).all():
+        raise ValueError("scores contain NaN or infinity")
+    return x
+
+
+def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """Area under the ROC curve = P(score_ID > score_OOD) + 0.5 P(tie) (Mann-Whitney U)."""
+    pos, neg = _as_1d(id_scores), _as_1d(ood_scores)
+    ranks = rankdata(np.concatenate([pos, neg]))  # average ranks for ties
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def average_precision(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
+    """Step-wise AP, ``sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds (scikit-learn's definition)."""
+    pos, neg = _as_1d(pos_scores), _as_1d(neg_scores)
+    scores = np.concatenate([pos, neg])
+    is_pos = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_pos = scores[order], is_pos[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores) != 0), len(scores) - 1]
+    tp = np.cumsum(is_pos)[last_of_tie]
+    fp = (last_of_tie + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / len(pos)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(pos_scores: np.ndarray, neg_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of negatives scoring at or above the largest threshold that keeps ``tpr`` of positives."""
+    pos, neg = np.sort(_as_1d(pos_scores))[::-1], _as_1d(neg_scores)
+    percent = round(tpr * 100)
+    need = -(-percent * len(pos) // 100)  # ceil(tpr * n) in integers: no float rounding at exact counts
+    threshold = pos[need - 1]
+    return float(np.mean(neg >= threshold))
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
+    """All metrics for one OOD set, in percent.
+
+    ``fpr95``: ID positive (the paper's); ``fpr95_ood_pos``: OOD positive (OpenOOD's / pytorch-ood's).
+    """
+    id_scores, ood_scores = _as_1d(id_scores), _as_1d(ood_scores)
+    return {
+        "fpr95": 100.0 * fpr_at_tpr(id_scores, ood_scores),
+        "fpr95_ood_pos": 100.0 * fpr_at_tpr(-ood_scores, -id_scores),
+        "auroc": 100.0 * auroc(id_scores, ood_scores),
+        "aupr_in": 100.0 * average_precision(id_scores, ood_scores),
+        "aupr_out": 100.0 * average_precision(-ood_scores, -id_scores),
+    }
+
+
+def mean_metrics(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Plain mean over OOD sets, metric by metric."""
+    keys = next(iter(per_set.values())).keys()
+    return {k: float(np.mean([m[k] for m in per_set.values()])) for k in keys}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(100.0 * np.mean(np.asarray(logits).argmax(axis=1) == np.asarray(labels)))

@@ -1,0 +1,257 @@
+"""The pipeline's stages as functions of validated params: each reads its inputs, writes its outputs
+atomically and returns nothing. ``stages/<name>.py`` and the Prefect flow call these.
+
+Artifact layout (all paths relative to the project root)::
+
+    data/prepared/<set>.npz            prepare     uint8 images + labels
+    models/model.pt, model.json        model       float32 state_dict (trained or imported) + metadata
+    artifacts/extract/<set>.zarr       extract     grads / logits / features / labels (chunked zarr)
+    artifacts/subspace/subspace.npz    subspace    kernel normaliser + basis V + spectrum
+    artifacts/projected/<set>.npy      project     G_low (N x k)
+    artifacts/scores.npz               score       every detector's scores per set
+    report/metrics.json                score       metrics (DVC metrics)
+    report/report.md, report/plots/    report      Markdown report and PNG plots
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowgrad import __version__
+from lowgrad.config import Params
+from lowgrad.data import load_dataset, load_image_set, save_image_set, to_tensor_batch
+from lowgrad.detectors import make_detector
+from lowgrad.errors import CheckpointError
+from lowgrad.extract import extract_to_store, store_blocks
+from lowgrad.gradients import select_parameters
+from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
+from lowgrad.models import FeatureClassifier, build_model, load_checkpoint, pick_device
+from lowgrad.store import ChunkedStore
+from lowgrad.subspace import GradientSubspace
+
+log = logging.getLogger(__name__)
+
+PREPARED = "data/prepared/{name}.npz"
+MODEL = "models/model.pt"
+MODEL_INFO = "models/model.json"
+EXTRACTED = "artifacts/extract/{name}.zarr"
+SUBSPACE = "artifacts/subspace/subspace.npz"
+PROJECTED = "artifacts/projected/{name}.npy"
+SCORES = "artifacts/scores.npz"
+METRICS = "report/metrics.json"
+REPORT = "report/report.md"
+PLOTS = "report/plots"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file, or of a directory's sorted (relative path, file digest) pairs."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode())
+            h.update(sha256(file).encode())
+        return h.hexdigest()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+# -- prepare ------------------------------------------------------------------------------------------------
+def prepare(params: Params, name: str) -> None:
+    """Load one configured dataset, check its shape, write ``data/prepared/<name>.npz``."""
+    image_set = load_dataset(name, params.data, params.seed)
+    if name in ("id_train", "id_test"):
+        bad = (image_set.labels < 0) | (image_set.labels >= params.model.num_classes)
+        if bad.any():
+            raise CheckpointError(
+                f"dataset '{name}' has labels outside 0..{params.model.num_classes - 1} (model.num_classes)"
+            )
+    save_image_set(PREPARED.format(name=name), image_set)
+
+
+# -- model --------------------------------------------------------------------------------------------------
+def _fresh_model(params: Params) -> FeatureClassifier:
+    return build_model(params.model.arch, params.model.num_classes, params.data.channels)
+
+
+def _evaluate(model: FeatureClassifier, params: Params, name: str, device: torch.device) -> float:
+    test = load_image_set(PREPARED.format(name=name))
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(test), 256):
+            x = to_tensor_batch(test.images[start : start + 256], params.data.mean, params.data.std).to(device)
+            logits.append(model(x).cpu().numpy())
+    return accuracy(np.concatenate(logits), test.labels)
+
+
+def build_classifier(params: Params) -> None:
+    """Import the configured checkpoint, or train ``model.arch`` on ``id_train`` when none is configured."""
+    from lowgrad.train import train_classifier
+
+    device = pick_device(params.device)
+    model = _fresh_model(params)
+    info: dict[str, Any] = {"arch": params.model.arch, "num_classes": params.model.num_classes}
+    if params.model.checkpoint:
+        load_checkpoint(model, params.model.checkpoint)
+        info.update(source=params.model.checkpoint, checkpoint_sha256=sha256(params.model.checkpoint))
+        model.to(device).eval()
+    else:
+        model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, device)
+        info.update(source="trained", train=params.train.model_dump())
+    info["n_parameters"] = sum(p.numel() for p in model.parameters())
+    info["id_test_accuracy"] = _evaluate(model, params, "id_test", device)
+    log.info("model %s: %d parameters, ID test accuracy %.2f %%", info["arch"], info["n_parameters"], info["id_test_accuracy"])
+    Path(MODEL).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(MODEL + ".tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(MODEL)
+    write_json(MODEL_INFO, info)
+
+
+def load_classifier(params: Params) -> FeatureClassifier:
+    return load_checkpoint(_fresh_model(params), MODEL).eval()
+
+
+# -- extract ------------------------------------------------------------------------------------------------
+def extract(params: Params, name: str) -> None:
+    """Per-sample gradients, logits and features of one prepared set into a resumable zarr store."""
+    model = load_classifier(params)
+    names = select_parameters(model, params.gradient.params)
+    g = params.gradient
+    extract_to_store(
+        model,
+        names,
+        load_image_set(PREPARED.format(name=name)),
+        EXTRACTED.format(name=name),
+        params.data.mean,
+        params.data.std,
+        batch_size=g.batch_size,
+        chunk_rows=g.chunk_rows,
+        dtype=g.dtype,
+        max_params=g.max_params,
+        device=pick_device(params.device),
+        meta={
+            "dataset": name,
+            "dataset_sha256": sha256(PREPARED.format(name=name)),
+            "model_sha256": sha256(MODEL),
+            "normalize": {"mean": params.data.mean, "std": params.data.std},
+        },
+    )
+
+
+# -- subspace / project -------------------------------------------------------------------------------------
+def fit_subspace(params: Params) -> None:
+    """Fit the NFK/NTK normaliser and the low-dimensional basis on the kernel set (``id_train``)."""
+    store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
+    s = params.subspace
+    sub = GradientSubspace(
+        kernel=params.gradient.kernel,
+        basis=s.basis,
+        method=s.method,
+        k=s.k,
+        oversample=s.oversample,
+        power_iters=s.power_iters,
+        seed=params.seed,
+    )
+    labels = store.read("labels")[:, 0]
+    n_rows, dim = store.array("grads").shape
+    sub.fit(store_blocks(store), n_rows, dim, labels=labels)
+    log.info(
+        "subspace: %d components explain %.1f %% of the %s kernel's variance",
+        sub.components_.shape[1], 100 * sub.explained_variance_ratio_.sum(), sub.kernel,
+    )
+    sub.save(SUBSPACE)
+
+
+def project(params: Params, name: str) -> None:
+    """``G_low = phi(g) @ V`` for every sample of one set."""
+    store = ChunkedStore.open(EXTRACTED.format(name=name))
+    sub = GradientSubspace.load(SUBSPACE)
+    g_low = sub.transform_blocks(store_blocks(store), store.n_rows).astype(np.float32)
+    path = Path(PROJECTED.format(name=name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, g_low)
+    tmp.replace(path)
+
+
+# -- score --------------------------------------------------------------------------------------------------
+def _inputs(name: str) -> dict[str, np.ndarray]:
+    store = ChunkedStore.open(EXTRACTED.format(name=name))
+    return {
+        "logits": store.read("logits"),
+        "features": store.read("features"),
+        "labels": store.read("labels")[:, 0],
+        "g_low": np.load(PROJECTED.format(name=name)),
+    }
+
+
+def score(params: Params) -> None:
+    """Fit every configured detector on the ID bank, score ID test and OOD sets, write metrics."""
+    sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
+    bank = sets["id_train"]
+    scores: dict[str, np.ndarray] = {}
+    methods: dict[str, dict[str, dict[str, float]]] = {}
+    plan = [(name, kw, False, name) for name, kw in params.scoring.forward.items()]
+    plan += [(name, kw, True, f"grad_{name}") for name, kw in params.scoring.gradient.items()]
+    for name, kwargs, gradient, label in plan:
+        det = make_detector(name, kwargs, gradient)
+        key = "g_low" if gradient else det.input
+        det.fit(bank[key], bank["labels"])
+        per_set = {s: det.score_samples(sets[s][key]) for s in sets if s != "id_train"}
+        for s, values in per_set.items():
+            scores[f"{label}/{s}"] = values
+        table = {s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names}
+        table["mean"] = mean_metrics(table)
+        methods[label] = table
+        log.info("%-22s mean FPR95 %6.2f  AUROC %6.2f", label, table["mean"]["fpr95"], table["mean"]["auroc"])
+    id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
+    Path(SCORES).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(SCORES).with_suffix(".tmp.npz")
+    np.savez(tmp, **scores)
+    tmp.replace(SCORES)
+    write_json(METRICS, {"id_accuracy": id_acc, "methods": methods})
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def report(params: Params) -> None:
+    from lowgrad.report import write_report
+
+    metrics = json.loads(Path(METRICS).read_text())
+    with np.load(SCORES) as z:
+        scores = {k: z[k] for k in z.files}
+    sub = GradientSubspace.load(SUBSPACE)
+    sizes = {}
+    for name in params.data.datasets:
+        store = ChunkedStore.open(EXTRACTED.format(name=name))
+        sizes[name] = store.n_rows
+    n_params = ChunkedStore.open(EXTRACTED.format(name="id_train")).meta["n_params"]
+    hashes = {p: sha256(p)[:12] for p in [MODEL, SUBSPACE, METRICS]}
+    hashes.update({PREPARED.format(name=n): sha256(PREPARED.format(name=n))[:12] for n in params.data.datasets})
+    run = {
+        "lowgrad": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": json.loads(Path(MODEL_INFO).read_text()),
+        "gradient parameters (P)": n_params,
+        "samples per set": sizes,
+    }
+    write_report(params, metrics, scores, sub.explained_variance_ratio_, run, hashes, REPORT, PLOTS)

@@ -1,0 +1,7 @@
+"""DVC stage 'model': Import the configured checkpoint or train the classifier."""
+
+from lowgrad.pipeline import build_classifier
+from stages._run import run_stage
+
+if __name__ == "__main__":
+    run_stage(build_classifier, "Import the configured checkpoint or train the classifier.", per_dataset=False)
