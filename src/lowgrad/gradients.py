@@ -52,7 +52,7 @@ class PerSampleGradients:
         flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in self.param_names], dim=1)
         bad = ~torch.isfinite(flat).all(dim=1)
         if bad.any():
-            rows = torch.flatnonzero(bad)[:5].tolist()
+            rows = torch.nonzero(bad).flatten()[:5].tolist()
             raise GradientError(f"non-finite per-sample gradients for batch rows {rows} (check inputs and weights)")
         return flat, logits.detach(), features.detach()
 

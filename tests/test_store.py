@@ -1,0 +1,132 @@
+"""Chunked zarr store: chunk-aligned writes, durable progress, resume after SIGKILL, refusal of foreign stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from lowgrad.data import ImageSet
+from lowgrad.errors import StoreError
+from lowgrad.extract import extract_to_store
+from lowgrad.gradients import select_parameters
+from lowgrad.models import build_model
+from lowgrad.store import ChunkedStore
+
+COLUMNS = {"a": (5, "float32"), "b": (2, "int64")}
+
+
+def _fill(store: ChunkedStore, chunks=None) -> None:
+    for i in chunks if chunks is not None else store.pending():
+        rows = store.chunk_slice(i)
+        n = rows.stop - rows.start
+        store.write_chunk(i, {"a": np.full((n, 5), i, np.float32), "b": np.arange(rows.start, rows.stop)[:, None].repeat(2, 1)})
+
+
+def test_writes_are_whole_chunks(tmp_path, monkeypatch):
+    store = ChunkedStore.create_or_resume(tmp_path / "s.zarr", 23, COLUMNS, 8, {"seed": 1})
+    writes = []
+    original = zarr.Array.__setitem__
+
+    def spy(self, key, value):
+        writes.append((self.chunks[0], self.shape[0], key))
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    _fill(store)
+    for chunk_rows, n_rows, key in writes:
+        assert key.start % chunk_rows == 0
+        assert key.stop == min(key.start + chunk_rows, n_rows), "every write covers one whole chunk"
+    with pytest.raises(StoreError, match="shape"):
+        store.write_chunk(0, {"a": np.zeros((3, 5), np.float32), "b": np.zeros((3, 2), np.int64)})
+
+
+def test_resume_and_completion(tmp_path):
+    path = tmp_path / "s.zarr"
+    store = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1})
+    _fill(store, [0, 2])
+    with pytest.raises(StoreError, match="cannot finalize"):
+        store.finalize()
+    with pytest.raises(StoreError, match="incomplete"):
+        ChunkedStore.open(path)
+    again = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1})
+    assert again.pending() == [1]
+    _fill(again)
+    again.finalize()
+    done = ChunkedStore.open(path)
+    np.testing.assert_array_equal(done.read("a")[:, 0], np.repeat([0, 1, 2], [8, 8, 7]))
+
+
+def test_foreign_settings_are_refused_or_overwritten(tmp_path):
+    path = tmp_path / "s.zarr"
+    _fill(ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1, "layers": ["conv1"]}))
+    with pytest.raises(StoreError, match=r"meta.seed: stored 1, requested 2"):
+        ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 2, "layers": ["conv1"]})
+    with pytest.raises(StoreError, match=r"meta.layers"):
+        ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1, "layers": ["conv2"]})
+    fresh = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 2}, on_mismatch="overwrite")
+    assert fresh.pending() == [0, 1, 2]
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(StoreError, match="not a lowgrad"):
+        ChunkedStore.create_or_resume(tmp_path / "junk", 23, COLUMNS, 8, {})
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from lowgrad.data import ImageSet
+    from lowgrad.extract import extract_to_store
+    from lowgrad.gradients import select_parameters
+    from lowgrad.models import build_model
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 6, 1).eval()
+    rng = np.random.default_rng(0)
+    images = ImageSet(rng.integers(0, 256, (N, 8, 8, 1), dtype=np.uint8), rng.integers(0, 6, N))
+    extract_to_store(model, select_parameters(model, "all"), images, sys.argv[1], [0.5], [0.5],
+                     batch_size=16, chunk_rows=32, dtype="float32", max_params=10**6,
+                     device=torch.device("cpu"), meta={"test": 1})
+    """
+)
+
+
+def _run_inline(path: Path, n: int) -> None:
+    exec(compile(_CHILD.replace("N", str(n)).replace("sys.argv[1]", repr(str(path))), "child", "exec"), {})
+
+
+def test_sigkilled_extraction_resumes_to_identical_result(tmp_path):
+    n = 3000
+    killed = tmp_path / "killed.zarr"
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD.replace("N", str(n)))
+    proc = subprocess.Popen([sys.executable, str(script), str(killed)], stderr=subprocess.DEVNULL)
+    progress = killed / "_progress"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if progress.is_dir() and sum(p.name.isdigit() for p in progress.iterdir()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(StoreError, match="incomplete"):
+        ChunkedStore.open(killed)
+    done_before = sorted(int(p.name) for p in progress.iterdir() if p.name.isdigit())
+    assert 3 <= len(done_before) < n // 32 + 1, "the kill must land mid-run"
+    chunk_files = {i: killed / "grads" / "c" / str(i) / "0" for i in done_before}
+    mtimes = {i: f.stat().st_mtime_ns for i, f in chunk_files.items()}
+
+    _run_inline(killed, n)  # resume
+    assert {i: f.stat().st_mtime_ns for i, f in chunk_files.items()} == mtimes, "finished chunks were rewritten"
+    reference = tmp_path / "reference.zarr"
+    _run_inline(reference, n)
+    a, b = ChunkedStore.open(killed), ChunkedStore.open(reference)
+    for name in ("grads", "logits", "features", "labels"):
+        np.testing.assert_array_equal(a.read(name), b.read(name))
