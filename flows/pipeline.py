@@ -54,7 +54,7 @@ def stage_order(root: Path = ROOT) -> list[str]:
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         ordered = reversed(list(nx.topological_sort(graph)))
-        return [stage.addressing for stage in ordered if getattr(stage, "cmd", None)]
+        return [stage.name for stage in ordered if getattr(stage, "cmd", None)]
 
 
 def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT) -> None:
@@ -113,14 +113,19 @@ def run_stage(stage: str, root: str = str(ROOT)) -> dict[str, Any]:
 
 
 @flow(name="lowgrad-pipeline", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Run every DVC stage of lowgrad in dependency order; returns one summary row per stage."""
+def pipeline(
+    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str | None = None
+) -> list[dict[str, Any]]:
+    """Run every DVC stage of lowgrad in dependency order; returns one summary row per stage.
+
+    ``root`` is the project directory (default: this checkout)."""
     logger = get_run_logger()
-    apply_params(params_file, overrides)
+    project = Path(root) if root else ROOT
+    apply_params(params_file, overrides, project)
     summary = []
-    for stage in stage_order():
+    for stage in stage_order(project):
         try:
-            summary.append(run_stage(stage))
+            summary.append(run_stage(stage, str(project)))
         except StageFailed as err:
             logger.error("%s (finished before it: %s)", err, ", ".join(r["stage"] for r in summary) or "none")
             raise

@@ -84,7 +84,6 @@ class TrainConfig(_Strict):
 
 
 class GradientConfig(_Strict):
-    kernel: Literal["nfk", "ntk"] = "nfk"
     params: Literal["all"] | list[str] = "all"
     max_params: int = Field(2_000_000, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -93,6 +92,7 @@ class GradientConfig(_Strict):
 
 
 class SubspaceConfig(_Strict):
+    kernel: Literal["nfk", "ntk"] = "nfk"
     basis: Literal["pca", "average_gradient"] = "pca"
     method: Literal["randomized", "incremental"] = "randomized"
     k: int = Field(32, gt=0)

@@ -68,8 +68,3 @@ def extract_to_store(
         store.write_chunk(index, chunk)
     store.finalize()
     return store
-
-
-def store_blocks(store: ChunkedStore, name: str = "grads"):
-    """Block source (see :mod:`lowgrad.subspace`) over one array of a store."""
-    return lambda: store.iter_chunks(name)

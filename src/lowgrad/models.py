@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from lowgrad.errors import CheckpointError
@@ -112,22 +111,29 @@ class CifarResNet(FeatureClassifier):
         return x.mean(dim=(2, 3))
 
 
-class TorchvisionResNet50(torchvision.models.ResNet, FeatureClassifier):
-    """torchvision's ResNet-50 (same state_dict keys) with the feature / head split."""
+def _torchvision_resnet50(num_classes: int) -> FeatureClassifier:
+    """torchvision's ResNet-50 (its state_dict keys) with the feature / head split; torchvision is imported
+    only here (it costs seconds at start-up)."""
+    import torchvision
 
-    def __init__(self, num_classes: int) -> None:
-        super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    class TorchvisionResNet50(torchvision.models.ResNet, FeatureClassifier):
+        """torchvision's ResNet-50 (same state_dict keys) with the feature / head split."""
 
-    @property
-    def head(self) -> nn.Linear:  # type: ignore[override]
-        return self.fc
+        def __init__(self, num_classes: int) -> None:
+            super().__init__(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        @property
+        def head(self) -> nn.Linear:  # type: ignore[override]
+            return self.fc
 
-    forward = FeatureClassifier.forward
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return torch.flatten(self.avgpool(x), 1)
+
+        forward = FeatureClassifier.forward
+
+    return TorchvisionResNet50(num_classes)
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3) -> FeatureClassifier:
@@ -141,7 +147,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> FeatureCla
     if arch == "resnet20_cifar":
         return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, "option_a", "linear")
     if arch == "torchvision_resnet50":
-        return TorchvisionResNet50(num_classes)
+        return _torchvision_resnet50(num_classes)
     raise CheckpointError(f"unknown model.arch '{arch}'")
 
 
@@ -168,6 +174,9 @@ def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassi
         raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(err).__name__}: {err})") from None
     state = _state_dict_of(obj, path)
     expected = model.state_dict()
+    for key in expected:  # older checkpoints predate BatchNorm's step counter, which inference never reads
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = expected[key]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

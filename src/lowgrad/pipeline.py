@@ -22,20 +22,22 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from lowgrad import __version__
 from lowgrad.config import Params
-from lowgrad.data import load_dataset, load_image_set, save_image_set, to_tensor_batch
-from lowgrad.detectors import make_detector
+from lowgrad.data import load_dataset, load_image_set, save_image_set
 from lowgrad.errors import CheckpointError
-from lowgrad.extract import extract_to_store, store_blocks
-from lowgrad.gradients import select_parameters
 from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
-from lowgrad.models import FeatureClassifier, build_model, load_checkpoint, pick_device
 from lowgrad.store import ChunkedStore
 from lowgrad.subspace import GradientSubspace
+
+if TYPE_CHECKING:  # torch costs seconds to import: stages that do not need it never load it
+    import torch
+
+    from lowgrad.models import FeatureClassifier
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,17 @@ def prepare(params: Params, name: str) -> None:
 
 
 # -- model --------------------------------------------------------------------------------------------------
-def _fresh_model(params: Params) -> FeatureClassifier:
+def _fresh_model(params: Params) -> "FeatureClassifier":
+    from lowgrad.models import build_model
+
     return build_model(params.model.arch, params.model.num_classes, params.data.channels)
 
 
-def _evaluate(model: FeatureClassifier, params: Params, name: str, device: torch.device) -> float:
+def _evaluate(model: "FeatureClassifier", params: Params, name: str, device: "torch.device") -> float:
+    import torch
+
+    from lowgrad.data import to_tensor_batch
+
     test = load_image_set(PREPARED.format(name=name))
     logits = []
     with torch.no_grad():
@@ -104,9 +112,13 @@ def _evaluate(model: FeatureClassifier, params: Params, name: str, device: torch
 
 def build_classifier(params: Params) -> None:
     """Import the configured checkpoint, or train ``model.arch`` on ``id_train`` when none is configured."""
+    import torch
+
+    from lowgrad.models import load_checkpoint, pick_device
     from lowgrad.train import train_classifier
 
     device = pick_device(params.device)
+    torch.manual_seed(params.seed)  # before building: the initial weights are part of the run
     model = _fresh_model(params)
     info: dict[str, Any] = {"arch": params.model.arch, "num_classes": params.model.num_classes}
     if params.model.checkpoint:
@@ -126,13 +138,19 @@ def build_classifier(params: Params) -> None:
     write_json(MODEL_INFO, info)
 
 
-def load_classifier(params: Params) -> FeatureClassifier:
+def load_classifier(params: Params) -> "FeatureClassifier":
+    from lowgrad.models import load_checkpoint
+
     return load_checkpoint(_fresh_model(params), MODEL).eval()
 
 
 # -- extract ------------------------------------------------------------------------------------------------
 def extract(params: Params, name: str) -> None:
     """Per-sample gradients, logits and features of one prepared set into a resumable zarr store."""
+    from lowgrad.extract import extract_to_store
+    from lowgrad.gradients import select_parameters
+    from lowgrad.models import pick_device
+
     model = load_classifier(params)
     names = select_parameters(model, params.gradient.params)
     g = params.gradient
@@ -163,7 +181,7 @@ def fit_subspace(params: Params) -> None:
     store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
     s = params.subspace
     sub = GradientSubspace(
-        kernel=params.gradient.kernel,
+        kernel=s.kernel,
         basis=s.basis,
         method=s.method,
         k=s.k,
@@ -194,6 +212,11 @@ def project(params: Params, name: str) -> None:
 
 
 # -- score --------------------------------------------------------------------------------------------------
+def store_blocks(store: ChunkedStore, name: str = "grads"):
+    """Block source (see :mod:`lowgrad.subspace`) over one array of a store."""
+    return lambda: store.iter_chunks(name)
+
+
 def _inputs(name: str) -> dict[str, np.ndarray]:
     store = ChunkedStore.open(EXTRACTED.format(name=name))
     return {
@@ -206,6 +229,8 @@ def _inputs(name: str) -> dict[str, np.ndarray]:
 
 def score(params: Params) -> None:
     """Fit every configured detector on the ID bank, score ID test and OOD sets, write metrics."""
+    from lowgrad.detectors import make_detector
+
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
     bank = sets["id_train"]
     scores: dict[str, np.ndarray] = {}
@@ -233,6 +258,8 @@ def score(params: Params) -> None:
 
 # -- report -------------------------------------------------------------------------------------------------
 def report(params: Params) -> None:
+    import torch
+
     from lowgrad.report import write_report
 
     metrics = json.loads(Path(METRICS).read_text())

@@ -140,7 +140,7 @@ def write_report(
         "",
         "## Run settings",
         "",
-        f"- kernel: {g.kernel}; gradient parameters: {g.params}; basis: {s.basis}"
+        f"- kernel: {s.kernel}; gradient parameters: {g.params}; basis: {s.basis}"
         + (f" ({s.method}, k = {s.k}, oversampling {s.oversample}, power iterations {s.power_iters})" if s.basis == "pca" else ""),
         f"- explained variance of the kept components: {100 * explained_variance_ratio.sum():.1f} %",
         f"- detectors (forward): {json.dumps(params.scoring.forward)}",

@@ -1,0 +1,166 @@
+"""The whole pipeline on a tiny config, in a throw-away DVC project: outputs, no-op reruns, selective
+reruns, the Prefect flow, and bad input that stops with one clear line and leaves no partial artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "image_size": 8,
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.5],
+        "datasets": {
+            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "train", "max_samples": 150},
+            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "test", "max_samples": 90},
+            "digits_7to9": {"source": "sklearn_digits", "classes": [7, 8, 9], "max_samples": 90},
+        },
+    },
+    "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": None},
+    "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
+    "gradient": {"chunk_rows": 64, "batch_size": 32},
+    "subspace": {"k": 8, "oversample": 6, "power_iters": 2},
+    "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}},
+                "gradient": {"knn": {"k": 5}, "mahalanobis": {}}},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran_stages(proc: subprocess.CompletedProcess) -> set[str]:
+    return {ln.split("'")[1] for ln in proc.stdout.splitlines() if ln.startswith("Running stage")}
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    for item in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / item, dest / item)
+    for folder in ("stages", "src", "flows"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    dvc(dest, "init", "-q")
+    dvc(dest, "config", "core.analytics", "false")
+    return dest
+
+
+def set_param(root: Path, dotted: str, value) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("tiny"), TINY)
+    dvc(root, "repro")
+    return root
+
+
+def test_pipeline_outputs(project):
+    metrics = json.loads((project / "report/metrics.json").read_text())
+    assert 50.0 < metrics["id_accuracy"] <= 100.0
+    assert set(metrics["methods"]) == {"msp", "energy", "knn", "mahalanobis", "grad_knn", "grad_mahalanobis"}
+    for table in metrics["methods"].values():
+        assert set(table) == {"digits_7to9", "mean"}
+        assert set(table["mean"]) >= {"fpr95", "auroc", "aupr_in", "aupr_out"}
+        assert 0.0 <= table["mean"]["auroc"] <= 100.0
+    report = (project / "report/report.md").read_text()
+    assert "| knn | yes |" in report and "| knn | no |" in report
+    for png in ("roc.png", "score_histograms.png", "spectrum.png"):
+        assert (project / "report/plots" / png).read_bytes()[:4] == b"\x89PNG"
+    g_low = np.load(project / "artifacts/projected/id_test.npy")
+    assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
+    shown = dvc(project, "metrics", "show", "--json").stdout
+    assert "grad_knn" in shown
+
+
+def test_rerun_is_a_fast_noop(project):
+    start = time.perf_counter()
+    proc = dvc(project, "repro")
+    assert ran_stages(proc) == set()
+    assert time.perf_counter() - start < 10.0
+
+
+def test_changing_k_reruns_only_downstream_stages(project):
+    set_param(project, "subspace.k", 6)
+    ran = ran_stages(dvc(project, "repro"))
+    assert ran == {"subspace", "project@id_train", "project@id_test", "project@digits_7to9", "score", "report"}
+    set_param(project, "scoring.gradient.knn", {"k": 3})
+    assert ran_stages(dvc(project, "repro")) == {"score", "report"}
+
+
+def test_prefect_flow_runs_the_stages(project):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    with prefect_test_harness():  # an isolated temporary server, stopped cleanly at the end
+        summary = pipeline(overrides={"subspace.k": 5}, root=str(project))
+    status = {row["stage"]: row["status"] for row in summary}
+    assert status["subspace"] == "ran" and status["report"] == "ran"
+    assert status["model"] == "skipped" and status["extract@id_train"] == "skipped"
+    assert yaml.safe_load((project / "params.yaml").read_text())["subspace"]["k"] == 5
+    assert ran_stages(dvc(project, "repro")) == set()
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0
+    assert len(errors) == 1 and pattern in errors[0], proc.stderr
+
+
+def test_unknown_key_stops_before_any_work(tmp_path):
+    params = json.loads(json.dumps(TINY))
+    params["subspace"]["kk"] = 3
+    root = make_project(tmp_path, params)
+    proc = dvc(root, "repro", check=False)
+    _one_error_line(proc, "subspace.kk: unknown key (did you mean 'k'?)")
+    assert not (root / "data/prepared").exists() or not any((root / "data/prepared").glob("*.npz"))
+
+
+def test_missing_checkpoint_and_wrong_shape(tmp_path):
+    params = json.loads(json.dumps(TINY))
+    params["model"]["checkpoint"] = "models/does_not_exist.pt"
+    root = make_project(tmp_path, params)
+    proc = dvc(root, "repro", "model", check=False)
+    _one_error_line(proc, "checkpoint not found: models/does_not_exist.pt")
+    assert not (root / "models/model.pt").exists()
+    assert "model" in dvc(root, "status").stdout  # DVC still sees the stage as to be run
+
+    rng = np.random.default_rng(0)
+    np.savez(root / "rgb32.npz", images=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), labels=-np.ones(4, np.int64))
+    set_param(root, "data.datasets.rgb", {"source": "npz", "path": "rgb32.npz"})
+    proc = dvc(root, "repro", "prepare@rgb", check=False)
+    _one_error_line(proc, "dataset 'rgb': images are 32x32x3 but data.image_size/channels expect 8x8x1")
+    assert not (root / "data/prepared/rgb.npz").exists()
