@@ -112,13 +112,31 @@ def run_stage(stage: str, root: str = str(ROOT)) -> dict[str, Any]:
     return {"stage": stage, "status": "skipped" if skipped else "ran", "seconds": round(time.perf_counter() - start, 1)}
 
 
+@task(name="dvc-push", retries=3, retry_delay_seconds=[10, 30, 90])
+def push_artifacts(root: str = str(ROOT)) -> None:
+    """``dvc push --run-cache``: outputs and the run cache to the default remote, so a teammate's
+    ``dvc pull`` / ``dvc repro --pull`` reuses every stage result instead of recomputing it."""
+    logger = get_run_logger()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "push", "--run-cache"], cwd=root, env=stage_environment(), capture_output=True, text=True
+    )
+    for line in (proc.stdout + proc.stderr).strip().splitlines()[-10:]:
+        logger.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc push failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+
+
 @flow(name="lowgrad-pipeline", log_prints=True)
 def pipeline(
-    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, root: str | None = None
+    params_file: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    root: str | None = None,
+    push: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every DVC stage of lowgrad in dependency order; returns one summary row per stage.
 
-    ``root`` is the project directory (default: this checkout)."""
+    ``root`` is the project directory (default: this checkout); ``push`` pushes outputs and the run cache
+    to the DVC remote at the end."""
     logger = get_run_logger()
     project = Path(root) if root else ROOT
     apply_params(params_file, overrides, project)
@@ -129,6 +147,8 @@ def pipeline(
         except StageFailed as err:
             logger.error("%s (finished before it: %s)", err, ", ".join(r["stage"] for r in summary) or "none")
             raise
+    if push:
+        push_artifacts(str(project))
     ran = [r["stage"] for r in summary if r["status"] == "ran"]
     logger.info("pipeline done: %d stages ran (%s), %d skipped", len(ran), ", ".join(ran) or "none", len(summary) - len(ran))
     return summary
@@ -148,10 +168,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the lowgrad pipeline as a Prefect flow.")
     parser.add_argument("--params-file", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. subspace.k=50")
+    parser.add_argument("--push", action="store_true", help="dvc push --run-cache to the default remote at the end")
     args = parser.parse_args()
     os.chdir(ROOT)
     try:
-        pipeline(params_file=args.params_file, overrides=_parse_overrides(args.set) or None)
+        pipeline(params_file=args.params_file, overrides=_parse_overrides(args.set) or None, push=args.push)
     except (LowgradError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

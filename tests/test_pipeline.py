@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
+from lowgrad.store import ChunkedStore
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -36,8 +38,9 @@ TINY = {
     "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
     "gradient": {"chunk_rows": 64, "batch_size": 32},
     "subspace": {"k": 8, "oversample": 6, "power_iters": 2},
-    "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}},
-                "gradient": {"knn": {"k": 5}, "mahalanobis": {}}},
+    "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
+                "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}},
+                "fusion": {"pairs": [{"forward": "react", "gradient": "knn"}]}},
 }
 
 
@@ -90,13 +93,17 @@ def project(tmp_path_factory) -> Path:
 def test_pipeline_outputs(project):
     metrics = json.loads((project / "report/metrics.json").read_text())
     assert 50.0 < metrics["id_accuracy"] <= 100.0
-    assert set(metrics["methods"]) == {"msp", "energy", "knn", "mahalanobis", "grad_knn", "grad_mahalanobis"}
+    assert set(metrics["methods"]) == {
+        "msp", "energy", "knn", "mahalanobis", "odin", "react",
+        "grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "fused_react+grad_knn",
+    }
+    assert 0.0 <= metrics["probe_accuracy"] <= 100.0
     for table in metrics["methods"].values():
         assert set(table) == {"digits_7to9", "mean"}
         assert set(table["mean"]) >= {"fpr95", "auroc", "aupr_in", "aupr_out"}
         assert 0.0 <= table["mean"]["auroc"] <= 100.0
     report = (project / "report/report.md").read_text()
-    assert "| knn | yes |" in report and "| knn | no |" in report
+    assert "| knn | yes |" in report and "| knn | no |" in report and "| react+grad_knn | fused |" in report
     for png in ("roc.png", "score_histograms.png", "spectrum.png"):
         assert (project / "report/plots" / png).read_bytes()[:4] == b"\x89PNG"
     g_low = np.load(project / "artifacts/projected/id_test.npy")
@@ -164,3 +171,100 @@ def test_missing_checkpoint_and_wrong_shape(tmp_path):
     proc = dvc(root, "repro", "prepare@rgb", check=False)
     _one_error_line(proc, "dataset 'rgb': images are 32x32x3 but data.image_size/channels expect 8x8x1")
     assert not (root / "data/prepared/rgb.npz").exists()
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=ci@lowgrad", "-c", "user.name=ci", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_teammate_clone_reuses_pushed_results(project, tmp_path):
+    """Clone A ran the pipeline and pushes (outputs + run cache) to a local-directory remote; clone B pulls,
+    and its `dvc repro --pull` reruns nothing; B's report and artifacts equal A's."""
+    remote = tmp_path / "remote"
+    dvc(project, "remote", "add", "-f", "-d", "team", str(remote))
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "run A")
+    dvc(project, "push", "--run-cache")
+    clone = tmp_path / "clone_b"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    assert not (clone / "artifacts").exists() or not any((clone / "artifacts").rglob("*.npy"))
+    proc = dvc(clone, "repro", "--pull")
+    assert ran_stages(proc) == set(), proc.stdout
+    assert ran_stages(dvc(clone, "repro")) == set()
+    for rel in ("report/metrics.json", "report/report.md"):
+        assert (clone / rel).read_text() == (project / rel).read_text()
+    for name in ("id_train", "id_test", "digits_7to9"):
+        np.testing.assert_array_equal(
+            np.load(clone / f"artifacts/projected/{name}.npy"), np.load(project / f"artifacts/projected/{name}.npy")
+        )
+    assert ChunkedStore.open(clone / "artifacts/extract/id_test.zarr").read("grads").shape[0] == 90
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(url: str, method: str = "GET", body: dict | None = None):
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
+    """Start `prefect server` on 127.0.0.1, serve the flow with a cron schedule, trigger a run through the
+    API, see it complete, shut everything down. Without a server, deploying fails loudly."""
+    env = _env()
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    refused = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "schedules need a running Prefect server" in refused.stderr
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_API_URL"] = api
+    logs = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=logs, stderr=subprocess.STDOUT)
+    serve = None
+    try:
+        _wait(lambda: _api(f"{api}/health"), 90, "the Prefect server")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--cron", "0 3 * * *", "--root", str(project)],
+                                 cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
+        deployment = _wait(lambda: _api(f"{api}/deployments/name/lowgrad-pipeline/lowgrad-scheduled"), 90, "the deployment")
+        crons = [s["schedule"].get("cron") for s in deployment.get("schedules", [])]
+        assert "0 3 * * *" in crons
+        run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {})
+        final = _wait(
+            lambda: (lambda s: s if s["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(_api(f"{api}/flow_runs/{run['id']}")),
+            300, "the triggered flow run",
+        )
+        assert final["state_type"] == "COMPLETED", (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        logs.close()

@@ -100,11 +100,55 @@ class SubspaceConfig(_Strict):
     power_iters: int = Field(4, ge=0)
 
 
+class FusionPair(_Strict):
+    forward: str
+    gradient: str
+    rule: Literal["zscore", "pvalue"] = "zscore"
+    weight: float = 1.0
+
+
+class FusionConfig(_Strict):
+    """Forward + gradient score pairs, calibrated on a held-out random part of ``id_train``."""
+
+    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    pairs: list[FusionPair] = []
+
+
+class ProbeConfig(_Strict):
+    """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (METHOD.md section 5)."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=1)
+    lr: float = Field(0.1, gt=0)
+
+
 class DetectorsConfig(_Strict):
     """Detector name -> its hyper-parameters (an empty mapping takes the defaults)."""
 
     forward: dict[str, dict[str, Any]]
     gradient: dict[str, dict[str, Any]]
+    probe: ProbeConfig = ProbeConfig()
+    fusion: FusionConfig = FusionConfig()
+
+    @model_validator(mode="after")
+    def _pairs_refer_to_configured_detectors(self) -> "DetectorsConfig":
+        for pair in self.fusion.pairs:
+            if pair.forward not in self.forward:
+                raise ValueError(f"fusion pair forward '{pair.forward}' is not in scoring.forward")
+            if pair.gradient not in self.gradient:
+                raise ValueError(f"fusion pair gradient '{pair.gradient}' is not in scoring.gradient")
+        return self
+
+
+class ClusterConfig(_Strict):
+    """Where extraction runs. ``scheduler: null``: in this process; ``local``: a ``dask.distributed``
+    LocalCluster of ``n_workers`` processes; ``tcp://host:8786``: an existing Dask scheduler (workers must see
+    the project directory at the same path). Results do not depend on it, so DVC does not track it."""
+
+    scheduler: str | None = None
+    n_workers: int = Field(2, gt=0)
+    threads_per_worker: int = Field(1, gt=0)
+    shards: int = Field(0, ge=0, description="0 = one shard per worker")
 
 
 class Params(_Strict):
@@ -116,6 +160,7 @@ class Params(_Strict):
     gradient: GradientConfig = GradientConfig()
     subspace: SubspaceConfig = SubspaceConfig()
     scoring: DetectorsConfig
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("scoring")
     @classmethod

@@ -86,13 +86,22 @@ def _npz_decoded(path: Path) -> ImageSet:
     return ImageSet(images, arrays["labels"].astype(np.int64))
 
 
-def _npz_jpeg(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    arrays = _open_npz(path, ("jpeg", "offsets", "labels"))
-    blob, offsets = arrays["jpeg"], arrays["offsets"]
-    if len(offsets) != len(arrays["labels"]) + 1:
-        raise DataError(f"{path}: 'offsets' must have N+1 entries for N labels")
-    images = [_decode(blob[offsets[i] : offsets[i + 1]].tobytes(), f"{i} in {path}") for i in range(len(offsets) - 1)]
-    return images, arrays["labels"].astype(np.int64)
+class _JpegImages:
+    """Sequence view of the encoded ``.npz`` layout: an image is decoded only when indexed, so sub-sampling
+    50,000 images to 5,000 decodes 5,000."""
+
+    def __init__(self, path: Path) -> None:
+        arrays = _open_npz(path, ("jpeg", "offsets", "labels"))
+        self.path, self.blob, self.offsets = path, arrays["jpeg"], arrays["offsets"]
+        self.labels = arrays["labels"].astype(np.int64)
+        if len(self.offsets) != len(self.labels) + 1:
+            raise DataError(f"{path}: 'offsets' must have N+1 entries for N labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _decode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), f"{i} in {self.path}")
 
 
 def _image_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray]:
@@ -163,7 +172,8 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
         raw = _npz_decoded(Path(spec.path))
         images, labels = raw.images, raw.labels
     elif spec.source == "npz_jpeg":
-        images, labels = _npz_jpeg(Path(spec.path))
+        images = _JpegImages(Path(spec.path))
+        labels = images.labels
     else:
         images, labels = _image_folder(Path(spec.path))
 

@@ -1,13 +1,18 @@
 """OOD detectors in scikit-learn style: ``fit(X, y)`` on the ID bank, ``score_samples(X)`` with
 higher = more in-distribution (METHOD.md sections 5-6).
 
-Each detector names the input it reads (``logits`` or ``features``); on the gradient side every detector
-reads ``G_low``. The registry maps ``params.yaml`` names to classes.
+Like pytorch-ood, detectors split into *feature-only* ones (``score_samples`` on stored logits / features /
+``G_low``) and *model-dependent* ones (:class:`ODIN` on images needs the network). Detectors that need the
+classifier's last layer receive it as a :class:`Head` (``Linear``, or the probe ``BatchNorm1d -> Linear``).
+
+Registries map ``params.yaml`` names to classes: :data:`FORWARD_DETECTORS` (penultimate features and
+logits) and :data:`GRADIENT_DETECTORS` (``G_low``; probe-based ones train the linear probe on the bank).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,16 +23,52 @@ from sklearn.neighbors import NearestNeighbors
 from lowgrad.errors import ConfigError
 
 
+@dataclass
+class Head:
+    """The map from features to logits: ``logits = W @ bn(u) + b`` where ``bn`` is optional.
+
+    ``bn_*`` describe an eval-mode BatchNorm1d (the probe) applied first; ``act_scale`` / ``act_shift`` are
+    the affine parameters of the BatchNorm that produced the features (used by BATS on forward features).
+    """
+
+    weight: np.ndarray  # (C, D)
+    bias: np.ndarray  # (C,)
+    bn_mean: np.ndarray | None = None
+    bn_var: np.ndarray | None = None
+    bn_weight: np.ndarray | None = None
+    bn_bias: np.ndarray | None = None
+    bn_eps: float = 1e-5
+    act_scale: np.ndarray | None = None
+    act_shift: np.ndarray | None = None
+
+    def normalised(self, u: np.ndarray) -> np.ndarray:
+        """Output of the probe's BatchNorm (identity without one)."""
+        if self.bn_mean is None:
+            return np.asarray(u, dtype=np.float64)
+        return (u - self.bn_mean) / np.sqrt(self.bn_var + self.bn_eps) * self.bn_weight + self.bn_bias
+
+    def logits_from_normalised(self, z: np.ndarray) -> np.ndarray:
+        return z @ self.weight.T + self.bias
+
+    def logits(self, u: np.ndarray) -> np.ndarray:
+        return self.logits_from_normalised(self.normalised(u))
+
+
 class Detector:
     """Base class. ``input`` is ``"logits"`` or ``"features"`` (penultimate features, or ``G_low``)."""
 
     input: ClassVar[str] = "features"
+    needs_head: ClassVar[bool] = False
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "Detector":
         return self
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 class MSP(Detector):
@@ -48,8 +89,7 @@ class Energy(Detector):
         self.temperature = temperature
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
-        t = self.temperature
-        return t * logsumexp(np.asarray(X, dtype=np.float64) / t, axis=1)
+        return _energy(X, self.temperature)
 
 
 class KNN(Detector):
@@ -98,8 +138,155 @@ class Mahalanobis(Detector):
         return -best
 
 
-FORWARD_DETECTORS: dict[str, type[Detector]] = {"msp": MSP, "energy": Energy, "knn": KNN, "mahalanobis": Mahalanobis}
-GRADIENT_DETECTORS: dict[str, type[Detector]] = {"knn": KNN, "mahalanobis": Mahalanobis}
+class _HeadDetector(Detector):
+    needs_head = True
+
+    def __init__(self, head: Head) -> None:
+        self.head = head
+
+
+class ReAct(_HeadDetector):
+    """Clip activations at the ``percentile`` of the ID bank's activations, then Energy (Sun et al. 2021).
+    ``start`` leaves the first coordinates unclipped (the paper clips ``G_low`` coordinates j >= 10)."""
+
+    def __init__(self, head: Head, percentile: float = 90.0, start: int = 0) -> None:
+        super().__init__(head)
+        self.percentile, self.start = percentile, start
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "ReAct":
+        self.threshold_ = float(np.percentile(np.asarray(X)[:, self.start :], self.percentile))
+        return self
+
+    def clip(self, X: np.ndarray) -> np.ndarray:
+        X = np.array(X, dtype=np.float64)
+        X[:, self.start :] = np.minimum(X[:, self.start :], self.threshold_)
+        return X
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return _energy(self.head.logits(self.clip(X)))
+
+
+class BATS(_HeadDetector):
+    """Truncate BatchNorm outputs to ``beta +- lam * gamma`` per channel, then Energy (Zhu et al. 2022).
+    On the probe: its BatchNorm1d output; on forward features: the affine parameters of the BatchNorm that
+    produced the features (``Head.act_scale`` / ``act_shift``)."""
+
+    def __init__(self, head: Head, lam: float = 0.1) -> None:
+        super().__init__(head)
+        self.lam = lam
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        h = self.head
+        if h.bn_mean is not None:
+            gamma, beta, z = h.bn_weight, h.bn_bias, h.normalised(X)
+        elif h.act_scale is not None:
+            gamma, beta, z = h.act_scale, h.act_shift, np.asarray(X, dtype=np.float64)
+        else:
+            raise ValueError("BATS needs BatchNorm statistics (a probe, or a model whose features follow a BatchNorm)")
+        spread = self.lam * np.abs(gamma)
+        return _energy(h.logits_from_normalised(np.clip(z, beta - spread, beta + spread)))
+
+
+class GradNorm(_HeadDetector):
+    """L1 norm of the gradient of KL(uniform || softmax) w.r.t. the last weight (Huang et al. 2021), closed
+    form: the gradient is ``(p - 1/C) z^T`` so its L1 norm is ``||p - 1/C||_1 * ||z||_1``."""
+
+    def __init__(self, head: Head, temperature: float = 1.0) -> None:
+        super().__init__(head)
+        self.temperature = temperature
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        z = self.head.normalised(X)
+        p = softmax(self.head.logits_from_normalised(z) / self.temperature, axis=1)
+        return np.abs(p - 1.0 / p.shape[1]).sum(axis=1) * np.abs(z).sum(axis=1)
+
+
+class ViM(_HeadDetector):
+    """Virtual-logit matching (Wang et al. 2022): energy minus the scaled norm of the feature's residual
+    outside the principal subspace of ID features (origin ``-W^+ b``)."""
+
+    def __init__(self, head: Head, dim: int | None = None) -> None:
+        super().__init__(head)
+        self.dim = dim
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "ViM":
+        X = np.asarray(X, dtype=np.float64)
+        d = X.shape[1]
+        dim = self.dim or (1000 if d >= 2048 else 512 if d >= 768 else d // 2)
+        if not 0 < dim < d:
+            raise ValueError(f"ViM dim must be in 1..{d - 1}, got {dim}")
+        self.origin_ = -np.linalg.pinv(self.head.weight) @ self.head.bias
+        centred = X - self.origin_
+        _, eigvec = np.linalg.eigh(centred.T @ centred / len(X))
+        self.residual_basis_ = eigvec[:, : d - dim]  # eigh sorts ascending: the smallest d - dim directions
+        residual = np.linalg.norm(centred @ self.residual_basis_, axis=1)
+        self.alpha_ = self.head.logits(X).max(axis=1).mean() / residual.mean()
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        residual = np.linalg.norm((X - self.origin_) @ self.residual_basis_, axis=1)
+        return _energy(self.head.logits(X)) - self.alpha_ * residual
+
+
+class ODIN(Detector):
+    """Temperature-scaled MSP after a small input step that raises the max softmax (Liang et al. 2018).
+
+    Model-dependent: :meth:`score_inputs` takes a differentiable ``forward`` (images -> logits for the forward
+    side; ``G_low`` -> probe logits on the gradient side) and the inputs as a torch tensor."""
+
+    needs_head = True
+
+    def __init__(self, head: Head | None = None, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
+        self.head, self.temperature, self.epsilon = head, temperature, epsilon
+
+    def score_inputs(self, forward, x, batch_size: int = 256) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].detach().clone().requires_grad_(True)
+            logits = forward(xb) / self.temperature
+            loss = F.cross_entropy(logits, logits.argmax(dim=1))
+            (grad,) = torch.autograd.grad(loss, xb)
+            with torch.no_grad():
+                shifted = forward(xb - self.epsilon * grad.sign()) / self.temperature
+                out.append(torch.softmax(shifted, dim=1).max(dim=1).values.double().cpu().numpy())
+        return np.concatenate(out)
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        """Feature-space ODIN through the :class:`Head` (used for ``G_low`` through the probe)."""
+        import torch
+
+        if self.head is None:
+            raise ValueError("ODIN on stored features needs a head; on images use score_inputs")
+        h = self.head
+        w, b = torch.tensor(h.weight), torch.tensor(h.bias)
+        stats = None
+        if h.bn_mean is not None:
+            stats = [torch.tensor(a) for a in (h.bn_mean, h.bn_var, h.bn_weight, h.bn_bias)]
+
+        def forward(u):
+            if stats is not None:
+                u = (u - stats[0]) / torch.sqrt(stats[1] + h.bn_eps) * stats[2] + stats[3]
+            return u @ w.T + b
+
+        return self.score_inputs(forward, torch.tensor(np.asarray(X, dtype=np.float64)))
+
+
+FORWARD_DETECTORS: dict[str, type[Detector]] = {
+    "msp": MSP, "energy": Energy, "odin": ODIN, "mahalanobis": Mahalanobis, "knn": KNN,
+    "react": ReAct, "bats": BATS, "gradnorm": GradNorm, "vim": ViM,
+}
+GRADIENT_DETECTORS: dict[str, type[Detector]] = {
+    "knn": KNN, "mahalanobis": Mahalanobis, "msp": MSP, "energy": Energy, "odin": ODIN,
+    "gradnorm": GradNorm, "react": ReAct, "bats": BATS,
+}
+# gradient-side detectors that read probe logits rather than G_low itself
+PROBE_LOGIT_DETECTORS = {"msp", "energy"}
+# METHOD.md section 5-6 defaults that differ between the two sides
+GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {"odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}}
 
 
 def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None:
@@ -108,14 +295,17 @@ def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None
     for name, kwargs in config.items():
         if name not in registry:
             raise ValueError(f"unknown detector '{name}' in {where} (known: {sorted(registry)})")
-        allowed = set(inspect.signature(registry[name].__init__).parameters) - {"self"}
+        allowed = set(inspect.signature(registry[name].__init__).parameters) - {"self", "head"}
         unknown = set(kwargs or {}) - allowed
         if unknown:
             raise ValueError(f"{where}.{name}: unknown option(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
 
 
-def make_detector(name: str, kwargs: dict[str, Any] | None, gradient: bool) -> Detector:
+def make_detector(name: str, kwargs: dict[str, Any] | None, gradient: bool, head: Head | None = None) -> Detector:
+    """Instantiate a configured detector (gradient-side defaults from METHOD.md where they differ)."""
     registry = GRADIENT_DETECTORS if gradient else FORWARD_DETECTORS
     if name not in registry:
         raise ConfigError(f"unknown detector '{name}'")
-    return registry[name](**(kwargs or {}))
+    options = {**(GRADIENT_DEFAULTS.get(name, {}) if gradient else {}), **(kwargs or {})}
+    cls = registry[name]
+    return cls(head, **options) if cls.needs_head else cls(**options)

@@ -1,11 +1,14 @@
 """Fill a chunked zarr store with logits, penultimate features and per-sample gradients of one image set.
 
-Resumable: rerunning with the same settings continues at the first unfinished chunk.
+Resumable: rerunning with the same settings continues at the first unfinished chunk. Chunks are
+independent units of work, so they can also be filled by several processes at once (see
+:mod:`lowgrad.scaleout`): each writes whole chunks of its own, never a chunk of another.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,69 @@ from lowgrad.models import FeatureClassifier
 from lowgrad.store import ChunkedStore
 
 log = logging.getLogger(__name__)
+
+
+class Extractor:
+    """Computes the stored columns for any block of rows of one image set."""
+
+    def __init__(
+        self,
+        model: FeatureClassifier,
+        param_names: list[str],
+        images: ImageSet,
+        mean: list[float],
+        std: list[float],
+        *,
+        batch_size: int,
+        dtype: str,
+        max_params: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.param_names, self.images = param_names, images
+        self.mean, self.std = mean, std
+        self.batch_size, self.dtype, self.device = batch_size, dtype, device
+        self.psg = PerSampleGradients(self.model, param_names)
+        check_exact_route(self.psg.dim, max_params)
+
+    def columns(self) -> dict[str, tuple[int, str]]:
+        with torch.no_grad():
+            x = to_tensor_batch(self.images.images[:1], self.mean, self.std).to(self.device)
+            logits, feats = self.model(x, return_features=True)
+        return {
+            "grads": (self.psg.dim, self.dtype),
+            "logits": (logits.shape[1], "float32"),
+            "features": (feats.shape[1], "float32"),
+            "labels": (1, "int64"),
+        }
+
+    def compute(self, rows: slice) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {"grads": [], "logits": [], "features": []}
+        for start in range(rows.start, rows.stop, self.batch_size):
+            stop = min(start + self.batch_size, rows.stop)
+            x = to_tensor_batch(self.images.images[start:stop], self.mean, self.std).to(self.device)
+            g, lo, f = self.psg(x)
+            parts["grads"].append(g.cpu().numpy().astype(self.dtype, copy=False))
+            parts["logits"].append(lo.cpu().numpy())
+            parts["features"].append(f.cpu().numpy())
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        out["labels"] = self.images.labels[rows, None].astype(np.int64)
+        return out
+
+
+def open_store(
+    extractor: Extractor, path: str | Path, chunk_rows: int, meta: dict[str, Any], on_mismatch: str = "overwrite"
+) -> ChunkedStore:
+    meta = {**meta, "param_names": extractor.param_names, "n_params": extractor.psg.dim}
+    return ChunkedStore.create_or_resume(
+        path, len(extractor.images), extractor.columns(), chunk_rows, meta, on_mismatch=on_mismatch
+    )
+
+
+def fill_chunks(store: ChunkedStore, extractor: Extractor, chunks: Iterable[int], desc: str = "extract") -> None:
+    """Compute and durably write the given chunks (each one whole)."""
+    for index in tqdm(list(chunks), desc=desc, unit="chunk"):
+        store.write_chunk(index, extractor.compute(store.chunk_slice(index)))
 
 
 def extract_to_store(
@@ -37,34 +103,14 @@ def extract_to_store(
     meta: dict[str, Any],
     on_mismatch: str = "overwrite",
 ) -> ChunkedStore:
-    """Compute and store ``grads`` (N x P), ``logits`` (N x C), ``features`` (N x F), ``labels`` (N x 1)."""
-    model = model.to(device).eval()
-    psg = PerSampleGradients(model, param_names)
-    check_exact_route(psg.dim, max_params)
-    with torch.no_grad():
-        logits, feats = model(to_tensor_batch(images.images[:1], mean, std).to(device), return_features=True)
-    columns = {
-        "grads": (psg.dim, dtype),
-        "logits": (logits.shape[1], "float32"),
-        "features": (feats.shape[1], "float32"),
-        "labels": (1, "int64"),
-    }
-    meta = {**meta, "param_names": param_names, "n_params": psg.dim}
-    store = ChunkedStore.create_or_resume(path, len(images), columns, chunk_rows, meta, on_mismatch=on_mismatch)
+    """Compute and store ``grads`` (N x P), ``logits`` (N x C), ``features`` (N x F), ``labels`` (N x 1)
+    in this process, resuming where a previous run stopped."""
+    extractor = Extractor(
+        model, param_names, images, mean, std, batch_size=batch_size, dtype=dtype, max_params=max_params, device=device
+    )
+    store = open_store(extractor, path, chunk_rows, meta, on_mismatch)
     pending = store.pending()
-    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), psg.dim, path, len(pending))
-    for index in tqdm(pending, desc=f"extract {Path(path).stem}", unit="chunk"):
-        rows = store.chunk_slice(index)
-        parts: dict[str, list[np.ndarray]] = {"grads": [], "logits": [], "features": []}
-        for start in range(rows.start, rows.stop, batch_size):
-            stop = min(start + batch_size, rows.stop)
-            x = to_tensor_batch(images.images[start:stop], mean, std).to(device)
-            g, lo, f = psg(x)
-            parts["grads"].append(g.cpu().numpy().astype(dtype, copy=False))
-            parts["logits"].append(lo.cpu().numpy())
-            parts["features"].append(f.cpu().numpy())
-        chunk = {k: np.concatenate(v) for k, v in parts.items()}
-        chunk["labels"] = images.labels[rows, None].astype(np.int64)
-        store.write_chunk(index, chunk)
+    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.psg.dim, path, len(pending))
+    fill_chunks(store, extractor, pending, desc=f"extract {Path(path).stem}")
     store.finalize()
     return store

@@ -37,6 +37,8 @@ from lowgrad.subspace import GradientSubspace
 if TYPE_CHECKING:  # torch costs seconds to import: stages that do not need it never load it
     import torch
 
+    from lowgrad.detectors import Head
+    from lowgrad.extract import Extractor
     from lowgrad.models import FeatureClassifier
 
 log = logging.getLogger(__name__)
@@ -145,34 +147,64 @@ def load_classifier(params: Params) -> "FeatureClassifier":
 
 
 # -- extract ------------------------------------------------------------------------------------------------
-def extract(params: Params, name: str) -> None:
-    """Per-sample gradients, logits and features of one prepared set into a resumable zarr store."""
-    from lowgrad.extract import extract_to_store
+def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extractor":
+    """The per-set extractor (model, selected parameters, images); ``root`` is the project directory."""
+    from lowgrad.extract import Extractor
     from lowgrad.gradients import select_parameters
-    from lowgrad.models import pick_device
+    from lowgrad.models import load_checkpoint, pick_device
 
-    model = load_classifier(params)
-    names = select_parameters(model, params.gradient.params)
+    root = Path(root)
+    model = load_checkpoint(_fresh_model(params), root / MODEL).eval()
     g = params.gradient
-    extract_to_store(
+    return Extractor(
         model,
-        names,
-        load_image_set(PREPARED.format(name=name)),
-        EXTRACTED.format(name=name),
+        select_parameters(model, g.params),
+        load_image_set(root / PREPARED.format(name=name)),
         params.data.mean,
         params.data.std,
         batch_size=g.batch_size,
-        chunk_rows=g.chunk_rows,
         dtype=g.dtype,
         max_params=g.max_params,
         device=pick_device(params.device),
-        meta={
-            "dataset": name,
-            "dataset_sha256": sha256(PREPARED.format(name=name)),
-            "model_sha256": sha256(MODEL),
-            "normalize": {"mean": params.data.mean, "std": params.data.std},
-        },
     )
+
+
+def extract(params: Params, name: str) -> None:
+    """Per-sample gradients, logits and features of one prepared set into a resumable zarr store, in this
+    process or, with ``cluster.scheduler`` set, sharded over a Dask cluster."""
+    from lowgrad.extract import fill_chunks, open_store
+
+    extractor = build_extractor(params, name)
+    meta = {
+        "dataset": name,
+        "dataset_sha256": sha256(PREPARED.format(name=name)),
+        "model_sha256": sha256(MODEL),
+        "normalize": {"mean": params.data.mean, "std": params.data.std},
+    }
+    path = EXTRACTED.format(name=name)
+    store = open_store(extractor, path, params.gradient.chunk_rows, meta)
+    pending = store.pending()
+    log.info("extracting %d samples (%d params each) into %s: %d of %d chunks to go",
+             store.n_rows, extractor.psg.dim, path, len(pending), store.n_chunks)
+    if params.cluster.scheduler and pending:
+        from lowgrad.scaleout import fill_on_dask
+
+        store.finalize(chunks_by_worker_pid=fill_on_dask(params, name, pending, root=Path.cwd()))
+    else:
+        fill_chunks(store, extractor, pending, desc=f"extract {name}")
+        store.finalize()
+
+
+def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tuple[list[int], int]:
+    """Fill some chunks of an existing store (runs on a Dask worker; paths resolved under ``root``).
+    Returns the chunks and the worker's process id."""
+    import os
+
+    from lowgrad.extract import fill_chunks
+
+    store = ChunkedStore.open_for_filling(Path(root) / EXTRACTED.format(name=name))
+    fill_chunks(store, build_extractor(params, name, root), chunks, desc=f"extract {name} shard")
+    return list(chunks), os.getpid()
 
 
 # -- subspace / project -------------------------------------------------------------------------------------
@@ -217,9 +249,10 @@ def store_blocks(store: ChunkedStore, name: str = "grads"):
     return lambda: store.iter_chunks(name)
 
 
-def _inputs(name: str) -> dict[str, np.ndarray]:
+def _inputs(name: str) -> dict[str, Any]:
     store = ChunkedStore.open(EXTRACTED.format(name=name))
     return {
+        "name": name,
         "logits": store.read("logits"),
         "features": store.read("features"),
         "labels": store.read("labels")[:, 0],
@@ -227,33 +260,61 @@ def _inputs(name: str) -> dict[str, np.ndarray]:
     }
 
 
+def forward_head(model: "FeatureClassifier") -> "Head":
+    """The classifier's last layer, plus the affine parameters of the last BatchNorm whose width equals the
+    feature dimension (the BatchNorm that produced the penultimate features; BATS truncates there)."""
+    import torch
+
+    from lowgrad.detectors import Head
+
+    as_np = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
+    head = Head(weight=as_np(model.head.weight), bias=as_np(model.head.bias))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features == head.weight.shape[1]]
+    if bns:
+        head.act_scale, head.act_shift = as_np(bns[-1].weight), as_np(bns[-1].bias)
+    return head
+
+
 def score(params: Params) -> None:
     """Fit every configured detector on the ID bank, score ID test and OOD sets, write metrics."""
-    from lowgrad.detectors import make_detector
+    import torch
+
+    from lowgrad.data import to_tensor_batch
+    from lowgrad.scoring import ScoringContext, run_all
 
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
-    bank = sets["id_train"]
-    scores: dict[str, np.ndarray] = {}
+    model = load_classifier(params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def load_images(name: str) -> torch.Tensor:
+        images = load_image_set(PREPARED.format(name=name)).images
+        return to_tensor_batch(images, params.data.mean, params.data.std)
+
+    ctx = ScoringContext(
+        forward_head=forward_head(model),
+        num_classes=params.model.num_classes,
+        model_forward=model,
+        load_images=load_images,
+        seed=params.seed,
+        probe_options=params.scoring.probe.model_dump(),
+    )
+    with torch.inference_mode(False):
+        all_scores, extras = run_all(params, sets, ctx)
     methods: dict[str, dict[str, dict[str, float]]] = {}
-    plan = [(name, kw, False, name) for name, kw in params.scoring.forward.items()]
-    plan += [(name, kw, True, f"grad_{name}") for name, kw in params.scoring.gradient.items()]
-    for name, kwargs, gradient, label in plan:
-        det = make_detector(name, kwargs, gradient)
-        key = "g_low" if gradient else det.input
-        det.fit(bank[key], bank["labels"])
-        per_set = {s: det.score_samples(sets[s][key]) for s in sets if s != "id_train"}
-        for s, values in per_set.items():
-            scores[f"{label}/{s}"] = values
+    flat: dict[str, np.ndarray] = {}
+    for label, per_set in all_scores.items():
         table = {s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names}
         table["mean"] = mean_metrics(table)
         methods[label] = table
-        log.info("%-22s mean FPR95 %6.2f  AUROC %6.2f", label, table["mean"]["fpr95"], table["mean"]["auroc"])
+        flat.update({f"{label}/{s}": v for s, v in per_set.items()})
+        log.info("%-28s mean FPR95 %6.2f  AUROC %6.2f", label, table["mean"]["fpr95"], table["mean"]["auroc"])
     id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
     Path(SCORES).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(SCORES).with_suffix(".tmp.npz")
-    np.savez(tmp, **scores)
+    np.savez(tmp, **flat)
     tmp.replace(SCORES)
-    write_json(METRICS, {"id_accuracy": id_acc, "methods": methods})
+    write_json(METRICS, {"id_accuracy": id_acc, **extras, "methods": methods})
 
 
 # -- report -------------------------------------------------------------------------------------------------

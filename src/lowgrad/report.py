@@ -17,13 +17,22 @@ from lowgrad.config import Params  # noqa: E402
 
 
 def _row_order(methods: list[str]) -> list[str]:
-    """Each base method's forward row, then its ``grad_`` row; gradient-only methods last."""
-    bases = [m for m in methods if not m.startswith("grad_")]
+    """Each base method's forward row, then its ``grad_`` row; gradient-only methods, then fused rows last."""
+    fused = [m for m in methods if m.startswith("fused_")]
+    bases = [m for m in methods if not m.startswith(("grad_", "fused_"))]
     bases += [m[5:] for m in methods if m.startswith("grad_") and m[5:] not in bases]
     order = []
     for base in bases:
         order += [m for m in (base, f"grad_{base}") if m in methods]
-    return order
+    return order + fused
+
+
+def _gradient_column(method: str) -> tuple[str, str]:
+    if method.startswith("fused_"):
+        return method.removeprefix("fused_"), "fused"
+    if method.startswith("grad_"):
+        return method.removeprefix("grad_"), "yes"
+    return method, "no"
 
 
 def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
@@ -38,7 +47,7 @@ def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
         best[(c, "auroc")] = max(methods[r][c]["auroc"] for r in rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r.removeprefix("grad_"), "yes" if r.startswith("grad_") else "no"]
+        cells = list(_gradient_column(r))
         for c in columns:
             for m in ("fpr95", "auroc"):
                 v = methods[r][c][m]
@@ -129,14 +138,17 @@ def write_report(
         "OOD detection with and without the low-dimensional gradient (Wu et al., arXiv 2310.17163).",
         "Scores: higher = in-distribution. FPR95: ID positive (fraction of OOD accepted at 95 % ID kept), in %.",
         "",
-        f"**ID test accuracy of the classifier: {metrics['id_accuracy']:.2f} %**",
+        f"**ID test accuracy of the classifier: {metrics['id_accuracy']:.2f} %**"
+        + (f"; of the linear probe on G_low: {metrics['probe_accuracy']:.2f} %" if "probe_accuracy" in metrics else ""),
         "",
         "## Results",
         "",
         results_table(metrics, [*ood, "mean"]),
         "",
-        "AUPR-In, AUPR-Out and FPR95 with OOD as the positive class (OpenOOD's convention) are in "
-        "`report/metrics.json`.",
+        "gradient = yes: the detector on the low-dimensional gradient G_low (probe-based scores use the linear "
+        "probe trained on the bank's G_low); fused: forward + gradient scores, each standardised on held-out ID "
+        "data (see run settings). Best value per column in bold. AUPR-In, AUPR-Out and FPR95 with OOD as the "
+        "positive class (OpenOOD's convention) are in `report/metrics.json`.",
         "",
         "## Run settings",
         "",
@@ -144,7 +156,8 @@ def write_report(
         + (f" ({s.method}, k = {s.k}, oversampling {s.oversample}, power iterations {s.power_iters})" if s.basis == "pca" else ""),
         f"- explained variance of the kept components: {100 * explained_variance_ratio.sum():.1f} %",
         f"- detectors (forward): {json.dumps(params.scoring.forward)}",
-        f"- detectors (gradient): {json.dumps(params.scoring.gradient)}",
+        f"- detectors (gradient): {json.dumps(params.scoring.gradient)}; probe: {params.scoring.probe.model_dump()}",
+        f"- fusion: {params.scoring.fusion.model_dump()}",
         f"- seed: {params.seed}",
         "",
         "```json",

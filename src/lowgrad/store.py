@@ -117,6 +117,15 @@ class ChunkedStore:
         return "; ".join(diffs) or "unknown difference"
 
     @classmethod
+    def open_for_filling(cls, path: str | Path) -> "ChunkedStore":
+        """Reopen a store that ``create_or_resume`` laid out, to write some of its chunks (another process
+        may be writing other chunks at the same time: chunks never overlap)."""
+        path = Path(path)
+        if not (path / _PROGRESS).is_dir():
+            raise StoreError(f"{path}: not a store laid out for filling")
+        return cls(path, zarr.open_group(str(path), mode="r+"))
+
+    @classmethod
     def open(cls, path: str | Path) -> "ChunkedStore":
         """Open a finished store for reading; an unfinished or foreign one is a :class:`StoreError`."""
         path = Path(path)

@@ -1,0 +1,121 @@
+"""Run every configured detector (forward, gradient, fused) over the stored per-set arrays.
+
+A *set* is a mapping with ``logits``, ``features``, ``labels``, ``g_low`` and, for model-dependent
+detectors, ``images`` (normalised tensors, loaded on demand). Detectors are fitted on the bank
+(``id_train``) and score every other set. Nothing is tuned on OOD sets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from lowgrad.config import Params
+from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector
+from lowgrad.fusion import fuse
+from lowgrad.probe import train_probe
+
+log = logging.getLogger(__name__)
+
+DataSet = dict[str, Any]
+
+
+@dataclass
+class ScoringContext:
+    """What the detectors may need besides the stored arrays."""
+
+    forward_head: Head
+    num_classes: int
+    model_forward: Callable | None = None  # images -> logits, differentiable (forward ODIN)
+    load_images: Callable[[str], Any] | None = None  # set name -> normalised image tensor
+    seed: int = 0
+    probe_options: dict[str, Any] = field(default_factory=dict)
+    _probes: dict[int, Head] = field(default_factory=dict)
+
+    def probe(self, bank: DataSet) -> Head:
+        """The linear probe trained on ``bank`` (cached per bank)."""
+        key = id(bank["g_low"])
+        if key not in self._probes:
+            self._probes[key] = train_probe(bank["g_low"], bank["labels"], self.num_classes, seed=self.seed, **self.probe_options)
+        return self._probes[key]
+
+
+def _images(data: DataSet, ctx: ScoringContext):
+    if "images" not in data:
+        if ctx.load_images is None:
+            raise ValueError("forward ODIN needs the model and images")
+        data["images"] = ctx.load_images(data["name"])
+    return data["images"]
+
+
+def score_detector(
+    name: str, kwargs: dict[str, Any], gradient: bool, bank: DataSet, targets: dict[str, DataSet], ctx: ScoringContext
+) -> dict[str, np.ndarray]:
+    """Fit one detector on ``bank`` and score every target set."""
+    if gradient:
+        head = ctx.probe(bank) if name not in ("knn", "mahalanobis") else None
+        det = make_detector(name, kwargs, True, head)
+        if name in PROBE_LOGIT_DETECTORS:
+            view = lambda d: head.logits(d["g_low"])  # noqa: E731
+        else:
+            view = lambda d: d["g_low"]  # noqa: E731
+    else:
+        det = make_detector(name, kwargs, False, ctx.forward_head)
+        if name == "odin":
+            if ctx.model_forward is None:
+                raise ValueError("forward ODIN needs the model")
+            return {t: det.score_inputs(ctx.model_forward, _images(d, ctx)) for t, d in targets.items()}
+        view = lambda d: d[det.input]  # noqa: E731
+    det.fit(view(bank), bank["labels"])
+    return {t: det.score_samples(view(d)) for t, d in targets.items()}
+
+
+def _subset(data: DataSet, rows: np.ndarray, name: str) -> DataSet:
+    out = {k: v[rows] for k, v in data.items() if k not in ("name", "images")}
+    out["name"] = name
+    if "images" in data:
+        out["images"] = data["images"][rows]
+    return out
+
+
+def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Scores of every configured row: forward (by name), gradient (``grad_<name>``) and fused pairs
+    (``fused_<forward>+grad_<gradient>``). Returns ``(scores[row][set], extras)``."""
+    bank = sets["id_train"]
+    targets = {n: d for n, d in sets.items() if n != "id_train"}
+    scoring = params.scoring
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, kwargs in scoring.forward.items():
+        scores[name] = score_detector(name, kwargs, False, bank, targets, ctx)
+    for name, kwargs in scoring.gradient.items():
+        scores[f"grad_{name}"] = score_detector(name, kwargs, True, bank, targets, ctx)
+    extras: dict[str, float] = {}
+    if any(n not in ("knn", "mahalanobis") for n in scoring.gradient):
+        head = ctx.probe(bank)
+        test = sets["id_test"]
+        extras["probe_accuracy"] = float(100 * np.mean(head.logits(test["g_low"]).argmax(1) == test["labels"]))
+
+    if scoring.fusion.pairs:
+        fit_rows, cal_rows = train_test_split(
+            np.arange(len(bank["labels"])), test_size=scoring.fusion.calibration_fraction,
+            random_state=params.seed, stratify=bank["labels"],
+        )
+        fit_bank = _subset(bank, np.sort(fit_rows), "id_train")
+        calibration = _subset(bank, np.sort(cal_rows), "id_train")
+        if any(p.forward == "odin" for p in scoring.fusion.pairs):
+            calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]
+        for pair in scoring.fusion.pairs:
+            with_cal = {"__calibration__": calibration, **targets}
+            f = score_detector(pair.forward, scoring.forward[pair.forward], False, fit_bank, with_cal, ctx)
+            g = score_detector(pair.gradient, scoring.gradient[pair.gradient], True, fit_bank, with_cal, ctx)
+            label = f"fused_{pair.forward}+grad_{pair.gradient}"
+            scores[label] = {
+                t: fuse(f["__calibration__"], g["__calibration__"], f[t], g[t], pair.rule, pair.weight) for t in targets
+            }
+            log.info("%s: %s rule, weight %.2f, calibrated on %d held-out ID samples", label, pair.rule, pair.weight, len(cal_rows))
+    return scores, extras
