@@ -27,6 +27,7 @@ def _params(scheduler):
             "ood": {"source": "sklearn_digits", "classes": [7]}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "gradient": {"chunk_rows": 48, "batch_size": 16},
+        "subspace": {"k": 8},
         "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}},
         "cluster": {"scheduler": scheduler, "n_workers": 2, "threads_per_worker": 1},
     })
@@ -52,3 +53,20 @@ def test_dask_sharded_extraction_equals_single_process(tmp_path, monkeypatch):
     assert len(by_worker) == 2 and sorted(sum(by_worker.values(), [])) == list(range(12))
     for name in ("grads", "logits", "features", "labels"):
         np.testing.assert_array_equal(sharded.read(name), reference.read(name))
+
+    # subspace + projection: per-shard partial products reduced on the client (float tolerance: the
+    # summation order differs from the single-process pass)
+    from lowgrad.pipeline import SUBSPACE, fit_subspace, project
+    from lowgrad.subspace import GradientSubspace
+
+    params_local, params_dask = _params(None), _params("local")
+    fit_subspace(params_local)
+    local = GradientSubspace.load(SUBSPACE)
+    fit_subspace(params_dask)
+    dask = GradientSubspace.load(SUBSPACE)
+    np.testing.assert_allclose(dask.normalizer_.scale_, local.normalizer_.scale_, rtol=1e-10)
+    np.testing.assert_allclose(dask.singular_values_, local.singular_values_, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(dask.components_.T @ local.components_), np.eye(local.k), atol=1e-6)
+    project(params_dask, "id_train")
+    g_dask = np.load("artifacts/projected/id_train.npy")
+    np.testing.assert_allclose(g_dask, local.transform(reference.read("grads")), rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lowgrad.store import ChunkedStore
-from lowgrad.subspace import GradientSubspace, KernelNormalizer, incremental_pca, randomized_svd
+from lowgrad.subspace import GradientSubspace, KernelNormalizer, RowPasses, incremental_pca, randomized_svd
 
 
 def _blocks(matrix: np.ndarray, rows: int):
@@ -55,7 +55,8 @@ def test_randomized_svd_over_zarr_matches_exact_svd(tmp_path):
         store.write_chunk(i, {"grads": phi[store.chunk_slice(i)]})
     store.finalize()
     k = 40
-    v, s, total = randomized_svd(lambda: store.iter_chunks("grads"), 600, 300, k, oversample=10, power_iters=4, seed=0)
+    passes = RowPasses(lambda: store.iter_chunks("grads"), 600, 300)
+    v, s, total = randomized_svd(passes, k, oversample=10, power_iters=4, seed=0)
     _, s_ref, vt_ref = np.linalg.svd(phi, full_matrices=False)
     v_ref = vt_ref[:k].T
     assert overlap(v_ref[:, :10], v[:, :10]) > 0.999
@@ -68,7 +69,7 @@ def test_randomized_svd_over_zarr_matches_exact_svd(tmp_path):
 def test_randomized_svd_fails_without_power_iterations_on_flat_spectrum():
     """Guard against a test that cannot fail: the same check detects a poor subspace."""
     phi = _decaying(400, 300, decay=0.995)
-    v, _, _ = randomized_svd(_blocks(phi, 100), 400, 300, 40, oversample=0, power_iters=0, seed=0)
+    v, _, _ = randomized_svd(RowPasses(_blocks(phi, 100), 400, 300), 40, oversample=0, power_iters=0, seed=0)
     _, _, vt_ref = np.linalg.svd(phi, full_matrices=False)
     assert overlap(vt_ref[:40].T, v) < 0.99
 

@@ -15,6 +15,7 @@ Artifact layout (all paths relative to the project root)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from lowgrad.data import load_dataset, load_image_set, save_image_set
 from lowgrad.errors import CheckpointError
 from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
 from lowgrad.store import ChunkedStore
-from lowgrad.subspace import GradientSubspace
+from lowgrad.subspace import GradientSubspace, RowPasses
 
 if TYPE_CHECKING:  # torch costs seconds to import: stages that do not need it never load it
     import torch
@@ -208,6 +209,18 @@ def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tu
 
 
 # -- subspace / project -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _row_passes(params: Params, store: ChunkedStore) -> Iterator[RowPasses]:
+    """Passes over a store's gradient rows: in this process, or reduced over a Dask cluster."""
+    if not params.cluster.scheduler:
+        yield RowPasses(lambda: store.iter_chunks("grads"), store.n_rows, store.columns["grads"][0])
+        return
+    from lowgrad.scaleout import DaskRowPasses, dask_client
+
+    with dask_client(params) as client:
+        yield DaskRowPasses(client, store, params.cluster.shards or None)
+
+
 def fit_subspace(params: Params) -> None:
     """Fit the NFK/NTK normaliser and the low-dimensional basis on the kernel set (``id_train``)."""
     store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
@@ -222,8 +235,8 @@ def fit_subspace(params: Params) -> None:
         seed=params.seed,
     )
     labels = store.read("labels")[:, 0]
-    n_rows, dim = store.array("grads").shape
-    sub.fit(store_blocks(store), n_rows, dim, labels=labels)
+    with _row_passes(params, store) as passes:
+        sub.fit(passes, labels=labels)
     log.info(
         "subspace: %d components explain %.1f %% of the %s kernel's variance",
         sub.components_.shape[1], 100 * sub.explained_variance_ratio_.sum(), sub.kernel,
@@ -235,7 +248,8 @@ def project(params: Params, name: str) -> None:
     """``G_low = phi(g) @ V`` for every sample of one set."""
     store = ChunkedStore.open(EXTRACTED.format(name=name))
     sub = GradientSubspace.load(SUBSPACE)
-    g_low = sub.transform_blocks(store_blocks(store), store.n_rows).astype(np.float32)
+    with _row_passes(params, store) as passes:
+        g_low = sub.transform_blocks(passes).astype(np.float32)
     path = Path(PROJECTED.format(name=name))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
@@ -244,11 +258,6 @@ def project(params: Params, name: str) -> None:
 
 
 # -- score --------------------------------------------------------------------------------------------------
-def store_blocks(store: ChunkedStore, name: str = "grads"):
-    """Block source (see :mod:`lowgrad.subspace`) over one array of a store."""
-    return lambda: store.iter_chunks(name)
-
-
 def _inputs(name: str) -> dict[str, Any]:
     store = ChunkedStore.open(EXTRACTED.format(name=name))
     return {

@@ -1,17 +1,78 @@
-"""Scale-out on an existing distributed engine (``dask.distributed``): extraction chunks split into shards,
-each shard filled by one Dask task on a worker, writing only its own whole chunks of the zarr store."""
+"""Scale-out on an existing distributed engine (``dask.distributed``).
+
+- Extraction: the pending chunks split into shards, each filled by one Dask task on a worker, writing
+  only its own whole chunks of the zarr store (bit-identical to the single-process run).
+- Subspace passes: each worker reduces its shard of chunks to a partial product (moments,
+  ``Phi_rows @ R``, ``Phi_rows^T L``) and the client adds the partials (equal to the single-process
+  result up to floating-point summation order).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lowgrad.config import Params
 from lowgrad.errors import ConfigError
+from lowgrad.store import ChunkedStore
+from lowgrad.subspace import RowPasses, combine_partials, partial_pass
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def dask_client(params: Params) -> Iterator:
+    """A ``distributed.Client`` for ``cluster.scheduler`` (a LocalCluster for ``local``), closed on exit."""
+    client, cluster = _client(params)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _shard_pass(path: str, array: str, chunks: list[int], kind: str, arg, shift, scale):
+    store = ChunkedStore.open(path)
+    arr = store.array(array)
+    blocks = ((store.chunk_slice(i), arr[store.chunk_slice(i)]) for i in chunks)
+    return partial_pass(kind, blocks, arg, shift, scale)
+
+
+class DaskRowPasses(RowPasses):
+    """:class:`RowPasses` over a finished store's ``grads``, one Dask task per shard of chunks."""
+
+    def __init__(self, client, store: ChunkedStore, n_shards: int | None = None, shift=None, scale=None) -> None:
+        super().__init__(lambda: store.iter_chunks("grads"), store.n_rows, store.columns["grads"][0], shift, scale)
+        self.client, self.store = client, store
+        n = n_shards or max(1, len(client.scheduler_info()["workers"]))
+        self.shards = [list(map(int, c)) for c in np.array_split(np.arange(store.n_chunks), min(n, store.n_chunks))]
+        self._scattered: dict[int, object] = {}
+
+    def normalised(self, shift: np.ndarray, scale: np.ndarray) -> "DaskRowPasses":
+        out = DaskRowPasses(self.client, self.store, len(self.shards), shift, scale)
+        out._scattered = self._scattered
+        return out
+
+    def _remote(self, value):
+        if value is None:
+            return None
+        key = id(value)
+        if key not in self._scattered:
+            self._scattered[key] = (value, self.client.scatter(value, broadcast=True))
+        return self._scattered[key][1]
+
+    def run(self, kind: str, arg: np.ndarray | None = None):
+        remote = [self._remote(v) for v in (arg, self.shift, self.scale)]
+        futures = [
+            self.client.submit(_shard_pass, str(self.store.path.resolve()), "grads", shard, kind, *remote, pure=False)
+            for shard in self.shards
+        ]
+        return combine_partials(kind, self.client.gather(futures), self.n_rows)
 
 
 def _client(params: Params):
@@ -31,8 +92,7 @@ def fill_on_dask(params: Params, name: str, chunks: list[int], root: str | Path)
     finished by the other shards stay done, so a rerun resumes). Returns worker pid -> chunks filled."""
     from lowgrad.pipeline import extract_shard
 
-    client, cluster = _client(params)
-    try:
+    with dask_client(params) as client:
         n_workers = max(1, len(client.scheduler_info()["workers"]))
         n_shards = min(len(chunks), params.cluster.shards or n_workers)
         shards = [list(map(int, s)) for s in np.array_split(np.asarray(chunks), n_shards) if len(s)]
@@ -43,7 +103,3 @@ def fill_on_dask(params: Params, name: str, chunks: list[int], root: str | Path)
             by_worker.setdefault(str(pid), []).extend(filled)
         log.info("extract %s: chunks by worker process: %s", name, by_worker)
         return by_worker
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

@@ -21,6 +21,88 @@ log = logging.getLogger(__name__)
 BlockSource = Callable[[], Iterable[tuple[slice, np.ndarray]]]
 
 
+def _merge_moments(a: tuple | None, b: tuple | None) -> tuple | None:
+    """Chan et al.'s pairwise merge of ``(n, mean, M2)`` (float64)."""
+    if a is None or b is None:
+        return a if b is None else b
+    (na, ma, sa), (nb, mb, sb) = a, b
+    total = na + nb
+    delta = mb - ma
+    return total, ma + delta * (nb / total), sa + sb + delta**2 * (na * nb / total)
+
+
+def partial_pass(
+    kind: str, blocks: Iterable[tuple[slice, np.ndarray]], arg: np.ndarray | None = None,
+    shift: np.ndarray | None = None, scale: np.ndarray | None = None,
+):
+    """One pass over some row blocks of ``Phi = (G - shift) * scale`` (``G`` when no shift/scale):
+
+    - ``moments``: ``(n, mean, M2)`` of the rows;
+    - ``times``: ``([(rows, Phi_rows @ arg)], sum of squares)``;
+    - ``transpose_times``: ``Phi_rows^T @ arg[rows]`` summed over the blocks.
+    The same function runs in this process or on a Dask worker over one shard of chunks."""
+    acc = None
+    pieces, sq = [], 0.0
+    for rows, block in blocks:
+        b = np.asarray(block, dtype=np.float64)
+        if shift is not None:
+            b = (b - shift) * scale
+        if kind == "moments":
+            mean = b.mean(axis=0)
+            acc = _merge_moments(acc, (b.shape[0], mean, ((b - mean) ** 2).sum(axis=0)))
+        elif kind == "times":
+            pieces.append((rows, b @ arg))
+            sq += float(np.square(b).sum())
+        elif kind == "transpose_times":
+            part = b.T @ arg[rows]
+            acc = part if acc is None else acc + part
+        else:
+            raise ValueError(f"unknown pass kind {kind!r}")
+    return (pieces, sq) if kind == "times" else acc
+
+
+def combine_partials(kind: str, partials: list, n_rows: int):
+    """Reduce the per-shard results of :func:`partial_pass`."""
+    if kind == "moments":
+        out = None
+        for part in partials:
+            out = _merge_moments(out, part)
+        return out
+    if kind == "times":
+        pieces = [p for part, _ in partials for p in part]
+        out = np.empty((n_rows, pieces[0][1].shape[1]))
+        for rows, values in pieces:
+            out[rows] = values
+        return out, float(sum(sq for _, sq in partials))
+    parts = [p for p in partials if p is not None]
+    return sum(parts[1:], parts[0])
+
+
+class RowPasses:
+    """Passes over the rows of ``Phi``, run in this process. :class:`lowgrad.scaleout.DaskRowPasses` runs
+    the same :func:`partial_pass` on Dask workers, one shard of zarr chunks each, and reduces the partials."""
+
+    def __init__(self, blocks: BlockSource, n_rows: int, dim: int, shift=None, scale=None) -> None:
+        self.blocks, self.n_rows, self.dim = blocks, n_rows, dim
+        self.shift, self.scale = shift, scale
+
+    def normalised(self, shift: np.ndarray, scale: np.ndarray) -> "RowPasses":
+        return RowPasses(self.blocks, self.n_rows, self.dim, shift, scale)
+
+    def run(self, kind: str, arg: np.ndarray | None = None):
+        return combine_partials(kind, [partial_pass(kind, self.blocks(), arg, self.shift, self.scale)], self.n_rows)
+
+    def phi_blocks(self) -> BlockSource:
+        """Sequential block source of ``Phi`` (for inherently sequential fits such as IncrementalPCA)."""
+
+        def iterate() -> Iterator[tuple[slice, np.ndarray]]:
+            for rows, block in self.blocks():
+                b = np.asarray(block, dtype=np.float64)
+                yield rows, b if self.shift is None else (b - self.shift) * self.scale
+
+        return iterate
+
+
 class KernelNormalizer:
     """NFK: ``phi = w * (g - z)`` with ``z`` the mean and ``w = d^(-1/2)`` the inverse root of the diagonal
     Fisher of centred gradients (zero-variance entries take the largest finite ``w``). NTK: ``phi = g``."""
@@ -30,24 +112,13 @@ class KernelNormalizer:
             raise ValueError(f"kernel must be 'nfk' or 'ntk', got {kernel!r}")
         self.kernel = kernel
 
-    def fit(self, blocks: BlockSource) -> "KernelNormalizer":
+    def fit(self, blocks: "BlockSource | RowPasses") -> "KernelNormalizer":
         """One pass; mean and variance merged block by block in float64 (Chan et al.'s pairwise update)."""
-        n, mean, m2 = 0, None, None
-        for _, block in blocks():
-            b = np.asarray(block, dtype=np.float64)
-            nb = b.shape[0]
-            bmean = b.mean(axis=0)
-            bm2 = ((b - bmean) ** 2).sum(axis=0)
-            if mean is None:
-                n, mean, m2 = nb, bmean, bm2
-                continue
-            delta = bmean - mean
-            total = n + nb
-            mean = mean + delta * (nb / total)
-            m2 = m2 + bm2 + delta**2 * (n * nb / total)
-            n = total
-        if mean is None:
+        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, 0, 0)
+        moments = passes.run("moments")
+        if moments is None:
             raise GradientError("cannot fit the kernel normaliser on an empty kernel set")
+        n, mean, m2 = moments
         self.n_samples_ = n
         self.mean_ = mean
         self.fisher_diag_ = m2 / n
@@ -69,15 +140,6 @@ class KernelNormalizer:
     def transform(self, g: np.ndarray) -> np.ndarray:
         return (np.asarray(g, dtype=np.float64) - self.shift_) * self.scale_
 
-    def source(self, blocks: BlockSource) -> BlockSource:
-        """The block source of ``phi`` rows for a block source of gradient rows."""
-
-        def iterate() -> Iterator[tuple[slice, np.ndarray]]:
-            for rows, block in blocks():
-                yield rows, self.transform(block)
-
-        return iterate
-
 
 def _orthonormal(a: np.ndarray) -> np.ndarray:
     q, _ = np.linalg.qr(a)
@@ -92,46 +154,23 @@ def _fix_signs(v: np.ndarray) -> np.ndarray:
     return v * signs
 
 
-def _stack_rows(phi: BlockSource, right: np.ndarray, n_rows: int) -> np.ndarray:
-    """``Phi @ right`` (N x l), one pass."""
-    out = np.empty((n_rows, right.shape[1]))
-    for rows, block in phi():
-        out[rows] = block @ right
-    return out
-
-
-def _transpose_times(phi: BlockSource, left: np.ndarray, dim: int) -> np.ndarray:
-    """``Phi.T @ left`` (P x l), one pass."""
-    out = np.zeros((dim, left.shape[1]))
-    for rows, block in phi():
-        out += block.T @ left[rows]
-    return out
-
-
-def randomized_svd(
-    phi: BlockSource, n_rows: int, dim: int, k: int, oversample: int, power_iters: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Top-``k`` right singular vectors of the streamed matrix ``Phi`` (Halko, Martinsson & Tropp 2011,
-    algorithm 4.4 + 5.1): ``2 * power_iters + 2`` passes, columns sorted by singular value.
+def randomized_svd(passes: RowPasses, k: int, oversample: int, power_iters: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-``k`` right singular vectors of ``Phi`` (Halko, Martinsson & Tropp 2011, algorithm 4.4 + 5.1):
+    ``2 * power_iters + 2`` passes over the rows, columns sorted by singular value.
 
     Returns ``(V (P x k), singular values (k,), squared Frobenius norm of Phi)``.
     """
+    n_rows, dim = passes.n_rows, passes.dim
     width = min(k + oversample, dim, n_rows)
     if k > width:
         raise GradientError(f"subspace.k={k} exceeds min(N={n_rows}, P={dim})")
     rng = np.random.default_rng(seed)
-    omega = rng.standard_normal((dim, width))
-    y = np.empty((n_rows, width))
-    total_sq = 0.0
-    for rows, block in phi():  # first pass also measures ||Phi||_F^2 for explained-variance ratios
-        y[rows] = block @ omega
-        total_sq += float(np.square(block).sum())
+    y, total_sq = passes.run("times", rng.standard_normal((dim, width)))  # also ||Phi||_F^2
     for it in range(power_iters):
-        z = _transpose_times(phi, _orthonormal(y), dim)
-        y = _stack_rows(phi, _orthonormal(z), n_rows)
+        z = passes.run("transpose_times", _orthonormal(y))
+        y, _ = passes.run("times", _orthonormal(z))
         log.info("randomized SVD: power iteration %d/%d done", it + 1, power_iters)
-    q = _orthonormal(y)
-    bt = _transpose_times(phi, q, dim)  # Phi^T Q = (Q^T Phi)^T, P x width
+    bt = passes.run("transpose_times", _orthonormal(y))  # Phi^T Q = (Q^T Phi)^T, P x width
     u, s, _ = np.linalg.svd(bt, full_matrices=False)
     return _fix_signs(u[:, :k]), s[:k], total_sq
 
@@ -160,16 +199,11 @@ def incremental_pca(phi: BlockSource, k: int, dim: int) -> tuple[np.ndarray, np.
     return _fix_signs(ipca.components_.T.copy()), ipca.singular_values_.copy(), total_sq_centred
 
 
-def average_gradient_basis(phi: BlockSource, labels: np.ndarray, dim: int) -> np.ndarray:
+def average_gradient_basis(passes: RowPasses, labels: np.ndarray) -> np.ndarray:
     """One unit-norm column per class: the class mean of ``phi`` (METHOD.md section 3), not orthogonalised."""
     classes = np.unique(labels[labels >= 0])
-    sums = np.zeros((dim, len(classes)))
-    counts = np.zeros(len(classes))
-    for rows, block in phi():
-        onehot = (labels[rows][:, None] == classes[None, :]).astype(np.float64)
-        sums += block.T @ onehot
-        counts += onehot.sum(axis=0)
-    means = sums / np.maximum(counts, 1)
+    onehot = (labels[:, None] == classes[None, :]).astype(np.float64)
+    means = passes.run("transpose_times", onehot) / np.maximum(onehot.sum(axis=0), 1)
     norms = np.linalg.norm(means, axis=0)
     if (norms == 0).any():
         raise GradientError("a class has a zero average gradient; the average-gradient basis is undefined")
@@ -193,21 +227,27 @@ class GradientSubspace:
         self.kernel, self.basis, self.method, self.k = kernel, basis, method, k
         self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
 
-    def fit(self, blocks: BlockSource, n_rows: int, dim: int, labels: np.ndarray | None = None) -> "GradientSubspace":
-        self.normalizer_ = KernelNormalizer(self.kernel).fit(blocks)
-        phi = self.normalizer_.source(blocks)
+    def fit(
+        self, blocks: "BlockSource | RowPasses", n_rows: int | None = None, dim: int | None = None,
+        labels: np.ndarray | None = None,
+    ) -> "GradientSubspace":
+        """Fit on the kernel set's gradient rows: a block source (with ``n_rows``, ``dim``) or a
+        :class:`RowPasses` (local or Dask)."""
+        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, n_rows, dim)
+        self.normalizer_ = KernelNormalizer(self.kernel).fit(passes)
+        phi = passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_)
         if self.basis == "average_gradient":
             if labels is None:
                 raise GradientError("the average-gradient basis needs the kernel set's labels")
-            self.components_ = average_gradient_basis(phi, labels, dim)
-            self.singular_values_ = np.linalg.norm(_stack_rows(phi, self.components_, n_rows), axis=0)
-            self.total_sq_ = float(sum(np.square(b).sum() for _, b in phi()))
+            self.components_ = average_gradient_basis(phi, labels)
+            projected, self.total_sq_ = phi.run("times", self.components_)
+            self.singular_values_ = np.linalg.norm(projected, axis=0)
         elif self.method == "randomized":
             self.components_, self.singular_values_, self.total_sq_ = randomized_svd(
-                phi, n_rows, dim, self.k, self.oversample, self.power_iters, self.seed
+                phi, self.k, self.oversample, self.power_iters, self.seed
             )
         elif self.method == "incremental":
-            self.components_, self.singular_values_, self.total_sq_ = incremental_pca(phi, self.k, dim)
+            self.components_, self.singular_values_, self.total_sq_ = incremental_pca(phi.phi_blocks(), self.k, passes.dim)
         else:
             raise ValueError(f"unknown method {self.method!r}")
         self.explained_variance_ratio_ = self.singular_values_**2 / max(self.total_sq_, 1e-300)
@@ -216,8 +256,10 @@ class GradientSubspace:
     def transform(self, g: np.ndarray) -> np.ndarray:
         return self.normalizer_.transform(g) @ self.components_
 
-    def transform_blocks(self, blocks: BlockSource, n_rows: int) -> np.ndarray:
-        return _stack_rows(self.normalizer_.source(blocks), self.components_, n_rows)
+    def transform_blocks(self, blocks: "BlockSource | RowPasses", n_rows: int | None = None) -> np.ndarray:
+        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, n_rows, self.components_.shape[0])
+        projected, _ = passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_).run("times", self.components_)
+        return projected
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
