@@ -1,0 +1,227 @@
+"""Structured (Kronecker) sketches of per-sample gradients that never form the full gradient (LoGra,
+arXiv 2405.13954), with the NFK scale applied inside the sketch through a rank-1 Kronecker factor.
+
+For a Conv2d / Linear weight the per-sample gradient is ``G = sum_t delta_t x_t^T`` (output gradients times
+input patches). With seeded Gaussian ``P_out`` (r_out x C_out) and ``P_in`` (r_in x C_in*kh*kw), entries
+N(0, 1/r), the layer's sketch is ``P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T``: both factors are
+projected *before* the product (for a conv, ``P_in x_t`` is itself a convolution with ``P_in`` as kernel),
+so a layer costs one extra small conv and a batched ``r_out x T x r_in`` product. Inner products are
+preserved in expectation: ``E <sketch(G1), sketch(G2)> = <G1, G2>``.
+
+NFK: ``phi = w * (g - z)``. Per layer, ``w`` (C_out x C_in*kh*kw) is replaced by its best rank-1
+approximation ``a b^T`` (estimated from exact per-layer gradients of a kernel sample, one layer at a time);
+since ``(a b^T) * (delta x^T) = (a * delta)(b * x)^T``, the factors fold into the projections
+(``P_out diag(a)``, ``P_in diag(b)``). Centring is linear and happens later, in sketch space. Small parameter
+groups (BatchNorm affine parameters, biases) are kept exact, scaled by their exact ``w``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowgrad.errors import GradientError
+from lowgrad.models import FeatureClassifier
+
+log = logging.getLogger(__name__)
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    kind: str  # conv | linear | bn
+    p_out: torch.Tensor | None = None  # (r_out, C_out), NFK factor folded in
+    p_in: torch.Tensor | None = None  # (r_in, C_in*kh*kw), NFK factor folded in
+    exact_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # bias / BN parameter -> exact w
+
+
+class KroneckerSketch:
+    """Callable ``x -> (sketch (B, D), logits (B, C), features (B, F))`` for a model in eval mode."""
+
+    def __init__(
+        self, model: FeatureClassifier, rank: int, seed: int, factors: dict[str, dict[str, np.ndarray]] | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.rank, self.seed = rank, seed
+        self.layers: list[_Layer] = []
+        factors = factors or {}
+        device = next(model.parameters()).device
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    raise GradientError(f"layer {name}: grouped convolutions are not supported by the Kronecker sketch")
+                c_out = module.weight.shape[0]
+                c_in = int(np.prod(module.weight.shape[1:]))
+                gen = torch.Generator().manual_seed(_layer_seed(seed, name))
+                r_out, r_in = min(rank, c_out), min(rank, c_in)
+                p_out = torch.randn(r_out, c_out, generator=gen) / np.sqrt(r_out)
+                p_in = torch.randn(r_in, c_in, generator=gen) / np.sqrt(r_in)
+                f = factors.get(name, {})
+                if "a" in f:
+                    p_out = p_out * torch.as_tensor(f["a"], dtype=torch.float32)[None, :]
+                    p_in = p_in * torch.as_tensor(f["b"], dtype=torch.float32)[None, :]
+                layer = _Layer(name, module, "conv" if isinstance(module, nn.Conv2d) else "linear", p_out.to(device), p_in.to(device))
+                if module.bias is not None:
+                    layer.exact_scale["bias"] = torch.as_tensor(f.get("bias", np.ones(c_out)), dtype=torch.float32).to(device)
+                self.layers.append(layer)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                f = factors.get(name, {})
+                c = module.num_features
+                self.layers.append(_Layer(name, module, "bn", exact_scale={
+                    "weight": torch.as_tensor(f.get("weight", np.ones(c)), dtype=torch.float32).to(device),
+                    "bias": torch.as_tensor(f.get("bias", np.ones(c)), dtype=torch.float32).to(device),
+                }))
+        self.dim = sum(self._layer_dim(layer) for layer in self.layers)
+        self.layout = [(layer.name, layer.kind, self._layer_dim(layer)) for layer in self.layers]
+
+    @staticmethod
+    def _layer_dim(layer: _Layer) -> int:
+        if layer.kind == "bn":
+            return 2 * layer.module.num_features
+        dim = layer.p_out.shape[0] * layer.p_in.shape[0]
+        return dim + (layer.module.weight.shape[0] if layer.module.bias is not None else 0)
+
+    def capture(self, x: torch.Tensor):
+        """Forward + one backward of ``sum_i logsumexp f(x_i)``: per-layer inputs and output gradients
+        (per sample, since eval-mode layers never mix samples), plus logits and features."""
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        handles = []
+        for layer in self.layers:
+            def hook(mod, args, out, name=layer.name):
+                inputs[name] = args[0].detach()
+                outputs[name] = out
+            handles.append(layer.module.register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                logits, features = self.model(x, return_features=True)
+                score = torch.logsumexp(logits, dim=1).sum()
+                names = list(outputs)
+                grads = torch.autograd.grad(score, [outputs[n] for n in names])
+        finally:
+            for h in handles:
+                h.remove()
+        deltas = dict(zip(names, (g.detach() for g in grads)))
+        return inputs, deltas, logits.detach(), features.detach()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs, deltas, logits, features = self.capture(x)
+        parts = [self._sketch_layer(layer, inputs[layer.name], deltas[layer.name]) for layer in self.layers]
+        out = torch.cat(parts, dim=1)
+        if not torch.isfinite(out).all():
+            rows = torch.nonzero(~torch.isfinite(out).all(dim=1)).flatten()[:5].tolist()
+            raise GradientError(f"non-finite gradient sketches for batch rows {rows} (check inputs and weights)")
+        return out, logits, features
+
+    def _sketch_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        m = layer.module
+        if layer.kind == "bn":
+            x_hat = (x - m.running_mean[None, :, None, None]) / torch.sqrt(m.running_var[None, :, None, None] + m.eps)
+            g_w = (delta * x_hat).sum(dim=(2, 3)) * layer.exact_scale["weight"]
+            g_b = delta.sum(dim=(2, 3)) * layer.exact_scale["bias"]
+            return torch.cat([g_w, g_b], dim=1)
+        if layer.kind == "conv":
+            kernel = layer.p_in.view(-1, *m.weight.shape[1:])
+            px = F.conv2d(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation).flatten(2)  # (B, r_in, T)
+            d = delta.flatten(2)  # (B, C_out, T)
+        else:
+            px = (x @ layer.p_in.T).unsqueeze(2)  # (B, r_in, 1)
+            d = delta.unsqueeze(2)  # (B, C_out, 1)
+        pd = torch.einsum("oc,bct->bot", layer.p_out, d)
+        block = torch.bmm(pd, px.transpose(1, 2)).reshape(b, -1)
+        if m.bias is not None:
+            return torch.cat([block, d.sum(dim=2) * layer.exact_scale["bias"]], dim=1)
+        return block
+
+
+def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Exact per-sample weight gradients of one Conv2d / Linear layer, ``(B, C_out, C_in*kh*kw)``."""
+    if layer_kind == "conv":
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return torch.bmm(delta.flatten(2), patches.transpose(1, 2))
+    return delta[:, :, None] * x[:, None, :]
+
+
+def fit_kronecker_nfk(
+    model: FeatureClassifier, batches, rank_one_iters: int = 50
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
+    sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
+    Conv2d / Linear weight. Returns ``(factors, relative Frobenius error of a b^T per layer)``.
+
+    Moments are accumulated layer by layer, so memory holds one layer's per-sample gradients of one batch."""
+    sketch = KroneckerSketch(model, rank=1, seed=0)
+    moments: dict[str, list] = {}
+
+    def update(key: str, values: torch.Tensor) -> None:
+        v = values.double()
+        n, mean = v.shape[0], v.mean(0)
+        m2 = ((v - mean) ** 2).sum(0)
+        if key not in moments:
+            moments[key] = [n, mean, m2]
+            return
+        na, ma, sa = moments[key]
+        total = na + n
+        delta = mean - ma
+        moments[key] = [total, ma + delta * (n / total), sa + m2 + delta**2 * (na * n / total)]
+
+    for x in batches:
+        inputs, deltas, _, _ = sketch.capture(x)
+        for layer in sketch.layers:
+            xin, d = inputs[layer.name], deltas[layer.name]
+            m = layer.module
+            if layer.kind == "bn":
+                x_hat = (xin - m.running_mean[None, :, None, None]) / torch.sqrt(m.running_var[None, :, None, None] + m.eps)
+                update(f"{layer.name}.weight", (d * x_hat).sum(dim=(2, 3)))
+                update(f"{layer.name}.bias", d.sum(dim=(2, 3)))
+                continue
+            update(f"{layer.name}.weight", exact_layer_gradients(layer.kind, m, xin, d))
+            if m.bias is not None:
+                update(f"{layer.name}.bias", d.flatten(2).sum(dim=2) if layer.kind == "conv" else d)
+
+    def scale(key: str) -> np.ndarray:
+        n, _, m2 = moments[key]
+        d = (m2 / n).numpy()
+        w = np.zeros_like(d)
+        pos = d > 0
+        w[pos] = 1.0 / np.sqrt(d[pos])
+        w[~pos] = w[pos].max() if pos.any() else 1.0
+        return w
+
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    errors: dict[str, float] = {}
+    for layer in sketch.layers:
+        if layer.kind == "bn":
+            factors[layer.name] = {"weight": scale(f"{layer.name}.weight"), "bias": scale(f"{layer.name}.bias")}
+            continue
+        w = scale(f"{layer.name}.weight").reshape(layer.module.weight.shape[0], -1)
+        u, s, vt = np.linalg.svd(w, full_matrices=False) if min(w.shape) <= 2048 else _top_singular(w, rank_one_iters)
+        a, b = np.abs(u[:, 0]) * np.sqrt(s[0]), np.abs(vt[0]) * np.sqrt(s[0])  # w > 0: Perron vectors are one-signed
+        errors[layer.name] = float(np.linalg.norm(w - np.outer(a, b)) / np.linalg.norm(w))
+        factors[layer.name] = {"a": a, "b": b}
+        if layer.module.bias is not None:
+            factors[layer.name]["bias"] = scale(f"{layer.name}.bias")
+    return factors, errors
+
+
+def _top_singular(w: np.ndarray, iters: int):
+    v = np.ones(w.shape[1]) / np.sqrt(w.shape[1])
+    for _ in range(iters):
+        u = w @ v
+        u /= np.linalg.norm(u)
+        v = w.T @ u
+        s = np.linalg.norm(v)
+        v /= s
+    return u[:, None], np.array([s]), v[None, :]

@@ -1,0 +1,132 @@
+"""Kronecker gradient sketches against exact per-sample gradients (torch.func) on small models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgrad.gradients import PerSampleGradients, select_parameters
+from lowgrad.models import build_model
+from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
+from tests.test_gradients import _randomise_bn
+
+
+def _exact_by_name(model, x):
+    names = select_parameters(model, "all")
+    grads, _, _ = PerSampleGradients(model, names)(x)
+    out, start = {}, 0
+    params = dict(model.named_parameters())
+    for n in names:
+        size = params[n].numel()
+        out[n] = grads[:, start : start + size].double()
+        start += size
+    return out
+
+
+def _expected_sketch(sketch: KroneckerSketch, exact: dict, b: int, weight_scale=None) -> torch.Tensor:
+    parts = []
+    for layer in sketch.layers:
+        if layer.kind == "bn":
+            parts += [exact[f"{layer.name}.weight"] * layer.exact_scale["weight"].double(),
+                      exact[f"{layer.name}.bias"] * layer.exact_scale["bias"].double()]
+            continue
+        c_out = layer.module.weight.shape[0]
+        g = exact[f"{layer.name}.weight"].reshape(b, c_out, -1)
+        parts.append(torch.einsum("oc,bci,ri->bor", layer.p_out.double(), g, layer.p_in.double()).reshape(b, -1))
+        if layer.module.bias is not None:
+            parts.append(exact[f"{layer.name}.bias"] * layer.exact_scale["bias"].double())
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("arch,channels,size", [("small_cnn", 1, 8), ("resnet20_cifar", 3, 16)])
+def test_sketch_equals_projected_exact_gradients(arch, channels, size):
+    torch.manual_seed(0)
+    model = build_model(arch, 6 if arch == "small_cnn" else 10, channels).eval()
+    _randomise_bn(model)
+    x = torch.randn(5, channels, size, size)
+    sketch = KroneckerSketch(model, rank=8, seed=3)
+    got, logits, _ = sketch(x)
+    expected = _expected_sketch(sketch, _exact_by_name(model, x), 5)
+    assert got.shape == (5, sketch.dim)
+    rel = ((got.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert rel < 1e-5, rel
+    torch.testing.assert_close(logits, model(x))
+
+
+def _nfk_scale(g: torch.Tensor) -> np.ndarray:
+    """Direct NumPy w = d^(-1/2); zero-variance entries take the largest finite scale (METHOD.md 2)."""
+    d = g.var(dim=0, unbiased=False).numpy()
+    w = np.zeros_like(d)
+    w[d > 0] = 1 / np.sqrt(d[d > 0])
+    w[d == 0] = w[d > 0].max()
+    return w
+
+
+def test_nfk_factors_fold_into_the_projections():
+    torch.manual_seed(1)
+    model = build_model("small_cnn", 6, 1).eval()
+    _randomise_bn(model)
+    kernel = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    factors, errors = fit_kronecker_nfk(model, kernel)
+    assert set(errors) == {"conv1", "conv2", "conv3", "head"} and all(0 <= e < 1 for e in errors.values())
+
+    # the estimated scale equals the direct diagonal Fisher of exact per-sample gradients
+    exact = _exact_by_name(model, torch.cat(kernel))
+    for name in ("bn2.weight", "head.bias"):
+        layer, part = name.rsplit(".", 1)
+        np.testing.assert_allclose(factors[layer][part], _nfk_scale(exact[name]), rtol=1e-5)
+    w_conv2 = _nfk_scale(exact["conv2.weight"].reshape(48, -1)).reshape(32, -1)
+    u, s, vt = np.linalg.svd(w_conv2)
+    np.testing.assert_allclose(np.outer(factors["conv2"]["a"], factors["conv2"]["b"]), s[0] * np.outer(u[:, 0], vt[0]), rtol=1e-5)
+    assert errors["conv2"] == pytest.approx(np.linalg.norm(w_conv2 - s[0] * np.outer(u[:, 0], vt[0])) / np.linalg.norm(w_conv2), rel=1e-5)
+
+    # sketching with the factors = sketching (a b^T) * G exactly
+    x = torch.randn(4, 1, 8, 8)
+    scaled = KroneckerSketch(model, rank=6, seed=0, factors=factors)
+    plain = KroneckerSketch(model, rank=6, seed=0)
+    exact_x = _exact_by_name(model, x)
+    for layer in plain.layers:
+        if layer.kind != "bn":
+            c_out = layer.module.weight.shape[0]
+            ab = torch.tensor(np.outer(factors[layer.name]["a"], factors[layer.name]["b"])).reshape(-1)
+            exact_x[f"{layer.name}.weight"] = (exact_x[f"{layer.name}.weight"].reshape(4, -1) * ab).reshape(4, c_out, -1)
+    expected = _expected_sketch(plain, exact_x, 4)
+    # exact parts: the plain sketch has unit scales, the scaled one the exact w
+    got, _, _ = scaled(x)
+    sl = 0
+    for layer in scaled.layers:
+        if layer.kind == "bn":
+            for part in ("weight", "bias"):
+                c = layer.module.num_features
+                expected[:, sl : sl + c] *= layer.exact_scale[part].double()
+                sl += c
+        else:
+            sl += layer.p_out.shape[0] * layer.p_in.shape[0]
+            if layer.module.bias is not None:
+                c = layer.module.weight.shape[0]
+                expected[:, sl : sl + c] *= layer.exact_scale["bias"].double()
+                sl += c
+    rel = ((got.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert rel < 1e-5, rel
+
+
+def test_sketch_inner_products_improve_with_rank():
+    """Random Kronecker projections preserve inner products in expectation; the error shrinks with rank."""
+    torch.manual_seed(2)
+    model = build_model("resnet20_cifar", 10, 3).eval()
+    x = torch.randn(12, 3, 16, 16)
+    exact = torch.cat([v.reshape(12, -1) for v in _exact_by_name(model, x).values()], dim=1)
+    gram = exact @ exact.T
+
+    def error(rank):
+        errs = []
+        for seed in range(3):
+            s, _, _ = KroneckerSketch(model, rank=rank, seed=seed)(x)
+            s = s.double()
+            errs.append(((s @ s.T - gram).norm() / gram.norm()).item())
+        return float(np.mean(errs))
+
+    low, high = error(2), error(16)
+    assert high < 0.5 * low, (low, high)
+    assert high < 0.5
