@@ -37,7 +37,7 @@ TINY = {
     "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": None},
     "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
     "gradient": {"chunk_rows": 64, "batch_size": 32},
-    "subspace": {"k": 8, "oversample": 6, "power_iters": 2},
+    "subspace": {"kernel": "nfk", "k": 8, "oversample": 6, "power_iters": 2},
     "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
                 "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}},
                 "fusion": {"pairs": [{"forward": "react", "gradient": "knn"}]}},

@@ -130,3 +130,52 @@ def test_sketch_inner_products_improve_with_rank():
     low, high = error(2), error(16)
     assert high < 0.5 * low, (low, high)
     assert high < 0.5
+
+
+def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch):
+    """factors -> extract (sketch) -> subspace (centring only) -> project, and the store's sketch metadata
+    (seed, rank, layer list) is checked on reopen."""
+    from lowgrad.config import parse_params
+    from lowgrad.data import load_dataset, save_image_set
+    from lowgrad.errors import StoreError
+    from lowgrad.pipeline import EXTRACTED, FACTORS_INFO, MODEL, PREPARED, extract, fit_factors, fit_subspace, project
+    from lowgrad.store import ChunkedStore
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({
+        "seed": 0, "device": "cpu",
+        "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 120},
+            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 40},
+            "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 40}}},
+        "model": {"arch": "small_cnn", "num_classes": 3},
+        "gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64, "chunk_rows": 32, "batch_size": 16},
+        "subspace": {"k": 6},
+        "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}},
+    })
+    for name in params.data.datasets:
+        save_image_set(PREPARED.format(name=name), load_dataset(name, params.data, 0))
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    torch.save(build_model("small_cnn", 3, 1).state_dict(), MODEL)
+
+    fit_factors(params)
+    import json
+
+    info = json.loads((tmp_path / FACTORS_INFO).read_text())
+    assert info["kernel_samples"] == 64 and set(info["rank_one_relative_error"]) == {"conv1", "conv2", "conv3", "head"}
+    for name in params.data.datasets:
+        extract(params, name)
+    store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
+    meta = store.meta
+    assert meta["gradients"] == "kronecker_sketch" and meta["sketch_rank"] == 4 and meta["sketch_seed"] == 0
+    assert [layer[0] for layer in meta["sketch_layers"]][:3] == ["conv1", "bn1", "conv2"]
+    assert store.columns["grads"][0] == meta["n_params"] < 14_000  # a sketch, not the 14,227 exact entries
+    fit_subspace(params)
+    project(params, "ood")
+    g_low = np.load("artifacts/projected/ood.npy")
+    assert g_low.shape == (40, 6) and np.isfinite(g_low).all()
+
+    other_seed = {**meta, "sketch_seed": 1}
+    with pytest.raises(StoreError, match="meta.sketch_seed: stored 0, requested 1"):
+        ChunkedStore.create_or_resume(store.path, store.n_rows, {k: tuple(v) for k, v in store.columns.items()}, store.chunk_rows, other_seed)

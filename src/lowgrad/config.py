@@ -84,11 +84,20 @@ class TrainConfig(_Strict):
 
 
 class GradientConfig(_Strict):
+    sketch: Literal["none", "kronecker"] = "none"
+    sketch_rank: int = Field(16, gt=0)
+    factor_samples: int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")
     params: Literal["all"] | list[str] = "all"
     max_params: int = Field(2_000_000, gt=0)
     batch_size: int = Field(64, gt=0)
     chunk_rows: int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _sketch_covers_all_parameters(self) -> "GradientConfig":
+        if self.sketch == "kronecker" and self.params != "all":
+            raise ValueError("gradient.sketch: kronecker sketches every parameter; set gradient.params: all")
+        return self
 
 
 class SubspaceConfig(_Strict):

@@ -39,20 +39,25 @@ class Extractor:
         dtype: str,
         max_params: int,
         device: torch.device,
+        sketch=None,
     ) -> None:
+        """``sketch``: a :class:`lowgrad.sketch.KroneckerSketch` to store instead of exact gradients."""
         self.model = model.to(device).eval()
         self.param_names, self.images = param_names, images
         self.mean, self.std = mean, std
         self.batch_size, self.dtype, self.device = batch_size, dtype, device
-        self.psg = PerSampleGradients(self.model, param_names)
-        check_exact_route(self.psg.dim, max_params)
+        if sketch is None:
+            self.gradients = PerSampleGradients(self.model, param_names)
+            check_exact_route(self.gradients.dim, max_params)
+        else:
+            self.gradients = sketch
 
     def columns(self) -> dict[str, tuple[int, str]]:
         with torch.no_grad():
             x = to_tensor_batch(self.images.images[:1], self.mean, self.std).to(self.device)
             logits, feats = self.model(x, return_features=True)
         return {
-            "grads": (self.psg.dim, self.dtype),
+            "grads": (self.gradients.dim, self.dtype),
             "logits": (logits.shape[1], "float32"),
             "features": (feats.shape[1], "float32"),
             "labels": (1, "int64"),
@@ -63,7 +68,7 @@ class Extractor:
         for start in range(rows.start, rows.stop, self.batch_size):
             stop = min(start + self.batch_size, rows.stop)
             x = to_tensor_batch(self.images.images[start:stop], self.mean, self.std).to(self.device)
-            g, lo, f = self.psg(x)
+            g, lo, f = self.gradients(x)
             parts["grads"].append(g.cpu().numpy().astype(self.dtype, copy=False))
             parts["logits"].append(lo.cpu().numpy())
             parts["features"].append(f.cpu().numpy())
@@ -75,7 +80,7 @@ class Extractor:
 def open_store(
     extractor: Extractor, path: str | Path, chunk_rows: int, meta: dict[str, Any], on_mismatch: str = "overwrite"
 ) -> ChunkedStore:
-    meta = {**meta, "param_names": extractor.param_names, "n_params": extractor.psg.dim}
+    meta = {**meta, "param_names": extractor.param_names, "n_params": extractor.gradients.dim}
     return ChunkedStore.create_or_resume(
         path, len(extractor.images), extractor.columns(), chunk_rows, meta, on_mismatch=on_mismatch
     )
@@ -110,7 +115,7 @@ def extract_to_store(
     )
     store = open_store(extractor, path, chunk_rows, meta, on_mismatch)
     pending = store.pending()
-    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.psg.dim, path, len(pending))
+    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.gradients.dim, path, len(pending))
     fill_chunks(store, extractor, pending, desc=f"extract {Path(path).stem}")
     store.finalize()
     return store

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 PREPARED = "data/prepared/{name}.npz"
 MODEL = "models/model.pt"
 MODEL_INFO = "models/model.json"
+FACTORS = "artifacts/sketch/factors.npz"
+FACTORS_INFO = "artifacts/sketch/factors.json"
 EXTRACTED = "artifacts/extract/{name}.zarr"
 SUBSPACE = "artifacts/subspace/subspace.npz"
 PROJECTED = "artifacts/projected/{name}.npy"
@@ -147,6 +149,49 @@ def load_classifier(params: Params) -> "FeatureClassifier":
     return load_checkpoint(_fresh_model(params), MODEL).eval()
 
 
+# -- sketch factors -----------------------------------------------------------------------------------------
+def fit_factors(params: Params) -> None:
+    """NFK Kronecker factors for the sketched route (estimated on a random kernel sample of ``id_train``);
+    a marker file on the exact route or with the NTK kernel (which need none)."""
+    g = params.gradient
+    info: dict[str, Any] = {"sketch": g.sketch}
+    arrays: dict[str, np.ndarray] = {}
+    if g.sketch == "kronecker" and params.subspace.kernel == "nfk":
+        import torch
+
+        from lowgrad.data import to_tensor_batch
+        from lowgrad.models import pick_device
+        from lowgrad.sketch import fit_kronecker_nfk
+
+        train = load_image_set(PREPARED.format(name="id_train"))
+        rows = np.sort(np.random.default_rng(params.seed).permutation(len(train))[: g.factor_samples])
+        device = pick_device(params.device)
+        model = load_classifier(params).to(device)
+        batches = (
+            to_tensor_batch(train.images[rows[i : i + g.batch_size]], params.data.mean, params.data.std).to(device)
+            for i in range(0, len(rows), g.batch_size)
+        )
+        factors, errors = fit_kronecker_nfk(model, batches)
+        arrays = {f"{layer}/{part}": v for layer, parts in factors.items() for part, v in parts.items()}
+        info.update(kernel="nfk", kernel_samples=len(rows), rank_one_relative_error=errors)
+        log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
+                 {k: round(v, 3) for k, v in errors.items()})
+    Path(FACTORS).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(FACTORS).with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(FACTORS)
+    write_json(FACTORS_INFO, info)
+
+
+def load_factors() -> dict[str, dict[str, np.ndarray]]:
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(FACTORS) as z:
+        for key in z.files:
+            layer, part = key.rsplit("/", 1)
+            factors.setdefault(layer, {})[part] = z[key]
+    return factors
+
+
 # -- extract ------------------------------------------------------------------------------------------------
 def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extractor":
     """The per-set extractor (model, selected parameters, images); ``root`` is the project directory."""
@@ -157,6 +202,12 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extra
     root = Path(root)
     model = load_checkpoint(_fresh_model(params), root / MODEL).eval()
     g = params.gradient
+    sketch = None
+    if g.sketch == "kronecker":
+        from lowgrad.sketch import KroneckerSketch
+
+        factors = load_factors() if (root / FACTORS).is_file() else {}
+        sketch = KroneckerSketch(model.to(pick_device(params.device)), g.sketch_rank, params.seed, factors)
     return Extractor(
         model,
         select_parameters(model, g.params),
@@ -167,6 +218,7 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extra
         dtype=g.dtype,
         max_params=g.max_params,
         device=pick_device(params.device),
+        sketch=sketch,
     )
 
 
@@ -181,12 +233,18 @@ def extract(params: Params, name: str) -> None:
         "dataset_sha256": sha256(PREPARED.format(name=name)),
         "model_sha256": sha256(MODEL),
         "normalize": {"mean": params.data.mean, "std": params.data.std},
+        "gradients": "exact",
     }
+    if params.gradient.sketch == "kronecker":
+        meta.update(
+            gradients="kronecker_sketch", sketch_seed=params.seed, sketch_rank=params.gradient.sketch_rank,
+            sketch_layers=extractor.gradients.layout, factors_sha256=sha256(FACTORS),
+        )
     path = EXTRACTED.format(name=name)
     store = open_store(extractor, path, params.gradient.chunk_rows, meta)
     pending = store.pending()
     log.info("extracting %d samples (%d params each) into %s: %d of %d chunks to go",
-             store.n_rows, extractor.psg.dim, path, len(pending), store.n_chunks)
+             store.n_rows, extractor.gradients.dim, path, len(pending), store.n_chunks)
     if params.cluster.scheduler and pending:
         from lowgrad.scaleout import fill_on_dask
 
@@ -225,8 +283,9 @@ def fit_subspace(params: Params) -> None:
     """Fit the NFK/NTK normaliser and the low-dimensional basis on the kernel set (``id_train``)."""
     store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
     s = params.subspace
+    sketched = store.meta.get("gradients") == "kronecker_sketch"
     sub = GradientSubspace(
-        kernel=s.kernel,
+        kernel="center" if (sketched and s.kernel == "nfk") else s.kernel,  # sketches already carry the NFK scale
         basis=s.basis,
         method=s.method,
         k=s.k,

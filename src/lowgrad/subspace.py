@@ -105,11 +105,12 @@ class RowPasses:
 
 class KernelNormalizer:
     """NFK: ``phi = w * (g - z)`` with ``z`` the mean and ``w = d^(-1/2)`` the inverse root of the diagonal
-    Fisher of centred gradients (zero-variance entries take the largest finite ``w``). NTK: ``phi = g``."""
+    Fisher of centred gradients (zero-variance entries take the largest finite ``w``). NTK: ``phi = g``.
+    ``center``: ``phi = g - z`` (NFK on Kronecker sketches, whose rows already carry ``w``)."""
 
     def __init__(self, kernel: str = "nfk") -> None:
-        if kernel not in ("nfk", "ntk"):
-            raise ValueError(f"kernel must be 'nfk' or 'ntk', got {kernel!r}")
+        if kernel not in ("nfk", "ntk", "center"):
+            raise ValueError(f"kernel must be 'nfk', 'ntk' or 'center', got {kernel!r}")
         self.kernel = kernel
 
     def fit(self, blocks: "BlockSource | RowPasses") -> "KernelNormalizer":
@@ -122,8 +123,8 @@ class KernelNormalizer:
         self.n_samples_ = n
         self.mean_ = mean
         self.fisher_diag_ = m2 / n
-        if self.kernel == "ntk":
-            self.shift_ = np.zeros_like(mean)
+        if self.kernel in ("ntk", "center"):
+            self.shift_ = mean if self.kernel == "center" else np.zeros_like(mean)
             self.scale_ = np.ones_like(mean)
             return self
         positive = self.fisher_diag_ > 0

@@ -1,0 +1,7 @@
+"""DVC stage 'factors': NFK Kronecker factors for the sketched gradient route."""
+
+from lowgrad.pipeline import fit_factors
+from stages._run import run_stage
+
+if __name__ == "__main__":
+    run_stage(fit_factors, "NFK Kronecker factors for the sketched gradient route.", per_dataset=False)
