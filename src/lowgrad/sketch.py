@@ -178,6 +178,8 @@ def fit_kronecker_nfk(
         moments[key] = [total, ma + delta * (n / total), sa + m2 + delta**2 * (na * n / total)]
 
     for x in batches:
+        if len(x) == 0:
+            continue
         inputs, deltas, _, _ = sketch.capture(x)
         for layer in sketch.layers:
             xin, d = inputs[layer.name], deltas[layer.name]
@@ -190,6 +192,9 @@ def fit_kronecker_nfk(
             update(f"{layer.name}.weight", exact_layer_gradients(layer.kind, m, xin, d))
             if m.bias is not None:
                 update(f"{layer.name}.bias", d.flatten(2).sum(dim=2) if layer.kind == "conv" else d)
+
+    if not moments:
+        raise GradientError("no kernel samples to estimate the NFK factors from")
 
     def scale(key: str) -> np.ndarray:
         n, _, m2 = moments[key]
