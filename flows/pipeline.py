@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the temporary API server may take longer than Prefect's default 20 s to start on a busy 2-core machine
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402

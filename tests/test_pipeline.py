@@ -132,7 +132,7 @@ def test_prefect_flow_runs_the_stages(project):
 
     from flows.pipeline import pipeline
 
-    with prefect_test_harness():  # an isolated temporary server, stopped cleanly at the end
+    with prefect_test_harness(server_startup_timeout=120):  # an isolated temporary server, stopped cleanly
         summary = pipeline(overrides={"subspace.k": 5}, root=str(project))
     status = {row["stage"]: row["status"] for row in summary}
     assert status["subspace"] == "ran" and status["report"] == "ran"
