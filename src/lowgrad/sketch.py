@@ -155,7 +155,7 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
 
 
 def fit_kronecker_nfk(
-    model: FeatureClassifier, batches, rank_one_iters: int = 50
+    model: FeatureClassifier, batches, rank_one_iters: int = 2000
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
     """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
     sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
@@ -196,14 +196,14 @@ def fit_kronecker_nfk(
     if not moments:
         raise GradientError("no kernel samples to estimate the NFK factors from")
 
-    def scale(key: str) -> np.ndarray:
+    def scale(key: str, with_mask: bool = False):
         n, _, m2 = moments[key]
         d = (m2 / n).numpy()
         w = np.zeros_like(d)
         pos = d > 0
         w[pos] = 1.0 / np.sqrt(d[pos])
         w[~pos] = w[pos].max() if pos.any() else 1.0
-        return w
+        return (w, pos) if with_mask else w
 
     factors: dict[str, dict[str, np.ndarray]] = {}
     errors: dict[str, float] = {}
@@ -211,22 +211,32 @@ def fit_kronecker_nfk(
         if layer.kind == "bn":
             factors[layer.name] = {"weight": scale(f"{layer.name}.weight"), "bias": scale(f"{layer.name}.bias")}
             continue
-        w = scale(f"{layer.name}.weight").reshape(layer.module.weight.shape[0], -1)
-        u, s, vt = np.linalg.svd(w, full_matrices=False) if min(w.shape) <= 2048 else _top_singular(w, rank_one_iters)
-        a, b = np.abs(u[:, 0]) * np.sqrt(s[0]), np.abs(vt[0]) * np.sqrt(s[0])  # w > 0: Perron vectors are one-signed
-        errors[layer.name] = float(np.linalg.norm(w - np.outer(a, b)) / np.linalg.norm(w))
+        w, pos = scale(f"{layer.name}.weight", with_mask=True)
+        w, pos = w.reshape(layer.module.weight.shape[0], -1), pos.reshape(layer.module.weight.shape[0], -1)
+        a, b = rank_one_masked(w, pos, rank_one_iters)
+        errors[layer.name] = float(np.linalg.norm((w - np.outer(a, b))[pos]) / np.linalg.norm(w[pos]))
         factors[layer.name] = {"a": a, "b": b}
         if layer.module.bias is not None:
             factors[layer.name]["bias"] = scale(f"{layer.name}.bias")
     return factors, errors
 
 
-def _top_singular(w: np.ndarray, iters: int):
-    v = np.ones(w.shape[1]) / np.sqrt(w.shape[1])
+def rank_one_masked(w: np.ndarray, mask: np.ndarray, iters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-1 ``a b^T`` to the positive matrix ``w`` in least squares over the entries in ``mask``
+    (alternating least squares from the leading singular pair). Entries outside the mask (zero-variance
+    coordinates: constant on the kernel set, given the largest scale by the NFK rule) are left out of the fit,
+    so they do not inflate the factor of every other coordinate of their row and column."""
+    m = mask.astype(np.float64)
+    target = np.where(mask, w, 0.0)
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    a, b = np.abs(u[:, 0]) * np.sqrt(s[0]), np.abs(vt[0]) * np.sqrt(s[0])  # positive: one-signed Perron vectors
+    if mask.all():
+        return a, b
     for _ in range(iters):
-        u = w @ v
-        u /= np.linalg.norm(u)
-        v = w.T @ u
-        s = np.linalg.norm(v)
-        v /= s
-    return u[:, None], np.array([s]), v[None, :]
+        previous = a
+        a = (target @ b) / np.maximum(m @ (b * b), 1e-300)
+        b = (target.T @ a) / np.maximum(m.T @ (a * a), 1e-300)
+        if np.linalg.norm(a - previous) <= 1e-12 * np.linalg.norm(a):
+            break
+    fallback_a, fallback_b = a[a > 0].mean() if (a > 0).any() else 1.0, b[b > 0].mean() if (b > 0).any() else 1.0
+    return np.where(a > 0, a, fallback_a), np.where(b > 0, b, fallback_b)  # a fully masked row / column
