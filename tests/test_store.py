@@ -12,14 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
-from lowgrad.data import ImageSet
 from lowgrad.errors import StoreError
-from lowgrad.extract import extract_to_store
-from lowgrad.gradients import select_parameters
-from lowgrad.models import build_model
 from lowgrad.store import ChunkedStore
 
 COLUMNS = {"a": (5, "float32"), "b": (2, "int64")}

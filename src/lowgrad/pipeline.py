@@ -20,10 +20,9 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -157,8 +156,6 @@ def fit_factors(params: Params) -> None:
     info: dict[str, Any] = {"sketch": g.sketch}
     arrays: dict[str, np.ndarray] = {}
     if g.sketch == "kronecker" and params.subspace.kernel == "nfk":
-        import torch
-
         from lowgrad.data import to_tensor_batch
         from lowgrad.models import pick_device
         from lowgrad.sketch import fit_kronecker_nfk
