@@ -28,8 +28,14 @@ from torch import nn
 
 from lowgrad.errors import GradientError
 from lowgrad.models import FeatureClassifier
+from lowgrad.subspace import merge_moments, nfk_scale
 
 log = logging.getLogger(__name__)
+
+
+def _bn_normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm2d input normalised with the running statistics (before the affine step)."""
+    return (x - module.running_mean[None, :, None, None]) / torch.sqrt(module.running_var[None, :, None, None] + module.eps)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -128,7 +134,7 @@ class KroneckerSketch:
         b = x.shape[0]
         m = layer.module
         if layer.kind == "bn":
-            x_hat = (x - m.running_mean[None, :, None, None]) / torch.sqrt(m.running_var[None, :, None, None] + m.eps)
+            x_hat = _bn_normalised(m, x)
             g_w = (delta * x_hat).sum(dim=(2, 3)) * layer.exact_scale["weight"]
             g_b = delta.sum(dim=(2, 3)) * layer.exact_scale["bias"]
             return torch.cat([g_w, g_b], dim=1)
@@ -163,19 +169,12 @@ def fit_kronecker_nfk(
 
     Moments are accumulated layer by layer, so memory holds one layer's per-sample gradients of one batch."""
     sketch = KroneckerSketch(model, rank=1, seed=0)
-    moments: dict[str, list] = {}
+    moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
         v = values.double()
-        n, mean = v.shape[0], v.mean(0)
-        m2 = ((v - mean) ** 2).sum(0)
-        if key not in moments:
-            moments[key] = [n, mean, m2]
-            return
-        na, ma, sa = moments[key]
-        total = na + n
-        delta = mean - ma
-        moments[key] = [total, ma + delta * (n / total), sa + m2 + delta**2 * (na * n / total)]
+        mean = v.mean(0)
+        moments[key] = merge_moments(moments.get(key), (v.shape[0], mean, ((v - mean) ** 2).sum(0)))
 
     for x in batches:
         if len(x) == 0:
@@ -185,8 +184,7 @@ def fit_kronecker_nfk(
             xin, d = inputs[layer.name], deltas[layer.name]
             m = layer.module
             if layer.kind == "bn":
-                x_hat = (xin - m.running_mean[None, :, None, None]) / torch.sqrt(m.running_var[None, :, None, None] + m.eps)
-                update(f"{layer.name}.weight", (d * x_hat).sum(dim=(2, 3)))
+                update(f"{layer.name}.weight", (d * _bn_normalised(m, xin)).sum(dim=(2, 3)))
                 update(f"{layer.name}.bias", d.sum(dim=(2, 3)))
                 continue
             update(f"{layer.name}.weight", exact_layer_gradients(layer.kind, m, xin, d))
@@ -198,11 +196,7 @@ def fit_kronecker_nfk(
 
     def scale(key: str, with_mask: bool = False):
         n, _, m2 = moments[key]
-        d = (m2 / n).numpy()
-        w = np.zeros_like(d)
-        pos = d > 0
-        w[pos] = 1.0 / np.sqrt(d[pos])
-        w[~pos] = w[pos].max() if pos.any() else 1.0
+        w, pos = nfk_scale((m2 / n).numpy())
         return (w, pos) if with_mask else w
 
     factors: dict[str, dict[str, np.ndarray]] = {}

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 BlockSource = Callable[[], Iterable[tuple[slice, np.ndarray]]]
 
 
-def _merge_moments(a: tuple | None, b: tuple | None) -> tuple | None:
-    """Chan et al.'s pairwise merge of ``(n, mean, M2)`` (float64)."""
+def merge_moments(a: tuple | None, b: tuple | None) -> tuple | None:
+    """Chan et al.'s pairwise merge of ``(n, mean, M2)`` (float64 arrays or tensors; ``None`` = empty)."""
     if a is None or b is None:
         return a if b is None else b
     (na, ma, sa), (nb, mb, sb) = a, b
@@ -49,7 +49,7 @@ def partial_pass(
             b = (b - shift) * scale
         if kind == "moments":
             mean = b.mean(axis=0)
-            acc = _merge_moments(acc, (b.shape[0], mean, ((b - mean) ** 2).sum(axis=0)))
+            acc = merge_moments(acc, (b.shape[0], mean, ((b - mean) ** 2).sum(axis=0)))
         elif kind == "times":
             pieces.append((rows, b @ arg))
             sq += float(np.square(b).sum())
@@ -66,7 +66,7 @@ def combine_partials(kind: str, partials: list, n_rows: int):
     if kind == "moments":
         out = None
         for part in partials:
-            out = _merge_moments(out, part)
+            out = merge_moments(out, part)
         return out
     if kind == "times":
         pieces = [p for part, _ in partials for p in part]
@@ -76,6 +76,16 @@ def combine_partials(kind: str, partials: list, n_rows: int):
         return out, float(sum(sq for _, sq in partials))
     parts = [p for p in partials if p is not None]
     return sum(parts[1:], parts[0])
+
+
+def nfk_scale(fisher_diag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w = d^(-1/2)``; zero-variance entries take the largest finite ``w`` (METHOD.md 2; 1.0 if none is
+    finite). Returns ``(w, d > 0)``."""
+    positive = fisher_diag > 0
+    scale = np.zeros_like(fisher_diag)
+    scale[positive] = 1.0 / np.sqrt(fisher_diag[positive])
+    scale[~positive] = scale[positive].max() if positive.any() else 1.0
+    return scale, positive
 
 
 class RowPasses:
@@ -127,12 +137,9 @@ class KernelNormalizer:
             self.shift_ = mean if self.kernel == "center" else np.zeros_like(mean)
             self.scale_ = np.ones_like(mean)
             return self
-        positive = self.fisher_diag_ > 0
+        scale, positive = nfk_scale(self.fisher_diag_)
         if not positive.any():
             raise GradientError("every gradient coordinate has zero variance on the kernel set")
-        scale = np.zeros_like(mean)
-        scale[positive] = 1.0 / np.sqrt(self.fisher_diag_[positive])
-        scale[~positive] = scale[positive].max()
         self.n_zero_variance_ = int((~positive).sum())
         self.shift_ = mean
         self.scale_ = scale
