@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,6 +110,64 @@ def test_image_folder(tmp_path):
     loaded = load_dataset("o", cfg, 0)
     assert loaded.images.shape == (6, 8, 8, 3)
     np.testing.assert_array_equal(loaded.labels, [0, 0, 0, 1, 1, 1])  # 'ant' < 'cat'
+
+
+def test_image_folder_decodes_only_the_sample(tmp_path, monkeypatch):
+    """A large tree sub-sampled to a few images opens only those files (ImageNet-sized folders)."""
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(20):
+            Image.fromarray(np.full((9, 9, 3), i, np.uint8)).save(tmp_path / cls / f"{i:02d}.png")
+    opened = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or real(self))
+    cfg = _data({"o": {"source": "image_folder", "path": str(tmp_path), "max_samples": 4}}, size=9, channels=3)
+    loaded = load_dataset("o", cfg, 0)
+    assert len(loaded) == 4 and len(opened) == 4 and sorted(np.bincount(loaded.labels)) == [2, 2]
+
+
+def test_resize_short_side_then_centre_crop():
+    """ImageNet's evaluation transform: short side to 256, centre crop 224 (data.resize_short_side)."""
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[150 - 100 : 150 + 100, 200 - 100 : 200 + 100] = 255  # a centred white 200 x 200 square
+    out = resize_center_crop(img, 224, 3, short_side=256)
+    assert out.shape == (224, 224, 3)
+    # the square becomes 200 * 256/300 = 171 px wide, centred: white in the middle, black at the crop's border
+    assert out[112, 112].min() > 250 and out[0, 0].max() < 5 and out[112, 20].max() < 5
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The MNIST idx layout: magic (0x08 = uint8, ndim), big-endian sizes, raw bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_source_reads_a_local_copy_and_never_downloads_by_default(tmp_path):
+    """A torchvision dataset class on files already on disk (FashionMNIST's raw idx files, written here from
+    scikit-learn's digits); a missing copy is a clear error that names the way out, with no network access."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images[:30] * 255 / 16, np.ones((3, 3)))  # 24 x 24
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.uint8)  # 28 x 28, as the real files
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    _write_idx(raw / "t10k-images-idx3-ubyte", images)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", digits.target[:30])
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"")  # present but unused (torchvision checks that all four exist)
+    spec = {"source": "torchvision", "dataset": "FashionMNIST", "path": str(tmp_path), "subset": "test", "resize": True}
+    loaded = load_dataset("o", _data({"o": spec}, size=8, channels=1), 0)
+    assert loaded.images.shape == (30, 8, 8, 1)
+    np.testing.assert_array_equal(loaded.labels, digits.target[:30])
+    expected = resize_center_crop(np.repeat(images[3][..., None], 3, axis=2), 8, 1)
+    np.testing.assert_array_equal(loaded.images[3], expected)
+
+    missing = {**spec, "path": str(tmp_path / "nowhere")}
+    with pytest.raises(DataError, match=r"torchvision FashionMNIST not found under .*nowhere \(download is off"):
+        load_dataset("o", _data({"o": missing}, size=8, channels=1), 0)
+    with pytest.raises(DataError, match="no dataset class 'NotADataset'"):
+        load_dataset("o", _data({"o": {**spec, "dataset": "NotADataset"}}, size=8, channels=1), 0)
 
 
 def test_resize_center_crop_and_normalisation():

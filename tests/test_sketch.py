@@ -54,6 +54,27 @@ def test_sketch_equals_projected_exact_gradients(arch, channels, size):
     torch.testing.assert_close(logits, model(x))
 
 
+def test_sketch_of_selected_layers_only():
+    """``gradient.params: [layer3, linear]``: only those layers are sketched, and they equal the projected exact
+    gradients of those parameters; the backward pass never reaches earlier layers."""
+    torch.manual_seed(1)
+    model = build_model("resnet20_cifar", 10, 3).eval()
+    _randomise_bn(model)
+    names = select_parameters(model, ["layer3", "linear"])
+    x = torch.randn(4, 3, 16, 16)
+    sketch = KroneckerSketch(model, rank=5, seed=2, param_names=names)
+    assert {layer.name.split(".")[0] for layer in sketch.layers} == {"layer3", "linear"}
+    covered = {f"{layer.name}.{p}" for layer in sketch.layers for p, _ in layer.module.named_parameters(recurse=False)}
+    assert covered == set(names)
+    got, _, _ = sketch(x)
+    expected = _expected_sketch(sketch, _exact_by_name(model, x), 4)
+    assert ((got.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item() < 1e-5
+    full = KroneckerSketch(model, rank=5, seed=2)
+    assert sketch.dim < full.dim
+    factors, _ = fit_kronecker_nfk(model, [x], param_names=names)
+    assert set(factors) == {layer.name for layer in sketch.layers}
+
+
 def _nfk_scale(g: torch.Tensor) -> np.ndarray:
     """Direct NumPy w = d^(-1/2); zero-variance entries take the largest finite scale (METHOD.md 2)."""
     d = g.var(dim=0, unbiased=False).numpy()

@@ -19,7 +19,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-SourceKind = Literal["sklearn_digits", "sklearn_photos", "npz", "npz_jpeg", "image_folder"]
+SourceKind = Literal["sklearn_digits", "sklearn_photos", "npz", "npz_jpeg", "image_folder", "torchvision"]
 
 
 class DatasetConfig(_Strict):
@@ -33,20 +33,30 @@ class DatasetConfig(_Strict):
     max_samples: int | None = Field(None, gt=0)
     n: int = Field(1000, gt=0, description="number of patches (sklearn_photos only)")
     resize: bool = False
+    dataset: str | None = Field(None, description="torchvision only: a torchvision.datasets class, e.g. SVHN")
+    subset: str = Field("test", description="torchvision only: train | test | a split name the class accepts")
+    download: bool = Field(False, description="torchvision only: download into 'path' when missing")
 
     @model_validator(mode="after")
     def _check_path(self) -> "DatasetConfig":
-        needs_path = self.source in ("npz", "npz_jpeg", "image_folder")
+        needs_path = self.source in ("npz", "npz_jpeg", "image_folder", "torchvision")
         if needs_path and not self.path:
             raise ValueError(f"source '{self.source}' needs a 'path'")
         if not needs_path and self.path:
             raise ValueError(f"source '{self.source}' takes no 'path'")
+        if (self.source == "torchvision") != (self.dataset is not None):
+            raise ValueError("'dataset' (a torchvision.datasets class name) goes with source 'torchvision' only")
+        if self.download and self.source != "torchvision":
+            raise ValueError("'download' applies to source 'torchvision' only")
         return self
 
 
 class DataConfig(_Strict):
     image_size: int = Field(gt=0)
     channels: Literal[1, 3]
+    resize_short_side: int | None = Field(
+        None, gt=0, description="resize: short side to this, then centre-crop image_size (ImageNet 256 -> 224)"
+    )
     mean: list[float]
     std: list[float]
     datasets: dict[str, DatasetConfig]
@@ -58,6 +68,8 @@ class DataConfig(_Strict):
                 raise ValueError(f"data.datasets needs an '{key}' entry")
         if len(self.datasets) < 3:
             raise ValueError("data.datasets needs at least one OOD set besides id_train and id_test")
+        if self.resize_short_side is not None and self.resize_short_side < self.image_size:
+            raise ValueError("data.resize_short_side must be at least data.image_size")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("data.mean and data.std need one value per channel")
         for name in self.datasets:
@@ -92,12 +104,6 @@ class GradientConfig(_Strict):
     batch_size: int = Field(64, gt=0)
     chunk_rows: int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = "float32"
-
-    @model_validator(mode="after")
-    def _sketch_covers_all_parameters(self) -> "GradientConfig":
-        if self.sketch == "kronecker" and self.params != "all":
-            raise ValueError("gradient.sketch: kronecker sketches every parameter; set gradient.params: all")
-        return self
 
 
 class SubspaceConfig(_Strict):

@@ -1,7 +1,9 @@
 """Image sources -> uint8 arrays ``(N, H, W, C)`` with int64 labels (-1 where unlabelled).
 
 Sources: scikit-learn's bundled digits and photos (the embedded default, nothing downloaded), the
-``.npz`` layouts of ``../shared`` (decoded and JPEG-encoded) and an ImageFolder tree.
+``.npz`` layouts of ``../shared`` (decoded and JPEG-encoded), an ImageFolder tree and any
+``torchvision.datasets`` class (``download`` off unless asked). File-backed sources decode an image only
+when it is selected, so sub-sampling a large set decodes the sample only.
 """
 
 from __future__ import annotations
@@ -104,29 +106,81 @@ class _JpegImages:
         return _decode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), f"{i} in {self.path}")
 
 
-def _image_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """``root/<class>/<image>``: classes in sorted order get labels 0..C-1 (torchvision's rule)."""
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_decode(file.read_bytes(), str(file)))
-                labels.append(label)
-    if not images:
-        raise DataError(f"{root}: no images found")
-    return images, np.asarray(labels, dtype=np.int64)
+class _FolderImages:
+    """``root/<class>/<image>``: classes in sorted order get labels 0..C-1 (torchvision's rule); an image file
+    is read and decoded only when indexed."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root}")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{root}: no class sub-folders")
+        self.files: list[Path] = []
+        labels = []
+        for label, name in enumerate(classes):
+            for file in sorted((root / name).iterdir()):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    self.files.append(file)
+                    labels.append(label)
+        if not self.files:
+            raise DataError(f"{root}: no images found")
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _decode(self.files[i].read_bytes(), str(self.files[i]))
 
 
-def resize_center_crop(image: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """Resize the short side to ``size`` (bilinear, antialiased), centre-crop, convert channels."""
+class _TorchvisionImages:
+    """A ``torchvision.datasets`` class as a lazy image sequence. ``download`` is off by default: a missing
+    dataset is a clear error, never a silent network access."""
+
+    def __init__(self, spec: DatasetConfig) -> None:
+        import inspect
+        import urllib.error
+
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, spec.dataset or "", None)
+        if not inspect.isclass(cls):
+            raise DataError(f"torchvision.datasets has no dataset class '{spec.dataset}'")
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs: dict = {"download": spec.download} if "download" in accepted else {}
+        if "train" in accepted:
+            if spec.subset not in ("train", "test"):
+                raise DataError(f"torchvision {spec.dataset}: subset must be train or test, not '{spec.subset}'")
+            kwargs["train"] = spec.subset == "train"
+        elif "split" in accepted:
+            kwargs["split"] = spec.subset
+        try:
+            self.dataset = cls(spec.path, **kwargs)
+        except (RuntimeError, FileNotFoundError) as err:
+            hint = "" if spec.download else " (download is off: copy the files there, or set download: true on a machine with internet)"
+            raise DataError(f"torchvision {spec.dataset} not found under {spec.path}{hint}: {err}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise DataError(f"torchvision {spec.dataset}: download into {spec.path} failed (offline?): {err}") from None
+        targets = next((getattr(self.dataset, a) for a in ("targets", "labels") if hasattr(self.dataset, a)), None)
+        if targets is None:
+            targets = [self.dataset[i][1] for i in range(len(self.dataset))]
+        self.labels = np.asarray(targets, dtype=np.int64).reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image = self.dataset[i][0]
+        return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+
+
+def resize_center_crop(image: np.ndarray, size: int, channels: int, short_side: int | None = None) -> np.ndarray:
+    """Resize the short side to ``short_side`` (default ``size``; bilinear, antialiased), centre-crop ``size``,
+    convert channels. ImageNet's evaluation transform is ``short_side=256, size=224``."""
     img = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
     w, h = img.size
-    scale = size / min(w, h)
+    scale = (short_side or size) / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
@@ -138,7 +192,7 @@ def resize_center_crop(image: np.ndarray, size: int, channels: int) -> np.ndarra
 def _conform(images: list[np.ndarray] | np.ndarray, name: str, spec: DatasetConfig, data: DataConfig) -> np.ndarray:
     expected = (data.image_size, data.image_size, data.channels)
     if spec.resize:
-        return np.stack([resize_center_crop(im, data.image_size, data.channels) for im in images])
+        return np.stack([resize_center_crop(im, data.image_size, data.channels, data.resize_short_side) for im in images])
     shapes = {tuple(im.shape) for im in images}
     if shapes != {expected}:
         found = ", ".join("x".join(map(str, s)) for s in sorted(shapes)[:3])
@@ -174,8 +228,12 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
     elif spec.source == "npz_jpeg":
         images = _JpegImages(Path(spec.path))
         labels = images.labels
+    elif spec.source == "image_folder":
+        images = _FolderImages(Path(spec.path))
+        labels = images.labels
     else:
-        images, labels = _image_folder(Path(spec.path))
+        images = _TorchvisionImages(spec)
+        labels = images.labels
 
     keep = np.arange(len(labels))
     if spec.classes is not None:

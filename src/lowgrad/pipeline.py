@@ -168,7 +168,9 @@ def fit_factors(params: Params) -> None:
             to_tensor_batch(train.images[rows[i : i + g.batch_size]], params.data.mean, params.data.std).to(device)
             for i in range(0, len(rows), g.batch_size)
         )
-        factors, errors = fit_kronecker_nfk(model, batches)
+        from lowgrad.gradients import select_parameters
+
+        factors, errors = fit_kronecker_nfk(model, batches, param_names=select_parameters(model, g.params))
         arrays = {f"{layer}/{part}": v for layer, parts in factors.items() for part, v in parts.items()}
         info.update(kernel="nfk", kernel_samples=len(rows), rank_one_relative_error=errors)
         log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
@@ -199,15 +201,16 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extra
     root = Path(root)
     model = load_checkpoint(_fresh_model(params), root / MODEL).eval()
     g = params.gradient
+    param_names = select_parameters(model, g.params)
     sketch = None
     if g.sketch == "kronecker":
         from lowgrad.sketch import KroneckerSketch
 
         factors = load_factors() if (root / FACTORS).is_file() else {}
-        sketch = KroneckerSketch(model.to(pick_device(params.device)), g.sketch_rank, params.seed, factors)
+        sketch = KroneckerSketch(model.to(pick_device(params.device)), g.sketch_rank, params.seed, factors, param_names)
     return Extractor(
         model,
-        select_parameters(model, g.params),
+        param_names,
         load_image_set(root / PREPARED.format(name=name)),
         params.data.mean,
         params.data.std,

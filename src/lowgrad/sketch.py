@@ -56,14 +56,25 @@ class KroneckerSketch:
     """Callable ``x -> (sketch (B, D), logits (B, C), features (B, F))`` for a model in eval mode."""
 
     def __init__(
-        self, model: FeatureClassifier, rank: int, seed: int, factors: dict[str, dict[str, np.ndarray]] | None = None
+        self,
+        model: FeatureClassifier,
+        rank: int,
+        seed: int,
+        factors: dict[str, dict[str, np.ndarray]] | None = None,
+        param_names: list[str] | None = None,
     ) -> None:
+        """``param_names``: the selected parameters (:func:`lowgrad.gradients.select_parameters`); a layer is
+        sketched, with all its parameters, when any of them is selected. ``None`` selects every layer."""
         self.model = model.eval()
         self.rank, self.seed = rank, seed
         self.layers: list[_Layer] = []
         factors = factors or {}
         device = next(model.parameters()).device
+        selected = None if param_names is None else set(param_names)
         for name, module in model.named_modules():
+            own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            if selected is not None and not selected.intersection(own):
+                continue
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 if isinstance(module, nn.Conv2d) and module.groups != 1:
                     raise GradientError(f"layer {name}: grouped convolutions are not supported by the Kronecker sketch")
@@ -88,6 +99,8 @@ class KroneckerSketch:
                     "weight": torch.as_tensor(f.get("weight", np.ones(c)), dtype=torch.float32).to(device),
                     "bias": torch.as_tensor(f.get("bias", np.ones(c)), dtype=torch.float32).to(device),
                 }))
+        if not self.layers:
+            raise GradientError("the Kronecker sketch has no Conv2d / Linear / BatchNorm layer to sketch (gradient.params)")
         self.dim = sum(self._layer_dim(layer) for layer in self.layers)
         self.layout = [(layer.name, layer.kind, self._layer_dim(layer)) for layer in self.layers]
 
@@ -161,14 +174,15 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
 
 
 def fit_kronecker_nfk(
-    model: FeatureClassifier, batches, rank_one_iters: int = 2000
+    model: FeatureClassifier, batches, rank_one_iters: int = 2000, param_names: list[str] | None = None
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
     """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
     sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
     Conv2d / Linear weight. Returns ``(factors, relative Frobenius error of a b^T per layer)``.
 
-    Moments are accumulated layer by layer, so memory holds one layer's per-sample gradients of one batch."""
-    sketch = KroneckerSketch(model, rank=1, seed=0)
+    Moments are accumulated layer by layer, so memory holds one layer's per-sample gradients of one batch.
+    ``param_names`` restricts the fit to the layers the sketch will use."""
+    sketch = KroneckerSketch(model, rank=1, seed=0, param_names=param_names)
     moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
