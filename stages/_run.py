@@ -6,17 +6,28 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from lowgrad import timing
 from lowgrad.config import load_params
 from lowgrad.errors import LowgradError
 
 
-def run_stage(func: Callable, description: str, per_dataset: bool = False) -> None:
+def _stage_name() -> str:
+    """DVC's stage name: the module run by ``python -m stages.<name>``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name.rsplit(".", 1)[-1] if spec is not None else Path(sys.argv[0]).stem
+
+
+def run_stage(func: Callable, description: str, per_dataset: bool = False, record_timing: bool = True) -> None:
+    """``record_timing``: write ``artifacts/timings/<stage>.json`` (score and report put theirs in their outputs)."""
     parser = argparse.ArgumentParser(description=description)
     if per_dataset:
         parser.add_argument("dataset", help="dataset name from params.yaml (data.datasets)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args()
+    timing.start()
+    stage = _stage_name()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         params = load_params(args.params)
@@ -26,6 +37,8 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False) -> No
             func(params, args.dataset)
         else:
             func(params)
+        if record_timing:
+            timing.record(f"{stage}@{args.dataset}" if per_dataset else stage)
     except LowgradError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

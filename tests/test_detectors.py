@@ -81,6 +81,10 @@ def test_react_clips_at_bank_percentile_then_energy():
     clipped[:, 2:] = np.minimum(clipped[:, 2:], det.threshold_)
     expected = np.log(np.exp(clipped @ head.weight.T + head.bias).sum(1))
     np.testing.assert_allclose(det.score_samples(x), expected, rtol=1e-10)
+    # fewer coordinates than ``start`` (a k-sweep point k' <= 10): nothing to clip, plain Energy
+    short = ReAct(_head(rng, d=2), percentile=90, start=10).fit(bank[:, :2])
+    energy = np.log(np.exp(x[:, :2] @ short.head.weight.T + short.head.bias).sum(1))
+    np.testing.assert_allclose(short.score_samples(x[:, :2]), energy, rtol=1e-10)
 
 
 def test_bats_truncates_probe_bn_output():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -144,6 +144,10 @@ class DetectorsConfig(_Strict):
     gradient: dict[str, dict[str, Any]]
     probe: ProbeConfig = ProbeConfig()
     fusion: FusionConfig = FusionConfig()
+    k_sweep: list[Annotated[int, Field(gt=0)]] = Field(
+        [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
+        "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
+    )
 
     @model_validator(mode="after")
     def _pairs_refer_to_configured_detectors(self) -> "DetectorsConfig":

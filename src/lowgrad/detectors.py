@@ -147,14 +147,16 @@ class _HeadDetector(Detector):
 
 class ReAct(_HeadDetector):
     """Clip activations at the ``percentile`` of the ID bank's activations, then Energy (Sun et al. 2021).
-    ``start`` leaves the first coordinates unclipped (the paper clips ``G_low`` coordinates j >= 10)."""
+    ``start`` leaves the first coordinates unclipped (the paper clips ``G_low`` coordinates j >= 10); with no
+    coordinate at or past ``start`` nothing is clipped (plain Energy)."""
 
     def __init__(self, head: Head, percentile: float = 90.0, start: int = 0) -> None:
         super().__init__(head)
         self.percentile, self.start = percentile, start
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "ReAct":
-        self.threshold_ = float(np.percentile(np.asarray(X)[:, self.start :], self.percentile))
+        tail = np.asarray(X)[:, self.start :]
+        self.threshold_ = float(np.percentile(tail, self.percentile)) if tail.size else np.inf
         return self
 
     def clip(self, X: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lowgrad import __version__
+from lowgrad import __version__, timing
 from lowgrad.config import Params
 from lowgrad.data import load_dataset, load_image_set, save_image_set
 from lowgrad.errors import CheckpointError
@@ -343,12 +343,20 @@ def forward_head(model: "FeatureClassifier") -> "Head":
     return head
 
 
+def stage_timings(params: Params) -> dict[str, dict[str, Any]]:
+    """Recorded timings of this configuration's stages (files left by stages no longer configured are ignored)."""
+    order = [f"prepare@{d}" for d in params.data.datasets] + ["model", "factors"]
+    order += [f"extract@{d}" for d in params.data.datasets] + ["subspace"] + [f"project@{d}" for d in params.data.datasets]
+    recorded = timing.collect()
+    return {stage: recorded[stage] for stage in order if stage in recorded}
+
+
 def score(params: Params) -> None:
     """Fit every configured detector on the ID bank, score ID test and OOD sets, write metrics."""
     import torch
 
     from lowgrad.data import to_tensor_batch
-    from lowgrad.scoring import ScoringContext, run_all
+    from lowgrad.scoring import ScoringContext, k_sweep, run_all
 
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
     model = load_classifier(params)
@@ -377,12 +385,25 @@ def score(params: Params) -> None:
         methods[label] = table
         flat.update({f"{label}/{s}": v for s, v in per_set.items()})
         log.info("%-28s mean FPR95 %6.2f  AUROC %6.2f", label, table["mean"]["fpr95"], table["mean"]["auroc"])
+    sweep: dict[str, dict[str, dict[str, float]]] = {}
+    if params.subspace.basis == "pca":
+        for k, rows in k_sweep(params, sets, ctx).items():
+            sweep[str(k)] = {
+                label: mean_metrics({s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names})
+                for label, per_set in rows.items()
+            }
+    elif params.scoring.k_sweep:
+        log.info("scoring.k_sweep skipped: the average-gradient basis has one component per class")
     id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
     Path(SCORES).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(SCORES).with_suffix(".tmp.npz")
     np.savez(tmp, **flat)
     tmp.replace(SCORES)
-    write_json(METRICS, {"id_accuracy": id_acc, **extras, "methods": methods})
+    write_json(METRICS, {
+        "id_accuracy": id_acc, **extras, "methods": methods, "k_sweep": sweep,
+        "samples": {name: len(d["labels"]) for name, d in sets.items()},
+        "timings": {**stage_timings(params), "score": timing.snapshot()},
+    })
 
 
 # -- report -------------------------------------------------------------------------------------------------

@@ -110,6 +110,38 @@ def _plot_spectrum(ratio: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_k_sweep(sweep: dict[str, dict[str, dict[str, float]]], full_k: int, full: dict[str, Any], path: Path) -> None:
+    """Mean FPR95 over the OOD sets against k, one line per gradient detector (the full-k point from the main
+    table), with each detector's forward counterpart as a dashed horizontal line."""
+    ks = sorted({int(k) for k in sweep} | {full_k})
+    detectors = sorted({d for rows in sweep.values() for d in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, det in enumerate(detectors):
+        values = [full[det]["mean"]["fpr95"] if k == full_k else sweep[str(k)][det]["fpr95"] for k in ks]
+        color = f"C{i % 10}"
+        ax.plot(ks, values, marker="o", color=color, label=det)
+        base = det.removeprefix("grad_")
+        if base in full:
+            ax.axhline(full[base]["mean"]["fpr95"], color=color, ls="--", lw=0.8)
+    ax.set(xscale="log", xlabel="k (PCA components of the gradient)", ylabel="mean FPR95 (%) ↓",
+           title="Mean FPR95 vs k (dashed: the same detector without gradient)")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def timings_table(timings: dict[str, dict[str, Any]]) -> str:
+    lines = ["| stage | wall s | peak RSS MB | peak GPU MB |", "|---|---|---|---|"]
+    for stage, t in timings.items():
+        lines.append(f"| {stage} | {t['wall_s']:.1f} | {t['peak_rss_mb']:.0f} | {t.get('peak_gpu_mb', '–')} |")
+    total = sum(t["wall_s"] for t in timings.values())
+    lines.append(f"| **total** | **{total:.1f}** | **{max(t['peak_rss_mb'] for t in timings.values()):.0f}** (max) | |")
+    return "\n".join(lines)
+
+
 def write_report(
     params: Params,
     metrics: dict[str, Any],
@@ -130,6 +162,9 @@ def write_report(
     _plot_histograms(scores, methods, ood, staging / "score_histograms.png")
     _plot_roc(scores, methods, ood, staging / "roc.png")
     _plot_spectrum(explained_variance_ratio, staging / "spectrum.png")
+    sweep = metrics.get("k_sweep") or {}
+    if sweep:
+        _plot_k_sweep(sweep, params.subspace.k, metrics["methods"], staging / "fpr95_vs_k.png")
 
     s, g = params.subspace, params.gradient
     text = [
@@ -150,6 +185,12 @@ def write_report(
         "data (see run settings). Best value per column in bold. AUPR-In, AUPR-Out and FPR95 with OOD as the "
         "positive class (OpenOOD's convention) are in `report/metrics.json`.",
         "",
+        *(["## Mean FPR95 vs k", "", "The gradient detectors refitted on the first k PCA components of G_low "
+            "(dashed: the same detector without gradient):", "", "![mean FPR95 vs k](plots/fpr95_vs_k.png)", ""]
+          if sweep else []),
+        *(["## Stage timings", "", "Wall seconds and peak resident memory of each stage's process (this run's "
+           "machine; Dask workers not included; `report` itself is not listed).", "",
+           timings_table(metrics["timings"]), ""] if metrics.get("timings") else []),
         "## Run settings",
         "",
         f"- kernel: {s.kernel}; gradient parameters: {g.params}; basis: {s.basis}"
@@ -158,7 +199,7 @@ def write_report(
         f"- detectors (forward): {json.dumps(params.scoring.forward)}",
         f"- detectors (gradient): {json.dumps(params.scoring.gradient)}; probe: {params.scoring.probe.model_dump()}",
         f"- fusion: {params.scoring.fusion.model_dump()}",
-        f"- seed: {params.seed}",
+        f"- seed: {params.seed}; samples per set: {json.dumps(metrics.get('samples', {}))}",
         "",
         "```json",
         json.dumps(run, indent=2),

@@ -35,14 +35,17 @@ class ScoringContext:
     load_images: Callable[[str], Any] | None = None  # set name -> normalised image tensor
     seed: int = 0
     probe_options: dict[str, Any] = field(default_factory=dict)
-    _probes: dict[int, Head] = field(default_factory=dict)
+    _probes: list[tuple[np.ndarray, Head]] = field(default_factory=list)
 
     def probe(self, bank: DataSet) -> Head:
-        """The linear probe trained on ``bank`` (cached per bank)."""
-        key = id(bank["g_low"])
-        if key not in self._probes:
-            self._probes[key] = train_probe(bank["g_low"], bank["labels"], self.num_classes, seed=self.seed, **self.probe_options)
-        return self._probes[key]
+        """The linear probe trained on ``bank`` (cached per bank array; the cache keeps the array alive, so an
+        identity match is never a recycled object)."""
+        for g_low, head in self._probes:
+            if g_low is bank["g_low"]:
+                return head
+        head = train_probe(bank["g_low"], bank["labels"], self.num_classes, seed=self.seed, **self.probe_options)
+        self._probes.append((bank["g_low"], head))
+        return head
 
 
 def _images(data: DataSet, ctx: ScoringContext):
@@ -119,3 +122,25 @@ def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tu
             }
             log.info("%s: %s rule, weight %.2f, calibrated on %d held-out ID samples", label, pair.rule, pair.weight, len(cal_rows))
     return scores, extras
+
+
+def k_sweep(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+    """The gradient detectors refitted on the first ``k'`` PCA components of G_low for every ``k'`` in
+    ``scoring.k_sweep`` below the fitted k: the components are ordered by explained variance, so this is the k'-dimensional
+    projection without refitting the basis. Returns ``scores[k'][grad_<name>][set]``."""
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    full_k = sets["id_train"]["g_low"].shape[1]
+    skipped = [k for k in params.scoring.k_sweep if k >= full_k]
+    if skipped:
+        log.info("k-sweep: %s skipped (not below the fitted k = %d)", skipped, full_k)
+    for k in sorted(set(params.scoring.k_sweep) - set(skipped)):
+        truncated = {n: {**d, "g_low": np.ascontiguousarray(d["g_low"][:, :k])} for n, d in sets.items()}
+        truncated = {n: {key: v for key, v in d.items() if key != "images"} for n, d in truncated.items()}
+        bank = truncated["id_train"]
+        targets = {n: d for n, d in truncated.items() if n != "id_train"}
+        out[k] = {
+            f"grad_{name}": score_detector(name, kwargs, True, bank, targets, ctx)
+            for name, kwargs in params.scoring.gradient.items()
+        }
+        log.info("k-sweep: gradient detectors rescored on the first %d components", k)
+    return out
