@@ -40,13 +40,16 @@ TINY = {
     "subspace": {"kernel": "nfk", "k": 8, "oversample": 6, "power_iters": 2},
     "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
                 "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}},
-                "fusion": {"pairs": [{"forward": "react", "gradient": "knn"}]}},
+                "fusion": {"pairs": [{"forward": "react", "gradient": "knn"}]}, "k_sweep": [2, 4, 8]},
 }
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for kind in ("AUTHOR", "COMMITTER"):  # `dvc exp run` commits experiments: CI may have no git identity
+        env.setdefault(f"GIT_{kind}_NAME", "ci")
+        env.setdefault(f"GIT_{kind}_EMAIL", "ci@lowgrad")
     return env
 
 
@@ -108,8 +111,41 @@ def test_pipeline_outputs(project):
         assert (project / "report/plots" / png).read_bytes()[:4] == b"\x89PNG"
     g_low = np.load(project / "artifacts/projected/id_test.npy")
     assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
+    # k-sweep: the gradient detectors on the first 2 and 4 components (8 = the fitted k is the main table)
+    assert set(metrics["k_sweep"]) == {"2", "4"} and set(metrics["k_sweep"]["4"]) == {"grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats"}
+    assert (project / "report/plots/fpr95_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+    # per-stage timings of every stage that ran, in the metrics and the report
+    stages = {"model", "factors", "subspace", "score"} | {f"{s}@{d}" for s in ("prepare", "extract", "project")
+                                                           for d in ("id_train", "id_test", "digits_7to9")}
+    assert set(metrics["timings"]) == stages
+    assert all(t["wall_s"] >= 0 and t["peak_rss_mb"] > 50 for t in metrics["timings"].values())
+    assert "## Stage timings" in report and "| extract@id_train |" in report
     shown = dvc(project, "metrics", "show", "--json").stdout
     assert "grad_knn" in shown
+
+
+def test_ablations_run_as_dvc_experiments(tmp_path):
+    """``bench.ablations``: each variant is one ``dvc exp run`` from the same base; the table and
+    ``dvc exp show`` list them, and the last-block variant sketches/extracts only that block's gradients."""
+    root = make_project(tmp_path, TINY)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "base")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ablations", "--root", str(root), "--variants", "base,last_block"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((root / "report/ablations/ablations.json").read_text())
+    assert [r["experiment"] for r in results] == ["abl-base", "abl-last_block"]
+    assert "extract@id_train" in results[1]["stages_run"] and "model" not in results[1]["stages_run"]
+    assert results[1]["overrides"]["gradient.params"] == ["conv3", "bn3", "head"]
+    assert "odin" not in results[0]["metrics"]["methods"]  # forward ODIN left out of experiments by default
+    store = ChunkedStore.open(root / "artifacts/extract/id_train.zarr")
+    assert store.meta["param_names"][0].startswith("conv3") and store.meta["n_params"] < 14_000
+    table = (root / "report/ablations/ablations.md").read_text()
+    assert "| abl-base | (base) |" in table and "| abl-last_block |" in table
+    shown = dvc(root, "exp", "show", "--json").stdout
+    assert "abl-base" in shown and "abl-last_block" in shown
 
 
 def test_rerun_is_a_fast_noop(project):

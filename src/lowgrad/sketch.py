@@ -174,7 +174,7 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
 
 
 def fit_kronecker_nfk(
-    model: FeatureClassifier, batches, rank_one_iters: int = 2000, param_names: list[str] | None = None
+    model: FeatureClassifier, batches, rank_one_iters: int = 100, param_names: list[str] | None = None
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
     """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
     sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
@@ -229,22 +229,41 @@ def fit_kronecker_nfk(
     return factors, errors
 
 
-def rank_one_masked(w: np.ndarray, mask: np.ndarray, iters: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+def _leading_singular_pair(t: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """``(sqrt(s) u, sqrt(s) v)`` for the leading singular triple of a non-negative matrix, by power iteration
+    (its singular vectors are one-signed Perron vectors, and a full SVD of a 2048 x 4608 layer costs seconds)."""
+    v = np.full(t.shape[1], 1.0 / np.sqrt(t.shape[1]))
+    s = 0.0
+    for _ in range(max_iter):
+        u = t @ v
+        u /= max(np.linalg.norm(u), 1e-300)
+        v_next = t.T @ u
+        s = np.linalg.norm(v_next)
+        v_next /= max(s, 1e-300)
+        if np.linalg.norm(v_next - v) <= tol:
+            v = v_next
+            break
+        v = v_next
+    u = t @ v / max(s, 1e-300)
+    return np.abs(u) * np.sqrt(s), np.abs(v) * np.sqrt(s)
+
+
+def rank_one_masked(w: np.ndarray, mask: np.ndarray, iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-1 ``a b^T`` to the positive matrix ``w`` in least squares over the entries in ``mask``
     (alternating least squares from the leading singular pair). Entries outside the mask (zero-variance
     coordinates: constant on the kernel set, given the largest scale by the NFK rule) are left out of the fit,
-    so they do not inflate the factor of every other coordinate of their row and column."""
+    so they do not inflate the factor of every other coordinate of their row and column. ALS creeps at the end
+    (on ResNet-50's widest layer the error moves in the fifth digit between 10 and 300 sweeps): 100 sweeps."""
     m = mask.astype(np.float64)
     target = np.where(mask, w, 0.0)
-    u, s, vt = np.linalg.svd(target, full_matrices=False)
-    a, b = np.abs(u[:, 0]) * np.sqrt(s[0]), np.abs(vt[0]) * np.sqrt(s[0])  # positive: one-signed Perron vectors
+    a, b = _leading_singular_pair(target)
     if mask.all():
         return a, b
     for _ in range(iters):
         previous = a
         a = (target @ b) / np.maximum(m @ (b * b), 1e-300)
         b = (target.T @ a) / np.maximum(m.T @ (a * a), 1e-300)
-        if np.linalg.norm(a - previous) <= 1e-12 * np.linalg.norm(a):
+        if np.linalg.norm(a - previous) <= 1e-8 * np.linalg.norm(a):
             break
     fallback_a, fallback_b = a[a > 0].mean() if (a > 0).any() else 1.0, b[b > 0].mean() if (b > 0).any() else 1.0
     return np.where(a > 0, a, fallback_a), np.where(b > 0, b, fallback_b)  # a fully masked row / column
