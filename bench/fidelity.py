@@ -1,4 +1,4 @@
-"""Fidelity of the Kronecker-sketched NFK route against the exact route on the third-party CIFAR ResNet-20
+"""Fidelity of the sketched NFK route (Kronecker or dense) against the exact route on the third-party CIFAR ResNet-20
 (269,722 parameters: small enough for exact per-sample gradients on a CPU). Prints one JSON object:
 
 - ``gram_relative_error``: ||S S^T - Phi Phi^T||_F / ||Phi Phi^T||_F on centred NFK rows of the ID test subset
@@ -7,7 +7,10 @@
   space through the exact rows (orth(Phi^T U_sketch), U_sketch = left singular vectors of the sketch);
 - the OOD table (KNN and Mahalanobis on G_low) of both routes on every OOD set of ../shared, with |Delta AUROC|.
 
-Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16]
+Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|dense] [--dim 8192]
+
+``--route dense``: the dense Gaussian sketch of exactly NFK-scaled gradients (the reference route, meant for
+GPUs; on ResNet-20 a CPU runs it) instead of the Kronecker sketch; ``--dim`` is its dimension.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from lowgrad.config import DataConfig
 from lowgrad.data import load_dataset, to_tensor_batch
+from lowgrad.dense_sketch import DenseSketch, fit_dense_nfk
 from lowgrad.detectors import make_detector
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
@@ -47,6 +51,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--factor-samples", type=int, default=512)
     parser.add_argument("--kernel", choices=["nfk", "ntk"], default="nfk", help="ntk isolates the sketch error from the NFK factor error")
+    parser.add_argument("--route", choices=["kronecker", "dense"], default="kronecker")
+    parser.add_argument("--dim", type=int, default=8192, help="dense route: sketch dimension")
     args = parser.parse_args()
     ckpt = SHARED / "models/resnet20-12fca82f.th"
     if not ckpt.is_file():
@@ -78,9 +84,14 @@ def main() -> None:
     start = time.perf_counter()
     n_factor = min(args.factor_samples, n)
     factors, errors = {}, {"none": 0.0}
-    if args.kernel == "nfk":
-        factors, errors = fit_kronecker_nfk(model, (x["id_train"][i : min(i + 64, n_factor)] for i in range(0, n_factor, 64)))
-    sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
+    factor_batches = (x["id_train"][i : min(i + 64, n_factor)] for i in range(0, n_factor, 64))
+    if args.route == "dense":
+        scale = fit_dense_nfk(model, psg.param_names, factor_batches) if args.kernel == "nfk" else None
+        sketch = DenseSketch(model, psg.param_names, dim=args.dim, seed=0, scale=scale)
+    else:
+        if args.kernel == "nfk":
+            factors, errors = fit_kronecker_nfk(model, factor_batches)
+        sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
     sketched = {name: _rows(sketch, xs) for name, xs in x.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
     sketch_sub = GradientSubspace("center" if args.kernel == "nfk" else "ntk", k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
@@ -117,7 +128,8 @@ def main() -> None:
             worst = max(worst, cell["abs_delta_auroc"])
     print(json.dumps({
         "model": "resnet20_cifar (269,722 parameters)", "kernel": args.kernel, "samples_per_set": n, "k": args.k,
-        "sketch_rank": args.rank, "sketch_dim": sketch.dim, "factor_samples": n_factor,
+        "route": args.route, "sketch_rank": args.rank if args.route == "kronecker" else None,
+        "sketch_dim": sketch.dim, "factor_samples": n_factor,
         "rank_one_nfk_error_median": round(float(np.median(list(errors.values()))), 3),
         "rank_one_nfk_error_max": round(float(max(errors.values())), 3),
         "gram_relative_error": round(gram_error, 4), "gram_offdiag_correlation": round(corr, 4),

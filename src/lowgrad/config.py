@@ -96,8 +96,9 @@ class TrainConfig(_Strict):
 
 
 class GradientConfig(_Strict):
-    sketch: Literal["none", "kronecker"] = "none"
+    sketch: Literal["none", "kronecker", "dense"] = "none"
     sketch_rank: int = Field(16, gt=0)
+    sketch_dim: int = Field(8192, gt=0, description="dense: columns of the Gaussian projection")
     factor_samples: int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")
     params: Literal["all"] | list[str] = "all"
     max_params: int = Field(2_000_000, gt=0)

@@ -155,10 +155,10 @@ def fit_factors(params: Params) -> None:
     g = params.gradient
     info: dict[str, Any] = {"sketch": g.sketch}
     arrays: dict[str, np.ndarray] = {}
-    if g.sketch == "kronecker" and params.subspace.kernel == "nfk":
+    if g.sketch != "none" and params.subspace.kernel == "nfk":
         from lowgrad.data import to_tensor_batch
+        from lowgrad.gradients import select_parameters
         from lowgrad.models import pick_device
-        from lowgrad.sketch import fit_kronecker_nfk
 
         train = load_image_set(PREPARED.format(name="id_train"))
         rows = np.sort(np.random.default_rng(params.seed).permutation(len(train))[: g.factor_samples])
@@ -168,13 +168,21 @@ def fit_factors(params: Params) -> None:
             to_tensor_batch(train.images[rows[i : i + g.batch_size]], params.data.mean, params.data.std).to(device)
             for i in range(0, len(rows), g.batch_size)
         )
-        from lowgrad.gradients import select_parameters
+        param_names = select_parameters(model, g.params)
+        info.update(kernel="nfk", kernel_samples=len(rows))
+        if g.sketch == "dense":
+            from lowgrad.dense_sketch import fit_dense_nfk
 
-        factors, errors = fit_kronecker_nfk(model, batches, param_names=select_parameters(model, g.params))
-        arrays = {f"{layer}/{part}": v for layer, parts in factors.items() for part, v in parts.items()}
-        info.update(kernel="nfk", kernel_samples=len(rows), rank_one_relative_error=errors)
-        log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
-                 {k: round(v, 3) for k, v in errors.items()})
+            arrays = {"dense/w": fit_dense_nfk(model, param_names, batches)}
+            log.info("exact NFK scale of %d parameters from %d samples", arrays["dense/w"].size, len(rows))
+        else:
+            from lowgrad.sketch import fit_kronecker_nfk
+
+            factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
+            arrays = {f"{layer}/{part}": v for layer, parts in factors.items() for part, v in parts.items()}
+            info.update(rank_one_relative_error=errors)
+            log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
+                     {k: round(v, 3) for k, v in errors.items()})
     Path(FACTORS).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(FACTORS).with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
@@ -182,9 +190,9 @@ def fit_factors(params: Params) -> None:
     write_json(FACTORS_INFO, info)
 
 
-def load_factors() -> dict[str, dict[str, np.ndarray]]:
+def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]:
     factors: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(FACTORS) as z:
+    with np.load(path) as z:
         for key in z.files:
             layer, part = key.rsplit("/", 1)
             factors.setdefault(layer, {})[part] = z[key]
@@ -203,11 +211,16 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extra
     g = params.gradient
     param_names = select_parameters(model, g.params)
     sketch = None
+    factors = load_factors(root / FACTORS) if g.sketch != "none" and (root / FACTORS).is_file() else {}
     if g.sketch == "kronecker":
         from lowgrad.sketch import KroneckerSketch
 
-        factors = load_factors() if (root / FACTORS).is_file() else {}
         sketch = KroneckerSketch(model.to(pick_device(params.device)), g.sketch_rank, params.seed, factors, param_names)
+    elif g.sketch == "dense":
+        from lowgrad.dense_sketch import DenseSketch
+
+        scale = factors.get("dense", {}).get("w")
+        sketch = DenseSketch(model.to(pick_device(params.device)), param_names, g.sketch_dim, params.seed, scale)
     return Extractor(
         model,
         param_names,
@@ -239,6 +252,11 @@ def extract(params: Params, name: str) -> None:
         meta.update(
             gradients="kronecker_sketch", sketch_seed=params.seed, sketch_rank=params.gradient.sketch_rank,
             sketch_layers=extractor.gradients.layout, factors_sha256=sha256(FACTORS),
+        )
+    elif params.gradient.sketch == "dense":
+        meta.update(
+            gradients="dense_sketch", sketch_seed=params.seed, sketch_layers=extractor.gradients.layout,
+            factors_sha256=sha256(FACTORS),
         )
     path = EXTRACTED.format(name=name)
     store = open_store(extractor, path, params.gradient.chunk_rows, meta)
@@ -283,7 +301,7 @@ def fit_subspace(params: Params) -> None:
     """Fit the NFK/NTK normaliser and the low-dimensional basis on the kernel set (``id_train``)."""
     store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
     s = params.subspace
-    sketched = store.meta.get("gradients") == "kronecker_sketch"
+    sketched = store.meta.get("gradients") in ("kronecker_sketch", "dense_sketch")
     sub = GradientSubspace(
         kernel="center" if (sketched and s.kernel == "nfk") else s.kernel,  # sketches already carry the NFK scale
         basis=s.basis,
