@@ -42,7 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "last_block": {"gradient.params": "LAST_BLOCK"},
     **{f"k{k}": {"subspace.k": k} for k in (10, 50, 100, 200)},
 }
-DEFAULT = "base,ntk,average_gradient,last_block"
+DEFAULT = "base,average_gradient,ntk,last_block"  # the first two share the base extraction
 SHOWN = ["grad_knn", "grad_mahalanobis", "grad_energy", "grad_msp", "knn", "mahalanobis", "energy"]
 
 
