@@ -5,9 +5,11 @@
 
 Variants (each changes one thing against the base; see ``VARIANTS``): ``ntk`` (raw gradients instead of the
 NFK), ``average_gradient`` (one direction per class instead of PCA), ``last_block`` (gradients of the last
-residual block and the head only), ``k10`` / ``k50`` / ``k100`` / ``k200`` (``subspace.k``; one run's
+residual block and the head only), ``exact_head`` (exact NFK gradients of the last layer: no sketch and no
+Kronecker approximation at all), ``k10`` / ``k50`` / ``k100`` / ``k200`` (``subspace.k``; one run's
 ``scoring.k_sweep`` gives the same curve for a fraction of the cost, see the report's "Mean FPR95 vs k").
-The base is run first as experiment ``abl-base``. Every experiment stays in DVC (``dvc exp show``,
+By default: base, average_gradient, ntk, last_block, exact_head, in that order (the first two share the
+base's extraction). Every experiment stays in DVC (``dvc exp show``,
 ``dvc exp apply abl-ntk``); the table goes to ``report/ablations/ablations.md`` and ``.json``.
 
 Forward detectors do not change across these variants: with ``--skip-forward-odin`` (default on) forward ODIN,
@@ -35,21 +37,25 @@ LAST_BLOCK = {
     "torchvision_resnet50": ["layer4", "fc"],
     "small_cnn": ["conv3", "bn3", "head"],
 }
+HEAD = {"resnet18_cifar": ["fc"], "resnet20_cifar": ["linear"], "torchvision_resnet50": ["fc"], "small_cnn": ["head"]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "ntk": {"subspace.kernel": "ntk"},
     "average_gradient": {"subspace.basis": "average_gradient"},
     "last_block": {"gradient.params": "LAST_BLOCK"},
+    "exact_head": {"gradient.sketch": "none", "gradient.params": "HEAD"},  # exact NFK, no sketch: the last layer
     **{f"k{k}": {"subspace.k": k} for k in (10, 50, 100, 200)},
 }
-DEFAULT = "base,average_gradient,ntk,last_block"  # the first two share the base extraction
+DEFAULT = "base,average_gradient,ntk,last_block,exact_head"  # the first two share the base extraction
 SHOWN = ["grad_knn", "grad_mahalanobis", "grad_energy", "grad_msp", "knn", "mahalanobis", "energy"]
 
 
 def variant_overrides(name: str, base: dict[str, Any], skip_forward_odin: bool) -> dict[str, Any]:
     if name not in VARIANTS:
         raise SystemExit(f"error: unknown variant '{name}' (choose from {', '.join(VARIANTS)})")
-    out = {k: (LAST_BLOCK[base["model"]["arch"]] if v == "LAST_BLOCK" else v) for k, v in VARIANTS[name].items()}
+    arch = base["model"]["arch"]
+    named = {"LAST_BLOCK": LAST_BLOCK[arch], "HEAD": HEAD[arch]}
+    out = {k: named.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[name].items()}
     if skip_forward_odin and "odin" in base["scoring"]["forward"]:
         out["scoring.forward"] = {k: v for k, v in base["scoring"]["forward"].items() if k != "odin"}
     return out

@@ -92,7 +92,8 @@ def main() -> None:
         if args.kernel == "nfk":
             factors, errors = fit_kronecker_nfk(model, factor_batches)
         sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
-    sketched = {name: _rows(sketch, xs) for name, xs in x.items()}
+    batch = 256 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
+    sketched = {name: _rows(sketch, xs, batch) for name, xs in x.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
     sketch_sub = GradientSubspace("center" if args.kernel == "nfk" else "ntk", k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
 
