@@ -19,7 +19,7 @@ import torch
 
 from lowgrad.gradients import PerSampleGradients
 from lowgrad.models import FeatureClassifier
-from lowgrad.subspace import merge_moments, nfk_scale
+from lowgrad.subspace import add_block_moments, nfk_scale
 
 BLOCK_ROWS = 32768  # part of the sketch's definition: Omega's rows are seeded per block of this many
 
@@ -68,9 +68,7 @@ def fit_dense_nfk(model: FeatureClassifier, param_names: list[str], batches) -> 
     for x in batches:
         if len(x) == 0:
             continue
-        g = gradients(x)[0].double().cpu()
-        mean = g.mean(0)
-        moments = merge_moments(moments, (g.shape[0], mean, ((g - mean) ** 2).sum(0)))
+        moments = add_block_moments(moments, gradients(x)[0].double().cpu())
     if moments is None:
         raise ValueError("no kernel samples to estimate the NFK scale from")
     n, _, m2 = moments

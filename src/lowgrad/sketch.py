@@ -28,7 +28,7 @@ from torch import nn
 
 from lowgrad.errors import GradientError
 from lowgrad.models import FeatureClassifier
-from lowgrad.subspace import merge_moments, nfk_scale
+from lowgrad.subspace import add_block_moments, nfk_scale
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,7 @@ def fit_kronecker_nfk(
     moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
-        v = values.double()
-        mean = v.mean(0)
-        moments[key] = merge_moments(moments.get(key), (v.shape[0], mean, ((v - mean) ** 2).sum(0)))
+        moments[key] = add_block_moments(moments.get(key), values.double())
 
     for x in batches:
         if len(x) == 0:

@@ -31,6 +31,12 @@ def merge_moments(a: tuple | None, b: tuple | None) -> tuple | None:
     return total, ma + delta * (nb / total), sa + sb + delta**2 * (na * nb / total)
 
 
+def add_block_moments(acc: tuple | None, block) -> tuple:
+    """Merge the rows of one block (a float64 array or tensor, rows = samples) into running ``(n, mean, M2)``."""
+    mean = block.mean(0)
+    return merge_moments(acc, (block.shape[0], mean, ((block - mean) ** 2).sum(0)))
+
+
 def partial_pass(
     kind: str, blocks: Iterable[tuple[slice, np.ndarray]], arg: np.ndarray | None = None,
     shift: np.ndarray | None = None, scale: np.ndarray | None = None,
@@ -48,8 +54,7 @@ def partial_pass(
         if shift is not None:
             b = (b - shift) * scale
         if kind == "moments":
-            mean = b.mean(axis=0)
-            acc = merge_moments(acc, (b.shape[0], mean, ((b - mean) ** 2).sum(axis=0)))
+            acc = add_block_moments(acc, b)
         elif kind == "times":
             pieces.append((rows, b @ arg))
             sq += float(np.square(b).sum())
