@@ -134,8 +134,10 @@ def k_sweep(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> di
     if skipped:
         log.info("k-sweep: %s skipped (not below the fitted k = %d)", skipped, full_k)
     for k in sorted(set(params.scoring.k_sweep) - set(skipped)):
-        truncated = {n: {**d, "g_low": np.ascontiguousarray(d["g_low"][:, :k])} for n, d in sets.items()}
-        truncated = {n: {key: v for key, v in d.items() if key != "images"} for n, d in truncated.items()}
+        truncated = {  # gradient detectors need no images
+            n: {**{key: v for key, v in d.items() if key != "images"}, "g_low": np.ascontiguousarray(d["g_low"][:, :k])}
+            for n, d in sets.items()
+        }
         bank = truncated["id_train"]
         targets = {n: d for n, d in truncated.items() if n != "id_train"}
         out[k] = {
