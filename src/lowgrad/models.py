@@ -196,9 +196,13 @@ def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassi
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` -> CUDA when present, else CPU. On CUDA, TF32 matmuls and convolutions are switched off:
+    gradients and projections are computed in true float32, as on the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device: cuda was requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return torch.device(name)
