@@ -110,7 +110,10 @@ class GradientConfig(_Strict):
 class SubspaceConfig(_Strict):
     kernel: Literal["nfk", "ntk"] = "nfk"
     basis: Literal["pca", "average_gradient"] = "pca"
-    method: Literal["randomized", "incremental"] = "randomized"
+    method: Literal["randomized", "incremental", "exact_randomized"] = Field(
+        "randomized", description="randomized / incremental: PCA of the stored gradients; exact_randomized: "
+        "matrix-free, every pass recomputes exact per-sample gradients (nothing stored; meant for GPUs)"
+    )
     k: int = Field(32, gt=0)
     oversample: int = Field(10, ge=0)
     power_iters: int = Field(4, ge=0)
@@ -181,6 +184,15 @@ class Params(_Strict):
     subspace: SubspaceConfig = SubspaceConfig()
     scoring: DetectorsConfig
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _matrix_free_route(self) -> "Params":
+        if self.subspace.method == "exact_randomized":
+            if self.gradient.sketch != "none":
+                raise ValueError("subspace.method exact_randomized recomputes exact gradients: set gradient.sketch: none")
+            if self.subspace.basis != "pca":
+                raise ValueError("subspace.method exact_randomized computes the PCA basis: set subspace.basis: pca")
+        return self
 
     @field_validator("scoring")
     @classmethod

@@ -40,36 +40,46 @@ class Extractor:
         max_params: int,
         device: torch.device,
         sketch=None,
+        store_gradients: bool = True,
     ) -> None:
-        """``sketch``: a :class:`lowgrad.sketch.KroneckerSketch` to store instead of exact gradients."""
+        """``sketch``: a Kronecker or dense sketch to store instead of exact gradients; ``store_gradients=False``
+        (the matrix-free route, which recomputes gradients): logits, features and labels only."""
         self.model = model.to(device).eval()
         self.param_names, self.images = param_names, images
         self.mean, self.std = mean, std
         self.batch_size, self.dtype, self.device = batch_size, dtype, device
-        if sketch is None:
+        named = dict(self.model.named_parameters())
+        self.n_params = sum(named[n].numel() for n in param_names)
+        self.gradients = None
+        if sketch is not None:
+            self.gradients = sketch
+        elif store_gradients:
             self.gradients = PerSampleGradients(self.model, param_names)
             check_exact_route(self.gradients.dim, max_params)
-        else:
-            self.gradients = sketch
 
     def columns(self) -> dict[str, tuple[int, str]]:
         with torch.no_grad():
             x = to_tensor_batch(self.images.images[:1], self.mean, self.std).to(self.device)
             logits, feats = self.model(x, return_features=True)
+        grads = {} if self.gradients is None else {"grads": (self.gradients.dim, self.dtype)}
         return {
-            "grads": (self.gradients.dim, self.dtype),
+            **grads,
             "logits": (logits.shape[1], "float32"),
             "features": (feats.shape[1], "float32"),
             "labels": (1, "int64"),
         }
 
     def compute(self, rows: slice) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {"grads": [], "logits": [], "features": []}
+        parts: dict[str, list[np.ndarray]] = {"logits": [], "features": []}
         for start in range(rows.start, rows.stop, self.batch_size):
             stop = min(start + self.batch_size, rows.stop)
             x = to_tensor_batch(self.images.images[start:stop], self.mean, self.std).to(self.device)
-            g, lo, f = self.gradients(x)
-            parts["grads"].append(g.cpu().numpy().astype(self.dtype, copy=False))
+            if self.gradients is None:
+                with torch.no_grad():
+                    lo, f = self.model(x, return_features=True)
+            else:
+                g, lo, f = self.gradients(x)
+                parts.setdefault("grads", []).append(g.cpu().numpy().astype(self.dtype, copy=False))
             parts["logits"].append(lo.cpu().numpy())
             parts["features"].append(f.cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -80,7 +90,7 @@ class Extractor:
 def open_store(
     extractor: Extractor, path: str | Path, chunk_rows: int, meta: dict[str, Any], on_mismatch: str = "overwrite"
 ) -> ChunkedStore:
-    meta = {**meta, "param_names": extractor.param_names, "n_params": extractor.gradients.dim}
+    meta = {**meta, "param_names": extractor.param_names, "n_params": extractor.n_params}
     return ChunkedStore.create_or_resume(
         path, len(extractor.images), extractor.columns(), chunk_rows, meta, on_mismatch=on_mismatch
     )
@@ -115,7 +125,7 @@ def extract_to_store(
     )
     store = open_store(extractor, path, chunk_rows, meta, on_mismatch)
     pending = store.pending()
-    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.gradients.dim, path, len(pending))
+    log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.n_params, path, len(pending))
     fill_chunks(store, extractor, pending, desc=f"extract {Path(path).stem}")
     store.finalize()
     return store

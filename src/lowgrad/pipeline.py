@@ -6,7 +6,8 @@ Artifact layout (all paths relative to the project root)::
     data/prepared/<set>.npz            prepare     uint8 images + labels
     models/model.pt, model.json        model       float32 state_dict (trained or imported) + metadata
     artifacts/extract/<set>.zarr       extract     grads / logits / features / labels (chunked zarr)
-    artifacts/subspace/subspace.npz    subspace    kernel normaliser + basis V + spectrum
+    artifacts/subspace/subspace.npz    subspace    kernel normaliser + spectrum
+    artifacts/subspace/subspace.zarr   subspace    basis V (P x k, chunked)
     artifacts/projected/<set>.npy      project     G_low (N x k)
     artifacts/scores.npz               score       every detector's scores per set
     report/metrics.json                score       metrics (DVC metrics)
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # torch costs seconds to import: stages that do not need it n
 
     from lowgrad.detectors import Head
     from lowgrad.extract import Extractor
+    from lowgrad.matrix_free import GradientRows
     from lowgrad.models import FeatureClassifier
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ MODEL_INFO = "models/model.json"
 FACTORS = "artifacts/sketch/factors.npz"
 FACTORS_INFO = "artifacts/sketch/factors.json"
 EXTRACTED = "artifacts/extract/{name}.zarr"
-SUBSPACE = "artifacts/subspace/subspace.npz"
+SUBSPACE = "artifacts/subspace/subspace.npz"  # basis V beside it: subspace.zarr
 PROJECTED = "artifacts/projected/{name}.npy"
 SCORES = "artifacts/scores.npz"
 METRICS = "report/metrics.json"
@@ -232,6 +234,7 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> "Extra
         max_params=g.max_params,
         device=pick_device(params.device),
         sketch=sketch,
+        store_gradients=params.subspace.method != "exact_randomized",
     )
 
 
@@ -246,7 +249,7 @@ def extract(params: Params, name: str) -> None:
         "dataset_sha256": sha256(PREPARED.format(name=name)),
         "model_sha256": sha256(MODEL),
         "normalize": {"mean": params.data.mean, "std": params.data.std},
-        "gradients": "exact",
+        "gradients": "exact" if extractor.gradients is not None else "not stored (matrix-free route)",
     }
     if params.gradient.sketch == "kronecker":
         meta.update(
@@ -262,7 +265,7 @@ def extract(params: Params, name: str) -> None:
     store = open_store(extractor, path, params.gradient.chunk_rows, meta)
     pending = store.pending()
     log.info("extracting %d samples (%d params each) into %s: %d of %d chunks to go",
-             store.n_rows, extractor.gradients.dim, path, len(pending), store.n_chunks)
+             store.n_rows, extractor.n_params, path, len(pending), store.n_chunks)
     if params.cluster.scheduler and pending:
         from lowgrad.scaleout import fill_on_dask
 
@@ -297,23 +300,42 @@ def _row_passes(params: Params, store: ChunkedStore) -> Iterator[RowPasses]:
         yield DaskRowPasses(client, store, params.cluster.shards or None)
 
 
+def gradient_rows(params: Params, name: str) -> "GradientRows":
+    """The matrix-free route's exact gradient rows of one prepared set (recomputed on every pass)."""
+    from lowgrad.gradients import PerSampleGradients, select_parameters
+    from lowgrad.matrix_free import GradientRows
+    from lowgrad.models import pick_device
+
+    model = load_classifier(params).to(pick_device(params.device))
+    gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
+    images = load_image_set(PREPARED.format(name=name)).images
+    return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=name)
+
+
 def fit_subspace(params: Params) -> None:
     """Fit the NFK/NTK normaliser and the low-dimensional basis on the kernel set (``id_train``)."""
-    store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
     s = params.subspace
-    sketched = store.meta.get("gradients") in ("kronecker_sketch", "dense_sketch")
-    sub = GradientSubspace(
-        kernel="center" if (sketched and s.kernel == "nfk") else s.kernel,  # sketches already carry the NFK scale
-        basis=s.basis,
-        method=s.method,
-        k=s.k,
-        oversample=s.oversample,
-        power_iters=s.power_iters,
-        seed=params.seed,
-    )
-    labels = store.read("labels")[:, 0]
-    with _row_passes(params, store) as passes:
-        sub.fit(passes, labels=labels)
+    if s.method == "exact_randomized":
+        from lowgrad.matrix_free import fit_exact_randomized
+
+        rows = gradient_rows(params, "id_train")
+        log.info("matrix-free PCA of %d x %d exact gradients: %d passes", rows.n_rows, rows.dim, 2 * s.power_iters + 3)
+        sub = fit_exact_randomized(rows, s.kernel, s.k, s.oversample, s.power_iters, params.seed)
+    else:
+        store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
+        sketched = store.meta.get("gradients") in ("kronecker_sketch", "dense_sketch")
+        sub = GradientSubspace(
+            kernel="center" if (sketched and s.kernel == "nfk") else s.kernel,  # sketches already carry the NFK scale
+            basis=s.basis,
+            method=s.method,
+            k=s.k,
+            oversample=s.oversample,
+            power_iters=s.power_iters,
+            seed=params.seed,
+        )
+        labels = store.read("labels")[:, 0]
+        with _row_passes(params, store) as passes:
+            sub.fit(passes, labels=labels)
     log.info(
         "subspace: %d components explain %.1f %% of the %s kernel's variance",
         sub.components_.shape[1], 100 * sub.explained_variance_ratio_.sum(), sub.kernel,
@@ -323,14 +345,19 @@ def fit_subspace(params: Params) -> None:
 
 def project(params: Params, name: str) -> None:
     """``G_low = phi(g) @ V`` for every sample of one set."""
-    store = ChunkedStore.open(EXTRACTED.format(name=name))
-    sub = GradientSubspace.load(SUBSPACE)
-    with _row_passes(params, store) as passes:
-        g_low = sub.transform_blocks(passes).astype(np.float32)
+    if params.subspace.method == "exact_randomized":
+        from lowgrad.matrix_free import transform_rows
+
+        g_low = transform_rows(GradientSubspace.load(SUBSPACE, lazy=True), gradient_rows(params, name))
+    else:
+        store = ChunkedStore.open(EXTRACTED.format(name=name))
+        sub = GradientSubspace.load(SUBSPACE)
+        with _row_passes(params, store) as passes:
+            g_low = sub.transform_blocks(passes)
     path = Path(PROJECTED.format(name=name))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, g_low)
+    np.save(tmp, g_low.astype(np.float32))
     tmp.replace(path)
 
 
@@ -433,13 +460,13 @@ def report(params: Params) -> None:
     metrics = json.loads(Path(METRICS).read_text())
     with np.load(SCORES) as z:
         scores = {k: z[k] for k in z.files}
-    sub = GradientSubspace.load(SUBSPACE)
+    sub = GradientSubspace.load(SUBSPACE, lazy=True)
     sizes = {}
     for name in params.data.datasets:
         store = ChunkedStore.open(EXTRACTED.format(name=name))
         sizes[name] = store.n_rows
     n_params = ChunkedStore.open(EXTRACTED.format(name="id_train")).meta["n_params"]
-    hashes = {p: sha256(p)[:12] for p in [MODEL, SUBSPACE, METRICS]}
+    hashes = {p: sha256(p)[:12] for p in [MODEL, SUBSPACE, str(Path(SUBSPACE).with_suffix(".zarr")), METRICS]}
     hashes.update({PREPARED.format(name=n): sha256(PREPARED.format(name=n))[:12] for n in params.data.datasets})
     run = {
         "lowgrad": __version__,

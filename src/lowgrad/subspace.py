@@ -12,11 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import zarr
 from sklearn.decomposition import IncrementalPCA
 
 from lowgrad.errors import GradientError
 
 log = logging.getLogger(__name__)
+
+COMPONENT_CHUNK_ROWS = 65536  # rows of V per zarr chunk
 
 BlockSource = Callable[[], Iterable[tuple[slice, np.ndarray]]]
 
@@ -276,16 +279,26 @@ class GradientSubspace:
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
+        """Normaliser and spectrum in ``path`` (npz); the basis ``V`` (P x k) as the chunked zarr array
+        ``path.with_suffix('.zarr')``, written block by block (``components_``: a NumPy array or a torch tensor)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        v = self.components_
+        arr = zarr.create_array(
+            str(path.with_suffix(".zarr")), overwrite=True, shape=tuple(v.shape), compressors=None,
+            dtype="float32" if hasattr(v, "cpu") else v.dtype,  # a torch tensor from the matrix-free route
+            chunks=(min(COMPONENT_CHUNK_ROWS, v.shape[0]), v.shape[1]),
+        )
+        for start in range(0, v.shape[0], COMPONENT_CHUNK_ROWS):
+            block = v[start : start + COMPONENT_CHUNK_ROWS]
+            arr[start : start + COMPONENT_CHUNK_ROWS] = block.cpu().numpy() if hasattr(block, "cpu") else block
         tmp = path.with_suffix(".tmp.npz")
         np.savez(
             tmp,
             settings=np.array([self.kernel, self.basis, self.method]),
-            k=self.components_.shape[1],
+            k=v.shape[1],
             shift=self.normalizer_.shift_,
             scale=self.normalizer_.scale_,
-            components=self.components_,
             singular_values=self.singular_values_,
             explained_variance_ratio=self.explained_variance_ratio_,
             total_sq=self.total_sq_,
@@ -293,12 +306,16 @@ class GradientSubspace:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GradientSubspace":
+    def load(cls, path: str | Path, lazy: bool = False) -> "GradientSubspace":
+        """``lazy``: ``components_`` stays the zarr array (read chunk by chunk by the caller)."""
+        path = Path(path)
         with np.load(path, allow_pickle=False) as z:
             kernel, basis, method = (str(s) for s in z["settings"])
             sub = cls(kernel=kernel, basis=basis, method=method, k=int(z["k"]))
             sub.normalizer_ = KernelNormalizer(kernel)
             sub.normalizer_.shift_, sub.normalizer_.scale_ = z["shift"], z["scale"]
-            sub.components_, sub.singular_values_ = z["components"], z["singular_values"]
+            sub.singular_values_ = z["singular_values"]
             sub.explained_variance_ratio_, sub.total_sq_ = z["explained_variance_ratio"], float(z["total_sq"])
+        arr = zarr.open_array(str(path.with_suffix(".zarr")), mode="r")
+        sub.components_ = arr if lazy else arr[:]
         return sub

@@ -1,0 +1,196 @@
+"""The matrix-free exact route (``subspace.method: exact_randomized``) against an exact float64 decomposition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgrad.data import load_dataset, to_tensor_batch
+from lowgrad.gradients import PerSampleGradients
+from lowgrad.matrix_free import GradientRows, fit_exact_randomized, transform_rows
+from lowgrad.models import build_model
+from lowgrad.subspace import GradientSubspace, nfk_scale
+from tests.test_gradients import _randomise_bn
+
+MEAN, STD = [0.5], [0.5]
+
+
+def _digits(classes, n):
+    from lowgrad.config import DataConfig
+
+    data = DataConfig(image_size=8, channels=1, mean=MEAN, std=STD, datasets={
+        "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2]},
+        "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2]},
+        "x": {"source": "sklearn_digits", "classes": classes, "max_samples": n},
+    })
+    return load_dataset("x", data, 0).images
+
+
+def _model():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, 1)
+    _randomise_bn(model)
+    return model.eval()
+
+
+def _exact_float64(model, images) -> np.ndarray:
+    """Reference per-sample gradients from a float64 copy of the model, one sample at a time."""
+    ref = build_model("small_cnn", 3, 1).double().eval()
+    ref.load_state_dict(model.state_dict())
+    x = to_tensor_batch(images, MEAN, STD).double()
+    rows = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        torch.logsumexp(ref(x[i : i + 1]), dim=-1).sum().backward()
+        rows.append(torch.cat([p.grad.flatten() for p in ref.parameters()]).numpy().copy())
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    model = _model()
+    train, test = _digits([0, 1, 2], 60), _digits([7, 8], 20)
+    g = _exact_float64(model, train)
+    mean, var = g.mean(0), g.var(0)
+    w, _ = nfk_scale(var)
+    phi = (g - mean) * w
+    _, s, vt = np.linalg.svd(phi, full_matrices=False)
+    return {"model": model, "train": train, "test": test, "g": g, "mean": mean, "w": w, "s": s, "v": vt.T,
+            "phi_test": (_exact_float64(model, test) - mean) * w}
+
+
+def _rows(setting, images, batch_size=16):
+    return GradientRows(PerSampleGradients(setting["model"], [n for n, _ in setting["model"].named_parameters()]),
+                        images, MEAN, STD, batch_size)
+
+
+def test_full_width_sketch_recovers_the_exact_pca(setting):
+    """k + oversample >= N: the range is captured exactly, so V and the spectrum equal the exact SVD's."""
+    k = 6
+    sub = fit_exact_randomized(_rows(setting, setting["train"]), "nfk", k, oversample=100, power_iters=0, seed=3)
+    np.testing.assert_allclose(sub.normalizer_.shift_, setting["mean"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(sub.normalizer_.scale_, setting["w"], rtol=1e-3)
+    np.testing.assert_allclose(sub.singular_values_, setting["s"][:k], rtol=1e-4)
+    v = sub.components_.cpu().numpy().astype(np.float64)
+    np.testing.assert_allclose(np.abs(np.diag(setting["v"][:, :k].T @ v)), 1.0, atol=1e-4)
+    assert np.isclose(sub.total_sq_, (setting["s"] ** 2).sum(), rtol=1e-5)
+    # the projection streams V through the recomputed test gradients
+    g_low = transform_rows(sub, _rows(setting, setting["test"], batch_size=7))
+    np.testing.assert_allclose(g_low, setting["phi_test"] @ v, rtol=1e-3, atol=1e-3 * np.abs(g_low).max())
+
+
+def test_power_iterations_give_the_leading_subspace(setting):
+    """Width well below N: with power iterations the leading components still match the exact ones."""
+    k = 4
+    loose = fit_exact_randomized(_rows(setting, setting["train"]), "nfk", k, oversample=2, power_iters=0, seed=1)
+    tight = fit_exact_randomized(_rows(setting, setting["train"]), "nfk", k, oversample=2, power_iters=4, seed=1)
+    overlap = lambda sub: float(np.linalg.norm(setting["v"][:, :k].T @ sub.components_.cpu().numpy()) ** 2 / k)  # noqa: E731
+    assert overlap(tight) > 0.995
+    assert overlap(tight) > overlap(loose)
+    np.testing.assert_allclose(tight.singular_values_, setting["s"][:k], rtol=1e-2)
+
+
+def test_ntk_kernel_uses_raw_gradients(setting):
+    sub = fit_exact_randomized(_rows(setting, setting["train"]), "ntk", 3, oversample=100, power_iters=0, seed=0)
+    _, s, _ = np.linalg.svd(setting["g"], full_matrices=False)
+    np.testing.assert_allclose(sub.singular_values_, s[:3], rtol=1e-4)
+
+
+def test_basis_round_trips_through_chunked_zarr(setting, tmp_path, monkeypatch):
+    import lowgrad.subspace as subspace
+
+    monkeypatch.setattr(subspace, "COMPONENT_CHUNK_ROWS", 100)  # several chunks
+    sub = fit_exact_randomized(_rows(setting, setting["train"]), "nfk", 5, oversample=100, power_iters=0, seed=0)
+    sub.save(tmp_path / "s.npz")
+    lazy = GradientSubspace.load(tmp_path / "s.npz", lazy=True)
+    assert lazy.components_.chunks == (100, 5) and lazy.method == "exact_randomized"
+    g_low = transform_rows(lazy, _rows(setting, setting["test"]))
+    np.testing.assert_allclose(g_low, transform_rows(sub, _rows(setting, setting["test"])), rtol=1e-6, atol=1e-6)
+
+
+def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
+    """extract stores no gradients; subspace and project recompute them; G_low equals the exact PCA's."""
+    from lowgrad.config import parse_params
+    from lowgrad.data import save_image_set
+    from lowgrad.pipeline import EXTRACTED, MODEL, PREPARED, PROJECTED, extract, fit_factors, fit_subspace, project
+    from lowgrad.store import ChunkedStore
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({
+        "seed": 0, "device": "cpu",
+        "data": {"image_size": 8, "channels": 1, "mean": MEAN, "std": STD, "datasets": {
+            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 50},
+            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 20},
+            "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 20}}},
+        "model": {"arch": "small_cnn", "num_classes": 3},
+        "gradient": {"chunk_rows": 16, "batch_size": 16, "max_params": 10},  # max_params: nothing is stored
+        "subspace": {"method": "exact_randomized", "k": 5, "oversample": 60, "power_iters": 1},
+        "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}},
+    })
+    sets = {name: load_dataset(name, params.data, 0) for name in params.data.datasets}
+    for name, image_set in sets.items():
+        save_image_set(PREPARED.format(name=name), image_set)
+    model = _model()
+    (tmp_path / "models").mkdir()
+    torch.save(model.state_dict(), MODEL)
+    fit_factors(params)
+    for name in params.data.datasets:
+        extract(params, name)
+    store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
+    assert "grads" not in store.columns and store.meta["n_params"] == sum(p.numel() for p in model.parameters())
+    fit_subspace(params)
+    for name in params.data.datasets:
+        project(params, name)
+    g = _exact_float64(model, sets["id_train"].images)
+    mean, w = g.mean(0), nfk_scale(g.var(0))[0]
+    _, _, vt = np.linalg.svd((g - mean) * w, full_matrices=False)
+    v = vt[:5].T
+    for name in ("id_train", "ood"):
+        expected = (_exact_float64(model, sets[name].images) - mean) * w @ v
+        got = np.load(PROJECTED.format(name=name))
+        got = got * np.sign((got * expected).sum(0))  # the exact SVD's signs are arbitrary
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_matrix_free_route_refuses_a_sketch():
+    from lowgrad.config import parse_params
+    from lowgrad.errors import ConfigError
+
+    raw = {
+        "data": {"image_size": 8, "channels": 1, "mean": MEAN, "std": STD, "datasets": {
+            "id_train": {"source": "sklearn_digits", "classes": [0, 1]},
+            "id_test": {"source": "sklearn_digits", "classes": [0, 1]},
+            "ood": {"source": "sklearn_digits", "classes": [7]}}},
+        "model": {"arch": "small_cnn", "num_classes": 2},
+        "gradient": {"sketch": "kronecker"},
+        "subspace": {"method": "exact_randomized"},
+        "scoring": {"forward": {}, "gradient": {}},
+    }
+    with pytest.raises(ConfigError, match="exact_randomized recomputes exact gradients"):
+        parse_params(raw)
+
+
+def test_bench_routes_exact_against_stored_gradients(tmp_path):
+    """``bench.routes`` runs every stage in-process for both routes; the gradient detectors agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lean = ["--set", "scoring.forward={knn: {k: 5}}", "--set", "scoring.gradient={knn: {k: 5}, mahalanobis: {}}",
+            "--set", "scoring.fusion.pairs=[]", "--set", "scoring.k_sweep=[]", "--set", "train.epochs=5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.routes", "--params-file", str(root / "params.yaml"), "--routes",
+         "exact_randomized", "stored", "--power-iters", "3", "--workdir", str(tmp_path / "w"), "--out",
+         str(tmp_path / "out"), *lean],
+        cwd=root, capture_output=True, text=True, timeout=600, check=True,
+    )
+    result = json.loads(proc.stdout)
+    exact = result["routes"]["exact_randomized"]
+    assert exact["stages"]["subspace"]["wall_s"] > 0 and (tmp_path / "out/exact_randomized/report.md").is_file()
+    for det, cells in result["differences_from_first"]["stored"].items():
+        for key, delta in cells.items():
+            if key.endswith("auroc"):
+                assert abs(delta) <= 1.5, (det, key, delta)
