@@ -7,7 +7,7 @@
   space through the exact rows (orth(Phi^T U_sketch), U_sketch = left singular vectors of the sketch);
 - the OOD table (KNN and Mahalanobis on G_low) of both routes on every OOD set of ../shared, with |Delta AUROC|.
 
-Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|dense] [--dim 8192]
+Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|dense] [--dim 8192] [--device cuda]
 
 ``--route dense``: the dense Gaussian sketch of exactly NFK-scaled gradients (the reference route, meant for
 GPUs; on ResNet-20 a CPU runs it) instead of the Kronecker sketch; ``--dim`` is its dimension.
@@ -31,7 +31,7 @@ from lowgrad.dense_sketch import DenseSketch, fit_dense_nfk
 from lowgrad.detectors import make_detector
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
-from lowgrad.models import build_model, load_checkpoint
+from lowgrad.models import build_model, load_checkpoint, pick_device
 from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
 from lowgrad.subspace import GradientSubspace
 
@@ -40,8 +40,10 @@ SHARED = Path(os.environ.get("LOWGRAD_SHARED", ROOT.parent / "shared"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def _rows(fn, x: torch.Tensor, batch: int = 64) -> np.ndarray:
-    return np.concatenate([fn(x[i : i + batch])[0].double().numpy() for i in range(0, len(x), batch)])
+def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> np.ndarray:
+    """``fn``'s first output over ``x`` in batches moved to ``device``, as float64 NumPy rows."""
+    return np.concatenate([fn(x[i : i + batch].to(device))[0].double().cpu().numpy() for i in range(0, len(x), batch)])
+
 
 
 def main() -> None:
@@ -53,7 +55,9 @@ def main() -> None:
     parser.add_argument("--kernel", choices=["nfk", "ntk"], default="nfk", help="ntk isolates the sketch error from the NFK factor error")
     parser.add_argument("--route", choices=["kronecker", "dense"], default="kronecker")
     parser.add_argument("--dim", type=int, default=8192, help="dense route: sketch dimension")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     args = parser.parse_args()
+    device = pick_device(args.device)
     ckpt = SHARED / "models/resnet20-12fca82f.th"
     if not ckpt.is_file():
         sys.exit(f"error: needs {ckpt} and the CIFAR / OOD sets of ../shared")
@@ -69,13 +73,13 @@ def main() -> None:
     sets = {name: load_dataset(name, data, 0) for name in data.datasets}
     x = {name: to_tensor_batch(s.images, MEAN, STD) for name, s in sets.items()}
     labels = sets["id_train"].labels
-    model = load_checkpoint(build_model("resnet20_cifar", 10), ckpt).eval()
+    model = load_checkpoint(build_model("resnet20_cifar", 10), ckpt).eval().to(device)
     timings = {}
 
     # exact route: per-sample gradients (torch.func), NFK, randomized PCA, projection
     start = time.perf_counter()
     psg = PerSampleGradients(model, select_parameters(model, "all"))
-    exact = {name: _rows(psg, xs) for name, xs in x.items()}
+    exact = {name: _rows(psg, xs, device) for name, xs in x.items()}
     timings["exact_gradients_s"] = time.perf_counter() - start
     blocks = lambda g: (lambda: ((slice(i, i + 256), g[i : i + 256]) for i in range(0, len(g), 256)))  # noqa: E731
     exact_sub = GradientSubspace(args.kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(exact["id_train"]), n, psg.dim, labels)
@@ -84,7 +88,7 @@ def main() -> None:
     start = time.perf_counter()
     n_factor = min(args.factor_samples, n)
     factors, errors = {}, {"none": 0.0}
-    factor_batches = (x["id_train"][i : min(i + 64, n_factor)] for i in range(0, n_factor, 64))
+    factor_batches = (x["id_train"][i : min(i + 64, n_factor)].to(device) for i in range(0, n_factor, 64))
     if args.route == "dense":
         scale = fit_dense_nfk(model, psg.param_names, factor_batches) if args.kernel == "nfk" else None
         sketch = DenseSketch(model, psg.param_names, dim=args.dim, seed=0, scale=scale)
@@ -92,8 +96,8 @@ def main() -> None:
         if args.kernel == "nfk":
             factors, errors = fit_kronecker_nfk(model, factor_batches)
         sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
-    batch = 256 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
-    sketched = {name: _rows(sketch, xs, batch) for name, xs in x.items()}
+    batch = 1024 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
+    sketched = {name: _rows(sketch, xs, device, batch) for name, xs in x.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
     sketch_sub = GradientSubspace("center" if args.kernel == "nfk" else "ntk", k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
 
@@ -136,7 +140,7 @@ def main() -> None:
         "gram_relative_error": round(gram_error, 4), "gram_offdiag_correlation": round(corr, 4),
         "subspace_overlap": round(overlap, 4),
         "ood": table, "max_abs_delta_auroc": worst, "target_abs_delta_auroc_le_1": worst <= 1.0,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "device": str(device),
     }, indent=2))
 
 

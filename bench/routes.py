@@ -1,0 +1,135 @@
+"""Compare gradient routes end to end on one configuration: the matrix-free exact PCA against the stored routes.
+
+Each route runs the pipeline's stage functions in this process (no DVC or Prefect needed, so it runs on a bare
+GPU machine) in its own work directory, then one JSON object is printed: per route the stage timings (wall s,
+peak GPU MB), the kernel-set size and P, and the gradient detectors' OOD table; and per OOD set the AUROC /
+FPR95 differences of every other route from the first. Example (CUDA machine beside ../shared)::
+
+    python -m bench.routes --params-file configs/cifar10_resnet18_gpu.yaml --routes exact_randomized kronecker
+
+Routes are overrides of the params file: ``exact_randomized`` (no sketch, matrix-free PCA), ``kronecker`` /
+``dense`` (the file's sketch settings with that sketch), ``stored`` (exact gradients stored, PCA of the store:
+small models only); every route's randomized SVD takes ``--power-iters`` and ``--oversample``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowgrad import pipeline, timing
+from lowgrad.config import load_params
+
+ROUTES: dict[str, dict[str, Any]] = {
+    "exact_randomized": {"gradient.sketch": "none", "subspace.method": "exact_randomized"},
+    "kronecker": {"gradient.sketch": "kronecker", "subspace.method": "randomized"},
+    "dense": {"gradient.sketch": "dense", "subspace.method": "randomized"},
+    "stored": {"gradient.sketch": "none", "subspace.method": "randomized"},
+}
+DETECTORS = ("grad_knn", "grad_mahalanobis", "knn", "mahalanobis")
+
+
+def _stages(params) -> list[tuple[str, Any, tuple]]:
+    names = list(params.data.datasets)
+    return (
+        [(f"prepare@{n}", pipeline.prepare, (n,)) for n in names]
+        + [("model", pipeline.build_classifier, ()), ("factors", pipeline.fit_factors, ())]
+        + [(f"extract@{n}", pipeline.extract, (n,)) for n in names]
+        + [("subspace", pipeline.fit_subspace, ())]
+        + [(f"project@{n}", pipeline.project, (n,)) for n in names]
+        + [("score", pipeline.score, ()), ("report", pipeline.report, ())]
+    )
+
+
+def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
+    params = load_params(params_file, overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd()
+    os.chdir(workdir)
+    try:
+        params = _relative_to(params, here, workdir)
+        stages = {}
+        for name, func, args in _stages(params):
+            timing.start()
+            func(params, *args)
+            stages[name] = json.loads(timing.record(name).read_text())
+            logging.info("%s: %.1f s", name, stages[name]["wall_s"])
+        metrics = json.loads(Path(pipeline.METRICS).read_text())
+    finally:
+        os.chdir(here)
+    table = {d: metrics["methods"][d] for d in DETECTORS if d in metrics["methods"]}
+    return {
+        "overrides": overrides, "samples": metrics["samples"], "id_accuracy": metrics["id_accuracy"],
+        "probe_accuracy": metrics.get("probe_accuracy"), "stages": stages,
+        "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
+    }
+
+
+def _relative_to(params, root: Path, workdir: Path):
+    """Rewrite the params' relative data and checkpoint paths so they resolve from ``workdir``."""
+    raw = params.model_dump()
+    for spec in raw["data"]["datasets"].values():
+        if spec.get("path") and not os.path.isabs(spec["path"]):
+            spec["path"] = str((root / spec["path"]).resolve())
+    if raw["model"]["checkpoint"] and not os.path.isabs(raw["model"]["checkpoint"]):
+        raw["model"]["checkpoint"] = str((root / raw["model"]["checkpoint"]).resolve())
+    return type(params).model_validate(raw)
+
+
+def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per other route, detector and OOD set: that route's AUROC and FPR95 minus the first route's."""
+    first, *others = results
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for route in others:
+        for det, per_set in results[first]["methods"].items():
+            other = results[route]["methods"].get(det)
+            if other is None or det in ("knn", "mahalanobis"):  # forward detectors do not depend on the route
+                continue
+            out.setdefault(route, {})[det] = {
+                f"{s}/{m}": round(other[s][m] - per_set[s][m], 2) for s in per_set for m in ("auroc", "fpr95")
+            }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params-file", type=Path, required=True)
+    parser.add_argument("--routes", nargs="+", default=["exact_randomized", "kronecker"], choices=sorted(ROUTES))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every route")
+    parser.add_argument("--power-iters", type=int, default=1, help="randomized SVD power iterations (every route)")
+    parser.add_argument("--oversample", type=int, default=50, help="randomized SVD extra test vectors (every route)")
+    parser.add_argument("--workdir", type=Path, default=Path("bench/routes-work"))
+    parser.add_argument("--out", type=Path, default=None, help="copy each route's report and metrics here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    results: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for route in args.routes:
+        overrides = {**common, **ROUTES[route], "subspace.power_iters": args.power_iters,
+                     "subspace.oversample": args.oversample}
+        results[route] = run_route(args.params_file, overrides, args.workdir / route)
+        if args.out is not None:
+            dest = args.out / route
+            dest.mkdir(parents=True, exist_ok=True)
+            for item in (pipeline.REPORT, pipeline.METRICS):
+                shutil.copy(args.workdir / route / item, dest / Path(item).name)
+            (args.out / "routes.json").write_text(json.dumps(results, indent=1))  # partial results survive a kill
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"device": device, "routes": results, "differences_from_first": differences(results),
+                      "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
