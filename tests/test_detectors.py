@@ -97,6 +97,45 @@ def test_bats_truncates_probe_bn_output():
     np.testing.assert_allclose(BATS(head, lam=0.3).score_samples(x), expected, rtol=1e-10)
 
 
+class _Clamp(torch.nn.Module):
+    def __init__(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        super().__init__()
+        self.low, self.high = low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(x, self.high), self.low)
+
+
+def test_forward_bats_truncates_the_last_feature_batchnorm_inside_the_network():
+    """Reference: a copy of ResNet-20 whose last 64-channel BatchNorm is followed by an explicit clamp module
+    (so the clamp acts per position, before the residual addition, ReLU and pooling), then Energy."""
+    import copy
+
+    from lowgrad.models import build_model
+    from tests.test_gradients import _randomise_bn
+
+    torch.manual_seed(0)
+    model = build_model("resnet20_cifar", 10).eval()
+    _randomise_bn(model)
+    x = torch.randn(12, 3, 32, 32)
+    head = Head(weight=model.head.weight.detach().double().numpy(), bias=model.head.bias.detach().double().numpy())
+    reference = copy.deepcopy(model)
+    bn = reference.layer3[2].bn2
+    spread = 0.3 * bn.weight.detach().abs()
+    reference.layer3[2].bn2 = torch.nn.Sequential(bn, _Clamp(bn.bias.detach() - spread, bn.bias.detach() + spread))
+    with torch.no_grad():
+        expected = torch.logsumexp(reference(x).double(), dim=1).numpy()
+        plain = torch.logsumexp(model(x).double(), dim=1).numpy()
+    got = BATS(head, lam=0.3).score_inputs(model, x, batch_size=5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.abs(got - plain).max() > 1e-3  # the truncation changed the scores
+    np.testing.assert_allclose(BATS(head, lam=1e6).score_inputs(model, x), plain, rtol=1e-5)  # no clamp = Energy
+    with torch.no_grad():  # the hook is gone afterwards
+        np.testing.assert_allclose(torch.logsumexp(model(x).double(), dim=1).numpy(), plain, rtol=1e-12)
+    with pytest.raises(ValueError, match="on images use score_inputs"):
+        BATS(head).score_samples(np.zeros((2, 64)))
+
+
 def test_gradnorm_closed_form_matches_autograd():
     rng = np.random.default_rng(5)
     head = _head(rng, bn=True)
@@ -163,18 +202,17 @@ def test_fusion_calibrators():
     assert fused[0] == pytest.approx(2 * (4 - 2.5) / np.std(cal))
 
 
-@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "bats", "vim", "odin"])
+@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "vim", "odin"])
 def test_forward_head_detectors_rank_far_ood_below_id(name):
     """Sign check: features far from the ID bank (large-norm noise) score lower for every head-based score
     that is supposed to catch them; ID = samples confidently on one class."""
     rng = np.random.default_rng(9)
     y = rng.integers(0, 3, 300)
     bank = np.abs(rng.normal(0, 0.2, (300, 6))) + 2.0 * np.eye(3, 6)[y]
-    # BatchNorm affine parameters as they are after training: shift ~ mean, scale ~ spread of ID activations
-    head = Head(weight=np.eye(3, 6) * 3, bias=np.zeros(3), act_scale=bank.std(0), act_shift=bank.mean(0))
+    head = Head(weight=np.eye(3, 6) * 3, bias=np.zeros(3))
     id_q = np.abs(rng.normal(0, 0.2, (50, 6))) + 2.0 * np.eye(3, 6)[rng.integers(0, 3, 50)]
     ood_q = np.abs(rng.normal(0, 0.2, (50, 6))) + 0.6  # ambiguous: equal evidence for every class
-    det = make_detector(name, {"lam": 1.0} if name == "bats" else {}, False, head)
+    det = make_detector(name, {}, False, head)
     if det.input == "logits":
         score = lambda q: det.score_samples(head.logits(q))  # noqa: E731
     else:

@@ -27,8 +27,7 @@ from lowgrad.errors import ConfigError
 class Head:
     """The map from features to logits: ``logits = W @ bn(u) + b`` where ``bn`` is optional.
 
-    ``bn_*`` describe an eval-mode BatchNorm1d (the probe) applied first; ``act_scale`` / ``act_shift`` are
-    the affine parameters of the BatchNorm that produced the features (used by BATS on forward features).
+    ``bn_*`` describe an eval-mode BatchNorm1d (the probe) applied first.
     """
 
     weight: np.ndarray  # (C, D)
@@ -38,8 +37,6 @@ class Head:
     bn_weight: np.ndarray | None = None
     bn_bias: np.ndarray | None = None
     bn_eps: float = 1e-5
-    act_scale: np.ndarray | None = None
-    act_shift: np.ndarray | None = None
 
     def normalised(self, u: np.ndarray) -> np.ndarray:
         """Output of the probe's BatchNorm (identity without one)."""
@@ -170,8 +167,11 @@ class ReAct(_HeadDetector):
 
 class BATS(_HeadDetector):
     """Truncate BatchNorm outputs to ``beta +- lam * gamma`` per channel, then Energy (Zhu et al. 2022).
-    On the probe: its BatchNorm1d output; on forward features: the affine parameters of the BatchNorm that
-    produced the features (``Head.act_scale`` / ``act_shift``)."""
+
+    Gradient side (:meth:`score_samples`): the probe's BatchNorm1d output, right before its linear layer.
+    Forward side, model-dependent (:meth:`score_inputs`): the output of the network's last BatchNorm2d whose
+    width is the feature dimension is clamped at every position, before the residual addition, ReLU and
+    pooling that follow it, and the network is run on to its logits."""
 
     def __init__(self, head: Head, lam: float = 0.1) -> None:
         super().__init__(head)
@@ -179,14 +179,31 @@ class BATS(_HeadDetector):
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         h = self.head
-        if h.bn_mean is not None:
-            gamma, beta, z = h.bn_weight, h.bn_bias, h.normalised(X)
-        elif h.act_scale is not None:
-            gamma, beta, z = h.act_scale, h.act_shift, np.asarray(X, dtype=np.float64)
-        else:
-            raise ValueError("BATS needs BatchNorm statistics (a probe, or a model whose features follow a BatchNorm)")
-        spread = self.lam * np.abs(gamma)
-        return _energy(h.logits_from_normalised(np.clip(z, beta - spread, beta + spread)))
+        if h.bn_mean is None:
+            raise ValueError("BATS on stored features needs a probe BatchNorm; on images use score_inputs")
+        spread = self.lam * np.abs(h.bn_weight)
+        z = np.clip(h.normalised(X), h.bn_bias - spread, h.bn_bias + spread)
+        return _energy(h.logits_from_normalised(z))
+
+    def score_inputs(self, model, x, batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        width = self.head.weight.shape[1]
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features == width]
+        if not bns:
+            raise ValueError(f"forward BATS needs a BatchNorm2d with {width} channels producing the features")
+        bn = bns[-1]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        beta = bn.bias.detach().view(shape)
+        spread = self.lam * bn.weight.detach().abs().view(shape)
+        hook = bn.register_forward_hook(lambda _m, _i, out: torch.clamp(out, beta - spread, beta + spread))
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                logits = [model(x[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, len(x), batch_size)]
+        finally:
+            hook.remove()
+        return _energy(np.concatenate(logits))
 
 
 class GradNorm(_HeadDetector):

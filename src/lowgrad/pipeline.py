@@ -374,18 +374,11 @@ def _inputs(name: str) -> dict[str, Any]:
 
 
 def forward_head(model: "FeatureClassifier") -> "Head":
-    """The classifier's last layer, plus the affine parameters of the last BatchNorm whose width equals the
-    feature dimension (the BatchNorm that produced the penultimate features; BATS truncates there)."""
-    import torch
-
+    """The classifier's last layer as a :class:`Head` (forward detectors that read logits from features)."""
     from lowgrad.detectors import Head
 
     as_np = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
-    head = Head(weight=as_np(model.head.weight), bias=as_np(model.head.bias))
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features == head.weight.shape[1]]
-    if bns:
-        head.act_scale, head.act_shift = as_np(bns[-1].weight), as_np(bns[-1].bias)
-    return head
+    return Head(weight=as_np(model.head.weight), bias=as_np(model.head.bias))
 
 
 def stage_timings(params: Params) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,7 @@ from lowgrad.probe import train_probe
 log = logging.getLogger(__name__)
 
 DataSet = dict[str, Any]
+MODEL_DEPENDENT = ("odin", "bats")  # forward detectors that run the network on the images
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ScoringContext:
 
     forward_head: Head
     num_classes: int
-    model_forward: Callable | None = None  # images -> logits, differentiable (forward ODIN)
+    model_forward: Callable | None = None  # the network: images -> logits, differentiable (forward ODIN, BATS)
     load_images: Callable[[str], Any] | None = None  # set name -> normalised image tensor
     seed: int = 0
     probe_options: dict[str, Any] = field(default_factory=dict)
@@ -51,7 +52,7 @@ class ScoringContext:
 def _images(data: DataSet, ctx: ScoringContext):
     if "images" not in data:
         if ctx.load_images is None:
-            raise ValueError("forward ODIN needs the model and images")
+            raise ValueError("model-dependent forward detectors (ODIN, BATS) need the images")
         data["images"] = ctx.load_images(data["name"])
     return data["images"]
 
@@ -69,9 +70,9 @@ def score_detector(
             view = lambda d: d["g_low"]  # noqa: E731
     else:
         det = make_detector(name, kwargs, False, ctx.forward_head)
-        if name == "odin":
+        if name in MODEL_DEPENDENT:
             if ctx.model_forward is None:
-                raise ValueError("forward ODIN needs the model")
+                raise ValueError(f"forward {name} needs the model")
             return {t: det.score_inputs(ctx.model_forward, _images(d, ctx)) for t, d in targets.items()}
         view = lambda d: d[det.input]  # noqa: E731
     det.fit(view(bank), bank["labels"])
