@@ -1,9 +1,9 @@
 """Compare gradient routes end to end on one configuration: the matrix-free exact PCA against the stored routes.
 
 Each route runs the pipeline's stage functions in this process (no DVC or Prefect needed, so it runs on a bare
-GPU machine) in its own work directory, then one JSON object is printed: per route the stage timings (wall s,
-peak GPU MB), the kernel-set size and P, and the gradient detectors' OOD table; and per OOD set the AUROC /
-FPR95 differences of every other route from the first. Example (CUDA machine beside ../shared)::
+GPU machine) in its own work directory, then one JSON object is printed: per route the stage timings (wall s;
+peak GPU MB per stage; peak RSS of this one process so far, so it only grows), the set sizes and the gradient
+detectors' OOD table; and per OOD set the AUROC / FPR95 differences of every other route from the first. Example (CUDA machine beside ../shared)::
 
     python -m bench.routes --params-file configs/cifar10_resnet18_gpu.yaml --routes exact_randomized kronecker
 
@@ -37,18 +37,6 @@ ROUTES: dict[str, dict[str, Any]] = {
 DETECTORS = ("grad_knn", "grad_mahalanobis", "knn", "mahalanobis")
 
 
-def _stages(params) -> list[tuple[str, Any, tuple]]:
-    names = list(params.data.datasets)
-    return (
-        [(f"prepare@{n}", pipeline.prepare, (n,)) for n in names]
-        + [("model", pipeline.build_classifier, ()), ("factors", pipeline.fit_factors, ())]
-        + [(f"extract@{n}", pipeline.extract, (n,)) for n in names]
-        + [("subspace", pipeline.fit_subspace, ())]
-        + [(f"project@{n}", pipeline.project, (n,)) for n in names]
-        + [("score", pipeline.score, ()), ("report", pipeline.report, ())]
-    )
-
-
 def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
     params = load_params(params_file, overrides)
@@ -58,7 +46,7 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     try:
         params = _relative_to(params, here, workdir)
         stages = {}
-        for name, func, args in _stages(params):
+        for name, func, args in pipeline.stage_plan(params):
             timing.start()
             func(params, *args)
             stages[name] = json.loads(timing.record(name).read_text())

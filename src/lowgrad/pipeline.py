@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -383,10 +383,8 @@ def forward_head(model: "FeatureClassifier") -> "Head":
 
 def stage_timings(params: Params) -> dict[str, dict[str, Any]]:
     """Recorded timings of this configuration's stages (files left by stages no longer configured are ignored)."""
-    order = [f"prepare@{d}" for d in params.data.datasets] + ["model", "factors"]
-    order += [f"extract@{d}" for d in params.data.datasets] + ["subspace"] + [f"project@{d}" for d in params.data.datasets]
     recorded = timing.collect()
-    return {stage: recorded[stage] for stage in order if stage in recorded}
+    return {stage: recorded[stage] for stage, _, _ in stage_plan(params) if stage in recorded}
 
 
 def score(params: Params) -> None:
@@ -470,3 +468,17 @@ def report(params: Params) -> None:
         "samples per set": sizes,
     }
     write_report(params, metrics, scores, sub.explained_variance_ratio_, run, hashes, REPORT, PLOTS)
+
+
+def stage_plan(params: Params) -> list[tuple[str, Callable[..., None], tuple[str, ...]]]:
+    """This configuration's stages in dependency order as ``(DVC stage name, function, extra args)``: what
+    ``dvc repro`` runs, for callers that run the stages in one process (``bench.routes``)."""
+    names = list(params.data.datasets)
+    return (
+        [(f"prepare@{n}", prepare, (n,)) for n in names]
+        + [("model", build_classifier, ()), ("factors", fit_factors, ())]
+        + [(f"extract@{n}", extract, (n,)) for n in names]
+        + [("subspace", fit_subspace, ())]
+        + [(f"project@{n}", project, (n,)) for n in names]
+        + [("score", score, ()), ("report", report, ())]
+    )
