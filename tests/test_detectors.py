@@ -126,14 +126,31 @@ def test_forward_bats_truncates_the_last_feature_batchnorm_inside_the_network():
     with torch.no_grad():
         expected = torch.logsumexp(reference(x).double(), dim=1).numpy()
         plain = torch.logsumexp(model(x).double(), dim=1).numpy()
-    got = BATS(head, lam=0.3).score_inputs(model, x, batch_size=5)
+    bats = BATS(head, lam=0.3, typical="batchnorm")
+    assert bats.uses_model
+    got = bats.score_inputs(model, x, batch_size=5)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert np.abs(got - plain).max() > 1e-3  # the truncation changed the scores
-    np.testing.assert_allclose(BATS(head, lam=1e6).score_inputs(model, x), plain, rtol=1e-5)  # no clamp = Energy
+    np.testing.assert_allclose(BATS(head, lam=1e6, typical="batchnorm").score_inputs(model, x), plain, rtol=1e-5)  # no clamp = Energy
     with torch.no_grad():  # the hook is gone afterwards
         np.testing.assert_allclose(torch.logsumexp(model(x).double(), dim=1).numpy(), plain, rtol=1e-12)
-    with pytest.raises(ValueError, match="on images use score_inputs"):
-        BATS(head).score_samples(np.zeros((2, 64)))
+    with pytest.raises(ValueError, match="use score_inputs"):
+        bats.score_samples(np.zeros((2, 64)))
+
+
+def test_forward_bats_clamps_features_to_the_bank_typical_range():
+    """``typical: features`` (the BATS authors' CIFAR code): mean +- lam * std of the bank's features."""
+    rng = np.random.default_rng(5)
+    head = _head(rng)
+    bank = rng.standard_normal((300, 6)) * rng.uniform(0.5, 2, 6) + rng.standard_normal(6)
+    x = rng.standard_normal((9, 6)) * 5
+    det = make_detector("bats", {"lam": 1.5}, False, head).fit(bank)
+    assert not det.uses_model
+    z = np.clip(x, bank.mean(0) - 1.5 * bank.std(0), bank.mean(0) + 1.5 * bank.std(0))
+    expected = np.log(np.exp(z @ head.weight.T + head.bias).sum(1))
+    np.testing.assert_allclose(det.score_samples(x), expected, rtol=1e-10)
+    assert not np.allclose(det.score_samples(x), np.log(np.exp(x @ head.weight.T + head.bias).sum(1)))
+    assert make_detector("bats", {}, True, _head(rng, bn=True)).lam == 0.1  # METHOD.md's gradient-side lam
 
 
 def test_gradnorm_closed_form_matches_autograd():
@@ -202,7 +219,7 @@ def test_fusion_calibrators():
     assert fused[0] == pytest.approx(2 * (4 - 2.5) / np.std(cal))
 
 
-@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "vim", "odin"])
+@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "bats", "vim", "odin"])
 def test_forward_head_detectors_rank_far_ood_below_id(name):
     """Sign check: features far from the ID bank (large-norm noise) score lower for every head-based score
     that is supposed to catch them; ID = samples confidently on one class."""

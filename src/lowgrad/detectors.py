@@ -56,6 +56,7 @@ class Detector:
 
     input: ClassVar[str] = "features"
     needs_head: ClassVar[bool] = False
+    uses_model: bool = False  # forward side: scored by ``score_inputs(model, images)`` instead
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "Detector":
         return self
@@ -166,23 +167,39 @@ class ReAct(_HeadDetector):
 
 
 class BATS(_HeadDetector):
-    """Truncate BatchNorm outputs to ``beta +- lam * gamma`` per channel, then Energy (Zhu et al. 2022).
+    """Truncate features to their typical range, then Energy (Zhu et al. 2022).
 
-    Gradient side (:meth:`score_samples`): the probe's BatchNorm1d output, right before its linear layer.
-    Forward side, model-dependent (:meth:`score_inputs`): the output of the network's last BatchNorm2d whose
-    width is the feature dimension is clamped at every position, before the residual addition, ReLU and
-    pooling that follow it, and the network is run on to its logits."""
+    Gradient side: the probe's BatchNorm1d output is clamped to ``beta +- lam * gamma`` (METHOD.md, lam = 0.1).
+    Forward side, ``typical="features"`` (the BATS authors' CIFAR code): each penultimate feature is clamped
+    to ``mean +- lam * std`` of the bank's features (their CIFAR lam: 3.25). ``typical="batchnorm"`` (the
+    paper's formulation, model-dependent, :meth:`score_inputs`): the network's last BatchNorm2d whose width is
+    the feature dimension has its output clamped to ``beta +- lam * gamma`` at every position, before the
+    residual addition, ReLU and pooling that follow it."""
 
-    def __init__(self, head: Head, lam: float = 0.1) -> None:
+    def __init__(self, head: Head, lam: float = 3.25, typical: str = "features") -> None:
         super().__init__(head)
-        self.lam = lam
+        if typical not in ("features", "batchnorm"):
+            raise ConfigError(f"bats: typical must be 'features' or 'batchnorm', got {typical!r}")
+        self.lam, self.typical = lam, typical
+
+    @property
+    def uses_model(self) -> bool:
+        return self.head.bn_mean is None and self.typical == "batchnorm"
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "BATS":
+        X = np.asarray(X, dtype=np.float64)
+        self.mean_, self.std_ = X.mean(axis=0), X.std(axis=0)
+        return self
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         h = self.head
-        if h.bn_mean is None:
-            raise ValueError("BATS on stored features needs a probe BatchNorm; on images use score_inputs")
-        spread = self.lam * np.abs(h.bn_weight)
-        z = np.clip(h.normalised(X), h.bn_bias - spread, h.bn_bias + spread)
+        if h.bn_mean is not None:
+            spread = self.lam * np.abs(h.bn_weight)
+            z = np.clip(h.normalised(X), h.bn_bias - spread, h.bn_bias + spread)
+            return _energy(h.logits_from_normalised(z))
+        if self.typical == "batchnorm":
+            raise ValueError("bats with typical: batchnorm runs the network: use score_inputs")
+        z = np.clip(np.asarray(X, dtype=np.float64), self.mean_ - self.lam * self.std_, self.mean_ + self.lam * self.std_)
         return _energy(h.logits_from_normalised(z))
 
     def score_inputs(self, model, x, batch_size: int = 256) -> np.ndarray:
@@ -255,6 +272,7 @@ class ODIN(Detector):
     side; ``G_low`` -> probe logits on the gradient side) and the inputs as a torch tensor."""
 
     needs_head = True
+    uses_model = True  # forward side: perturbs the input images
 
     def __init__(self, head: Head | None = None, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
         self.head, self.temperature, self.epsilon = head, temperature, epsilon
@@ -305,7 +323,9 @@ GRADIENT_DETECTORS: dict[str, type[Detector]] = {
 # gradient-side detectors that read probe logits rather than G_low itself
 PROBE_LOGIT_DETECTORS = {"msp", "energy"}
 # METHOD.md section 5-6 defaults that differ between the two sides
-GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {"odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}}
+GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}, "bats": {"lam": 0.1},
+}
 
 
 def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None:

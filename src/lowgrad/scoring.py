@@ -23,7 +23,6 @@ from lowgrad.probe import train_probe
 log = logging.getLogger(__name__)
 
 DataSet = dict[str, Any]
-MODEL_DEPENDENT = ("odin", "bats")  # forward detectors that run the network on the images
 
 
 @dataclass
@@ -70,7 +69,7 @@ def score_detector(
             view = lambda d: d["g_low"]  # noqa: E731
     else:
         det = make_detector(name, kwargs, False, ctx.forward_head)
-        if name in MODEL_DEPENDENT:
+        if det.uses_model:
             if ctx.model_forward is None:
                 raise ValueError(f"forward {name} needs the model")
             return {t: det.score_inputs(ctx.model_forward, _images(d, ctx)) for t, d in targets.items()}
