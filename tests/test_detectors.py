@@ -236,3 +236,39 @@ def test_forward_head_detectors_rank_far_ood_below_id(name):
         det.fit(bank, y)
         score = det.score_samples
     assert np.median(score(id_q)) > np.median(score(ood_q))
+
+
+def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images():
+    """run_all: a fused pair whose forward side runs the network (BATS on BatchNorm outputs) gets the
+    calibration images of the held-out ID rows, and its scores are finite for every set."""
+    from lowgrad.config import parse_params
+    from lowgrad.models import build_model
+    from lowgrad.pipeline import forward_head
+    from lowgrad.scoring import ScoringContext, run_all
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, 1).eval()
+    rng = np.random.default_rng(0)
+    images = {name: torch.randn(n, 1, 8, 8) for name, n in (("id_train", 60), ("id_test", 20), ("ood", 20))}
+    sets = {}
+    for name, x in images.items():
+        with torch.no_grad():
+            logits, feats = model(x, return_features=True)
+        sets[name] = {"name": name, "logits": logits.numpy(), "features": feats.numpy(),
+                      "labels": np.arange(len(x)) % 3, "g_low": rng.standard_normal((len(x), 4))}
+    params = parse_params({
+        "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2]},
+            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2]},
+            "ood": {"source": "sklearn_digits", "classes": [7]}}},
+        "model": {"arch": "small_cnn", "num_classes": 3},
+        "scoring": {"forward": {"bats": {"lam": 0.5, "typical": "batchnorm"}}, "gradient": {"knn": {"k": 3}},
+                    "fusion": {"pairs": [{"forward": "bats", "gradient": "knn"}]}},
+    })
+    loaded = []
+    ctx = ScoringContext(forward_head=forward_head(model), num_classes=3, model_forward=model,
+                         load_images=lambda name: loaded.append(name) or images[name])
+    scores, _ = run_all(params, sets, ctx)
+    assert "id_train" in loaded  # the calibration rows' images were loaded for the forward side
+    for label in ("bats", "grad_knn", "fused_bats+grad_knn"):
+        assert all(np.isfinite(scores[label][s]).all() for s in ("id_test", "ood"))

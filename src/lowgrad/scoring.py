@@ -109,8 +109,9 @@ def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tu
             random_state=params.seed, stratify=bank["labels"],
         )
         fit_bank = _subset(bank, np.sort(fit_rows), "id_train")
-        calibration = _subset(bank, np.sort(cal_rows), "id_train")
-        if any(p.forward == "odin" for p in scoring.fusion.pairs):
+        calibration = _subset(bank, np.sort(cal_rows), "id_train:calibration")  # images attached below if needed
+        if any(make_detector(p.forward, scoring.forward[p.forward], False, ctx.forward_head).uses_model
+               for p in scoring.fusion.pairs):  # a model-dependent forward detector scores the held-out images
             calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]
         for pair in scoring.fusion.pairs:
             with_cal = {"__calibration__": calibration, **targets}
