@@ -26,7 +26,7 @@ from lowgrad.data import to_tensor_batch
 from lowgrad.dense_sketch import BLOCK_ROWS, omega_block
 from lowgrad.errors import GradientError
 from lowgrad.gradients import PerSampleGradients
-from lowgrad.subspace import GradientSubspace, KernelNormalizer, add_block_moments, nfk_scale
+from lowgrad.subspace import GradientSubspace, KernelNormalizer, add_block_moments
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,20 @@ class GradientRows:
         return out
 
 
-def fit_normalizer(rows: GradientRows, kernel: str) -> tuple[np.ndarray, np.ndarray]:
-    """NFK: ``(mean, w = d^(-1/2))`` from one float64 pass over the kernel set; NTK: ``(0, 1)`` with no pass."""
+def fit_normalizer(rows: GradientRows, kernel: str) -> KernelNormalizer:
+    """NFK: mean and ``w = d^(-1/2)`` from one float64 pass over the kernel set (moments merged on the device,
+    then :meth:`KernelNormalizer.fit_moments`); NTK: raw gradients, no pass."""
+    normalizer = KernelNormalizer(kernel)
     if kernel == "ntk":
-        return np.zeros(rows.dim), np.ones(rows.dim)
+        normalizer.shift_, normalizer.scale_ = np.zeros(rows.dim), np.ones(rows.dim)
+        return normalizer
     moments = None
     for _, g in rows:
         moments = add_block_moments(moments, g.double())
-    if moments is None:
-        raise GradientError("cannot fit the kernel normaliser on an empty kernel set")
-    n, mean, m2 = moments
-    scale, positive = nfk_scale((m2 / n).cpu().numpy())
-    if not positive.any():
-        raise GradientError("every gradient coordinate has zero variance on the kernel set")
-    return mean.cpu().numpy(), scale
+    if moments is not None:
+        n, mean, m2 = moments
+        moments = (n, mean.cpu().numpy(), m2.cpu().numpy())
+    return normalizer.fit_moments(moments)
 
 
 def _orthonormal(a: torch.Tensor) -> torch.Tensor:
@@ -146,12 +146,11 @@ def fit_exact_randomized(
 ) -> GradientSubspace:
     """The exact NFK/NTK PCA of the kernel set's gradients, as a :class:`GradientSubspace` whose
     ``components_`` is a device tensor (``save`` writes it as chunked zarr)."""
-    shift, scale = fit_normalizer(rows, kernel)
-    _normalise(rows, shift, scale, kernel)
+    log.info("matrix-free PCA of %d x %d exact gradients: %d passes", rows.n_rows, rows.dim, 2 * power_iters + 3)
     sub = GradientSubspace(kernel=kernel, basis="pca", method="exact_randomized", k=k, oversample=oversample,
                            power_iters=power_iters, seed=seed)
-    sub.normalizer_ = KernelNormalizer(kernel)
-    sub.normalizer_.shift_, sub.normalizer_.scale_ = shift, scale
+    sub.normalizer_ = fit_normalizer(rows, kernel)
+    _normalise(rows, sub.normalizer_.shift_, sub.normalizer_.scale_, kernel)
     sub.components_, sub.singular_values_, sub.total_sq_ = randomized_pca(rows, k, oversample, power_iters, seed)
     sub.explained_variance_ratio_ = sub.singular_values_**2 / max(sub.total_sq_, 1e-300)
     return sub

@@ -319,7 +319,6 @@ def fit_subspace(params: Params) -> None:
         from lowgrad.matrix_free import fit_exact_randomized
 
         rows = gradient_rows(params, "id_train")
-        log.info("matrix-free PCA of %d x %d exact gradients: %d passes", rows.n_rows, rows.dim, 2 * s.power_iters + 3)
         sub = fit_exact_randomized(rows, s.kernel, s.k, s.oversample, s.power_iters, params.seed)
     else:
         store = ChunkedStore.open(EXTRACTED.format(name="id_train"))

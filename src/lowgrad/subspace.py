@@ -134,7 +134,10 @@ class KernelNormalizer:
     def fit(self, blocks: "BlockSource | RowPasses") -> "KernelNormalizer":
         """One pass; mean and variance merged block by block in float64 (Chan et al.'s pairwise update)."""
         passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, 0, 0)
-        moments = passes.run("moments")
+        return self.fit_moments(passes.run("moments"))
+
+    def fit_moments(self, moments: tuple | None) -> "KernelNormalizer":
+        """Fit from float64 ``(n, mean, M2)`` of the kernel set's gradients (``None``: no samples)."""
         if moments is None:
             raise GradientError("cannot fit the kernel normaliser on an empty kernel set")
         n, mean, m2 = moments
