@@ -44,7 +44,7 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     here = Path.cwd()
     os.chdir(workdir)
     try:
-        params = _relative_to(params, here, workdir)
+        params = _relative_to(params, here)
         stages = {}
         for name, func, args in pipeline.stage_plan(params):
             timing.start()
@@ -62,8 +62,8 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     }
 
 
-def _relative_to(params, root: Path, workdir: Path):
-    """Rewrite the params' relative data and checkpoint paths so they resolve from ``workdir``."""
+def _relative_to(params, root: Path):
+    """Resolve the params' relative data and checkpoint paths against ``root`` (the project root)."""
     raw = params.model_dump()
     for spec in raw["data"]["datasets"].values():
         if spec.get("path") and not os.path.isabs(spec["path"]):
@@ -80,7 +80,7 @@ def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[
     for route in others:
         for det, per_set in results[first]["methods"].items():
             other = results[route]["methods"].get(det)
-            if other is None or det in ("knn", "mahalanobis"):  # forward detectors do not depend on the route
+            if other is None or not det.startswith("grad_"):  # forward detectors do not depend on the route
                 continue
             out.setdefault(route, {})[det] = {
                 f"{s}/{m}": round(other[s][m] - per_set[s][m], 2) for s in per_set for m in ("auroc", "fpr95")

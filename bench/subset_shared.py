@@ -22,13 +22,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TRAIN = "cifar10_train_jpeg.npz"
 
 
+def _write_jpeg_npz(dest: Path, jpeg: np.ndarray, sizes: np.ndarray, labels: np.ndarray) -> None:
+    """The shared encoded layout: concatenated JPEG bytes, N+1 offsets, labels."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dest, jpeg=jpeg, offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), labels=labels)
+
+
 def _jpeg_subset(src: Path, rows: np.ndarray, dest: Path) -> None:
     with np.load(src) as z:
         jpeg, offsets, labels = z["jpeg"], z["offsets"], z["labels"]
     pieces = [jpeg[offsets[i] : offsets[i + 1]] for i in rows]
-    new_offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(dest, jpeg=np.concatenate(pieces), offsets=new_offsets, labels=labels[rows])
+    _write_jpeg_npz(dest, np.concatenate(pieces), np.array([len(p) for p in pieces]), labels[rows])
 
 
 def split(shared: Path, out: Path, parts: list[int], n_eval: int, seed: int) -> None:
@@ -56,11 +60,10 @@ def split(shared: Path, out: Path, parts: list[int], n_eval: int, seed: int) -> 
 
 def join(parts: list[Path], out: Path) -> None:
     loaded = [np.load(p / TRAIN) for p in parts]
-    jpeg = np.concatenate([z["jpeg"] for z in loaded])
-    sizes = np.concatenate([np.diff(z["offsets"]) for z in loaded])
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / TRAIN, jpeg=jpeg, offsets=offsets, labels=np.concatenate([z["labels"] for z in loaded]))
+    _write_jpeg_npz(
+        out / TRAIN, np.concatenate([z["jpeg"] for z in loaded]),
+        np.concatenate([np.diff(z["offsets"]) for z in loaded]), np.concatenate([z["labels"] for z in loaded]),
+    )
 
 
 def main() -> None:
