@@ -55,10 +55,16 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     finally:
         os.chdir(here)
     table = {d: metrics["methods"][d] for d in DETECTORS if d in metrics["methods"]}
+    verdicts = {  # the report's verdict table: mean FPR95 / AUROC differences with their paired intervals
+        row: {kind: {"against": comp["against"], **{m: comp["mean"][m] for m in ("fpr95", "auroc")}}
+              for kind, comp in kinds.items()}
+        for row, kinds in metrics.get("deltas", {}).items()
+    }
     return {
         "overrides": overrides, "samples": metrics["samples"], "id_accuracy": metrics["id_accuracy"],
         "probe_accuracy": metrics.get("probe_accuracy"), "stages": stages,
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
+        "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts,
     }
 
 

@@ -214,9 +214,27 @@ def test_fusion_calibrators():
     z = ScoreCalibrator("zscore").fit(cal).transform(np.array([2.5]))
     assert z[0] == pytest.approx(0.0)
     p = ScoreCalibrator("pvalue").fit(cal).transform(np.array([0.0, 2.0, 10.0]))
-    np.testing.assert_allclose(p, [0.0, 0.5, 1.0])
-    fused = fuse(cal, 10 * cal, np.array([4.0]), np.array([40.0]), "zscore", 1.0)
+    np.testing.assert_allclose(p, [1 / 5, 3 / 5, 5 / 5])  # conformal: (1 + #{cal <= s}) / (n + 1)
+    fused = fuse([cal, 10 * cal], [np.array([4.0]), np.array([40.0])], "zscore")
     assert fused[0] == pytest.approx(2 * (4 - 2.5) / np.std(cal))
+
+
+def test_fusion_of_three_members_against_explicit_formulas():
+    """zscore: the sum of standardised scores; fisher: sum of log conformal p-values (= -Fisher's statistic / 2)."""
+    rng = np.random.default_rng(3)
+    cals = [rng.normal(m, s, 40) for m, s in ((0, 1), (5, 2), (-3, 0.5))]
+    xs = [rng.normal(m, s, 7) for m, s in ((0, 1), (5, 2), (-3, 0.5))]
+    want_z = sum((x - c.mean()) / c.std() for c, x in zip(cals, xs))
+    np.testing.assert_allclose(fuse(cals, xs, "zscore"), want_z, rtol=1e-12)
+    want_f = np.zeros(7)
+    for c, x in zip(cals, xs):
+        for i, v in enumerate(x):
+            want_f[i] += np.log((1 + sum(cv <= v for cv in c)) / (len(c) + 1))
+    np.testing.assert_allclose(fuse(cals, xs, "fisher"), want_f, rtol=1e-12)
+    # negative control: the fused score is not just the first member's calibrated score
+    assert not np.allclose(fuse(cals, xs, "zscore"), (xs[0] - cals[0].mean()) / cals[0].std())
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse(cals, xs, "pvalue")
 
 
 @pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "bats", "vim", "odin"])
@@ -263,12 +281,12 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
             "ood": {"source": "sklearn_digits", "classes": [7]}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "scoring": {"forward": {"bats": {"lam": 0.5, "typical": "batchnorm"}}, "gradient": {"knn": {"k": 3}},
-                    "fusion": {"pairs": [{"forward": "bats", "gradient": "knn"}]}},
+                    "fusion": {"groups": [{"name": "bats_grad_knn", "members": ["bats", "grad_knn"]}]}},
     })
     loaded = []
     ctx = ScoringContext(forward_head=forward_head(model), num_classes=3, model_forward=model,
                          load_images=lambda name: loaded.append(name) or images[name])
     scores, _ = run_all(params, sets, ctx)
     assert "id_train" in loaded  # the calibration rows' images were loaded for the forward side
-    for label in ("bats", "grad_knn", "fused_bats+grad_knn"):
+    for label in ("bats", "grad_knn", "fused_bats_grad_knn", "fused_bats_grad_knn_forward_only"):
         assert all(np.isfinite(scores[label][s]).all() for s in ("id_test", "ood"))

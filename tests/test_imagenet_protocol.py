@@ -89,7 +89,7 @@ def test_imagenet_protocol_on_a_tiny_image_folder(tmp_path, monkeypatch):
     g_low = np.load(pipeline.PROJECTED.format(name="id_test"))
     assert g_low.shape == (6, 3) and np.isfinite(g_low).all()  # one average-gradient direction per bank class
     metrics = json.loads(Path(pipeline.METRICS).read_text())
-    assert {"knn", "grad_knn", "mahalanobis", "grad_mahalanobis", "vim", "fused_react+grad_knn"} <= set(metrics["methods"])
+    assert {"knn", "grad_knn", "mahalanobis", "grad_mahalanobis", "vim", "fused_react_grad_knn"} <= set(metrics["methods"])
     for table in metrics["methods"].values():
         assert set(table) == {"inaturalist", "textures", "mean"}
         assert all(np.isfinite(v) for v in table["mean"].values())

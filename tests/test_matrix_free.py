@@ -76,8 +76,9 @@ def test_full_width_sketch_recovers_the_exact_pca(setting):
     np.testing.assert_allclose(np.abs(np.diag(setting["v"][:, :k].T @ v)), 1.0, atol=1e-4)
     assert np.isclose(sub.total_sq_, (setting["s"] ** 2).sum(), rtol=1e-5)
     # the projection streams V through the recomputed test gradients
-    g_low = transform_rows(sub, _rows(setting, setting["test"], batch_size=7))
+    g_low, sqnorm = transform_rows(sub, _rows(setting, setting["test"], batch_size=7))
     np.testing.assert_allclose(g_low, setting["phi_test"] @ v, rtol=1e-3, atol=1e-3 * np.abs(g_low).max())
+    np.testing.assert_allclose(sqnorm, (setting["phi_test"] ** 2).sum(1), rtol=1e-4)  # ||phi||^2, same pass
 
 
 def test_power_iterations_give_the_leading_subspace(setting):
@@ -105,8 +106,8 @@ def test_basis_round_trips_through_chunked_zarr(setting, tmp_path, monkeypatch):
     sub.save(tmp_path / "s.npz")
     lazy = GradientSubspace.load(tmp_path / "s.npz", lazy=True)
     assert lazy.components_.chunks == (100, 5) and lazy.method == "exact_randomized"
-    g_low = transform_rows(lazy, _rows(setting, setting["test"]))
-    np.testing.assert_allclose(g_low, transform_rows(sub, _rows(setting, setting["test"])), rtol=1e-6, atol=1e-6)
+    g_low, _ = transform_rows(lazy, _rows(setting, setting["test"]))
+    np.testing.assert_allclose(g_low, transform_rows(sub, _rows(setting, setting["test"]))[0], rtol=1e-6, atol=1e-6)
 
 
 def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
@@ -180,7 +181,7 @@ def test_bench_routes_exact_against_stored_gradients(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     lean = ["--set", "scoring.forward={knn: {k: 5}}", "--set", "scoring.gradient={knn: {k: 5}, mahalanobis: {}}",
-            "--set", "scoring.fusion.pairs=[]", "--set", "scoring.k_sweep=[]", "--set", "train.epochs=5"]
+            "--set", "scoring.fusion.groups=[]", "--set", "scoring.k_sweep=[]", "--set", "train.epochs=5"]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.routes", "--params-file", str(root / "params.yaml"), "--routes",
          "exact_randomized", "stored", "--power-iters", "3", "--workdir", str(tmp_path / "w"), "--out",

@@ -52,3 +52,15 @@ def test_mean_and_accuracy_and_bad_input():
     assert accuracy(np.array([[0.1, 0.9], [2.0, 1.0]]), np.array([1, 1])) == 50.0
     with pytest.raises(ValueError, match="NaN"):
         auroc(np.array([np.nan]), np.array([1.0]))
+
+
+def test_report_roc_points_equal_a_threshold_loop():
+    from lowgrad.report import _roc_points
+
+    rng = np.random.default_rng(4)
+    id_s, ood_s = np.round(rng.normal(1, 1, 80), 1), np.round(rng.normal(0, 1, 60), 1)
+    fpr, tpr = _roc_points(id_s, ood_s)
+    thresholds = np.unique(np.concatenate([id_s, ood_s]))[::-1]
+    np.testing.assert_array_equal(tpr, np.r_[0.0, [(id_s >= t).mean() for t in thresholds]])
+    np.testing.assert_array_equal(fpr, np.r_[0.0, [(ood_s >= t).mean() for t in thresholds]])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(id_s, ood_s), abs=1e-12)  # the curve's area is the AUROC

@@ -39,8 +39,11 @@ TINY = {
     "gradient": {"chunk_rows": 64, "batch_size": 32},
     "subspace": {"kernel": "nfk", "k": 8, "oversample": 6, "power_iters": 2},
     "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
-                "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}},
-                "fusion": {"pairs": [{"forward": "react", "gradient": "knn"}]}, "k_sweep": [2, 4, 8]},
+                "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}, "residual": {}},
+                "fusion": {"groups": [{"name": "react_grad_knn", "members": ["react", "grad_knn"]},
+                                      {"name": "knn_maha_grad_residual", "members": ["knn", "mahalanobis", "grad_residual"],
+                                       "rule": "fisher"}]},
+                "bootstrap": {"replicates": 200}, "k_sweep": [2, 4, 8]},
 }
 
 
@@ -98,21 +101,44 @@ def test_pipeline_outputs(project):
     assert 50.0 < metrics["id_accuracy"] <= 100.0
     assert set(metrics["methods"]) == {
         "msp", "energy", "knn", "mahalanobis", "odin", "react",
-        "grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "fused_react+grad_knn",
+        "grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "grad_residual",
+        "fused_react_grad_knn", "fused_react_grad_knn_forward_only",
+        "fused_knn_maha_grad_residual", "fused_knn_maha_grad_residual_forward_only",
     }
     assert 0.0 <= metrics["probe_accuracy"] <= 100.0
     for table in metrics["methods"].values():
         assert set(table) == {"digits_7to9", "mean"}
         assert set(table["mean"]) >= {"fpr95", "auroc", "aupr_in", "aupr_out"}
         assert 0.0 <= table["mean"]["auroc"] <= 100.0
+        for values in table.values():  # an interval beside every value, containing it
+            assert set(values["ci"]) == {"fpr95", "fpr95_ood_pos", "auroc", "aupr_in", "aupr_out"}
+            assert all(lo <= values[m] + 1e-9 and values[m] <= hi + 1e-9 for m, (lo, hi) in values["ci"].items())
+    # paired differences for every row that uses the gradient
+    assert set(metrics["deltas"]) == {"grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "grad_residual",
+                                      "fused_react_grad_knn", "fused_knn_maha_grad_residual"}
+    assert metrics["deltas"]["grad_knn"]["twin"]["against"] == "knn"
+    assert "twin" not in metrics["deltas"]["grad_residual"]  # no forward twin
+    assert metrics["deltas"]["fused_react_grad_knn"]["twin"]["against"] == "fused_react_grad_knn_forward_only"
+    best = metrics["best_forward_only"]
+    assert not best.startswith("grad_") and metrics["methods"][best]["mean"]["fpr95"] == min(
+        t["mean"]["fpr95"] for r, t in metrics["methods"].items()
+        if not r.startswith("grad_") and (not r.startswith("fused_") or r.endswith("_forward_only")))
+    d = metrics["deltas"]["grad_knn"]["twin"]["mean"]["fpr95"]
+    assert d["delta"] == pytest.approx(metrics["methods"]["grad_knn"]["mean"]["fpr95"] - metrics["methods"]["knn"]["mean"]["fpr95"])
+    assert metrics["bootstrap"]["replicates"] == 200 and metrics["bootstrap"]["wall_s"] >= 0
     report = (project / "report/report.md").read_text()
-    assert "| knn | yes |" in report and "| knn | no |" in report and "| react+grad_knn | fused |" in report
-    for png in ("roc.png", "score_histograms.png", "spectrum.png"):
+    assert "| knn | yes |" in report and "| knn | no |" in report and "| react_grad_knn | fused |" in report
+    assert "| react_grad_knn_forward_only | no (fused) |" in report
+    assert report.index("## Does the gradient help here?") < report.index("## Results")
+    assert "| grad_knn | twin | knn |" in report and "![paired differences](plots/deltas.png)" in report
+    for png in ("roc.png", "score_histograms.png", "spectrum.png", "deltas.png"):
         assert (project / "report/plots" / png).read_bytes()[:4] == b"\x89PNG"
     g_low = np.load(project / "artifacts/projected/id_test.npy")
     assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
+    sqnorm = np.load(project / "artifacts/projected/id_test.sqnorm.npy")
+    assert sqnorm.shape == (90,) and (sqnorm >= (g_low.astype(np.float64) ** 2).sum(1) * (1 - 1e-4)).all()
     # k-sweep: the gradient detectors on the first 2 and 4 components (8 = the fitted k is the main table)
-    assert set(metrics["k_sweep"]) == {"2", "4"} and set(metrics["k_sweep"]["4"]) == {"grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats"}
+    assert set(metrics["k_sweep"]) == {"2", "4"} and set(metrics["k_sweep"]["4"]) == {"grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "grad_residual"}
     assert (project / "report/plots/fpr95_vs_k.png").read_bytes()[:4] == b"\x89PNG"
     # per-stage timings of every stage that ran, in the metrics and the report
     stages = {"model", "factors", "subspace", "score"} | {f"{s}@{d}" for s in ("prepare", "extract", "project")
@@ -147,11 +173,10 @@ def test_ablations_run_as_dvc_experiments(tmp_path):
     assert "abl-last_block" in dvc(root, "exp", "show", "--json").stdout
 
 
-def test_rerun_is_a_fast_noop(project):
-    start = time.perf_counter()
+def test_rerun_is_a_noop(project):
+    """Structural: a second ``dvc repro`` runs no stage (its wall time is a benchmark matter, not a test's)."""
     proc = dvc(project, "repro")
     assert ran_stages(proc) == set()
-    assert time.perf_counter() - start < 10.0
 
 
 def test_changing_k_reruns_only_downstream_stages(project):
@@ -288,7 +313,8 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
         deployment = _wait(lambda: _api(f"{api}/deployments/name/lowgrad-pipeline/lowgrad-scheduled"), 90, "the deployment")
         crons = [s["schedule"].get("cron") for s in deployment.get("schedules", [])]
         assert "0 3 * * *" in crons
-        run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {})
+        # a busy server may answer 503 for a moment after the deployment appears: _wait retries (HTTPError is an OSError)
+        run = _wait(lambda: _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {}), 60, "a created run")
         final = _wait(
             lambda: (lambda s: s if s["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(_api(f"{api}/flow_runs/{run['id']}")),
             300, "the triggered flow run",

@@ -70,3 +70,5 @@ def test_dask_sharded_extraction_equals_single_process(tmp_path, monkeypatch):
     project(params_dask, "id_train")
     g_dask = np.load("artifacts/projected/id_train.npy")
     np.testing.assert_allclose(g_dask, local.transform(reference.read("grads")), rtol=1e-4, atol=1e-4)
+    phi = dask.normalizer_.transform(reference.read("grads"))
+    np.testing.assert_allclose(np.load("artifacts/projected/id_train.sqnorm.npy"), (phi**2).sum(1), rtol=1e-10)

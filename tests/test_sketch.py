@@ -276,6 +276,12 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
     project(params, "ood")
     g_low = np.load("artifacts/projected/ood.npy")
     assert g_low.shape == (40, 6) and np.isfinite(g_low).all()
+    # ||phi||^2 of the sketched rows, from the same pass: against the stored sketch rows and the fitted centring
+    from lowgrad.subspace import GradientSubspace
+
+    sub = GradientSubspace.load("artifacts/subspace/subspace.npz")
+    phi = sub.normalizer_.transform(ChunkedStore.open(EXTRACTED.format(name="ood")).read("grads"))
+    np.testing.assert_allclose(np.load("artifacts/projected/ood.sqnorm.npy"), (phi**2).sum(1), rtol=1e-10)
 
     other_seed = {**meta, "sketch_seed": 1}
     with pytest.raises(StoreError, match="meta.sketch_seed: stored 0, requested 1"):

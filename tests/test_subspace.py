@@ -104,3 +104,32 @@ def test_subspace_save_load_roundtrip(tmp_path):
     again = GradientSubspace.load(tmp_path / "sub.npz")
     np.testing.assert_array_equal(again.transform(g), sub.transform(g))
     assert again.explained_variance_ratio_.shape == (6,)
+
+
+def test_projection_pass_gives_phi_sqnorm_and_the_residual_detectors():
+    """One pass gives G_low and ||phi||^2; residual = ||V^T phi||^2 / ||phi||^2 and gradnorm_phi = -||phi||
+    against an explicit orthogonal projection of the stored rows."""
+    from lowgrad.detectors import make_detector
+
+    g = _decaying(120, 50, seed=4)
+    sub = GradientSubspace(kernel="nfk", k=5, oversample=10, power_iters=4, seed=0).fit(_blocks(g, 32), 120, 50)
+    test = _decaying(30, 50, seed=5)
+    g_low, sqnorm = sub.transform_blocks_with_sqnorm(_blocks(test, 7), 30)
+    phi = (test - sub.normalizer_.shift_) * sub.normalizer_.scale_
+    np.testing.assert_allclose(g_low, phi @ sub.components_, rtol=1e-10)
+    np.testing.assert_allclose(sqnorm, (phi**2).sum(1), rtol=1e-12)
+
+    v = sub.components_
+    inside = phi @ v @ v.T  # the orthogonal projection onto span(V)
+    want = (inside**2).sum(1) / (phi**2).sum(1)
+    x = np.column_stack([g_low, sqnorm])
+    residual = make_detector("residual", {}, True).fit(x)
+    np.testing.assert_allclose(residual.score_samples(x), want, rtol=1e-9)
+    assert ((want >= 0) & (want <= 1 + 1e-12)).all()
+    np.testing.assert_allclose(make_detector("gradnorm_phi", {}, True).score_samples(x), -np.linalg.norm(phi, axis=1))
+    # controls: a row inside the subspace scores 1, a row orthogonal to it scores 0
+    inside_row = v @ np.arange(1.0, 6.0)
+    outside_row = np.linalg.qr(np.column_stack([v, np.ones(50)]))[0][:, -1]
+    rows = np.stack([inside_row, outside_row])
+    ctrl = np.column_stack([rows @ v, (rows**2).sum(1)])
+    np.testing.assert_allclose(residual.score_samples(ctrl), [1.0, 0.0], atol=1e-12)

@@ -119,18 +119,43 @@ class SubspaceConfig(_Strict):
     power_iters: int = Field(4, ge=0)
 
 
-class FusionPair(_Strict):
-    forward: str
-    gradient: str
-    rule: Literal["zscore", "pvalue"] = "zscore"
-    weight: float = 1.0
+class FusionGroup(_Strict):
+    """Detectors fused with equal weights. Members name forward detectors as in ``scoring.forward`` and
+    gradient ones with the ``grad_`` prefix (``[vim, knn, grad_residual]``)."""
+
+    name: str
+    members: list[str] = Field(min_length=2)
+    rule: Literal["zscore", "fisher"] = "zscore"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value.replace("_", "").isalnum():
+            raise ValueError(f"fusion group name '{value}' may only hold letters, digits and '_'")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"fusion group members must be distinct, got {value}")
+        return value
 
 
 class FusionConfig(_Strict):
-    """Forward + gradient score pairs, calibrated on a held-out random part of ``id_train``."""
+    """Groups of detectors, each member fitted on the rest of ``id_train`` and calibrated on a held-out random
+    part of it. A group with gradient members is also scored without them (``fused_<name>_forward_only``)."""
 
     calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    pairs: list[FusionPair] = []
+    groups: list[FusionGroup] = []
+
+
+class BootstrapConfig(_Strict):
+    """Paired bootstrap of every metric: ID test and each OOD set resampled with replacement, independently."""
+
+    replicates: int = Field(1000, ge=100)
+    seed: int = 0
+    level: float = Field(0.95, gt=0.5, lt=1.0)
 
 
 class ProbeConfig(_Strict):
@@ -148,18 +173,23 @@ class DetectorsConfig(_Strict):
     gradient: dict[str, dict[str, Any]]
     probe: ProbeConfig = ProbeConfig()
     fusion: FusionConfig = FusionConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
     k_sweep: list[Annotated[int, Field(gt=0)]] = Field(
         [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
         "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
     )
 
     @model_validator(mode="after")
-    def _pairs_refer_to_configured_detectors(self) -> "DetectorsConfig":
-        for pair in self.fusion.pairs:
-            if pair.forward not in self.forward:
-                raise ValueError(f"fusion pair forward '{pair.forward}' is not in scoring.forward")
-            if pair.gradient not in self.gradient:
-                raise ValueError(f"fusion pair gradient '{pair.gradient}' is not in scoring.gradient")
+    def _groups_refer_to_configured_detectors(self) -> "DetectorsConfig":
+        names = [g.name for g in self.fusion.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scoring.fusion.groups: names must be distinct, got {names}")
+        for group in self.fusion.groups:
+            for member in group.members:
+                gradient = member.startswith("grad_")
+                side, name = ("gradient", member[5:]) if gradient else ("forward", member)
+                if name not in (self.gradient if gradient else self.forward):
+                    raise ValueError(f"fusion group '{group.name}': member '{member}' is not in scoring.{side}")
         return self
 
 

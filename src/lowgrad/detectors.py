@@ -312,16 +312,53 @@ class ODIN(Detector):
         return self.score_inputs(forward, torch.tensor(np.asarray(X, dtype=np.float64)))
 
 
+class _WithGradientNorm(Detector):
+    """Gradient-only detectors that read ``[G_low | ||phi||^2]`` (N x (k + 1)): the projection and the squared
+    norm of the whole normalised gradient ``phi``, both written by the ``project`` stage in one pass."""
+
+    input = "g_low_and_sqnorm"
+
+    @staticmethod
+    def split(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=np.float64)
+        return X[:, :-1], X[:, -1]
+
+
+class Residual(_WithGradientNorm):
+    """Fraction of the normalised gradient inside the ID subspace, ``||V^T phi||^2 / ||phi||^2`` (as GradOrth,
+    Behpour et al. NeurIPS 2023): the part of ``phi`` that PCA discards is what makes a sample look OOD.
+    On an orthonormal (PCA) basis the value lies in [0, 1]; a zero gradient scores 1 (nothing outside)."""
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        g_low, sqnorm = self.split(X)
+        inside = np.einsum("nk,nk->n", g_low, g_low)
+        return np.divide(inside, sqnorm, out=np.ones_like(sqnorm), where=sqnorm > 0)
+
+
+class PhiNorm(_WithGradientNorm):
+    """Minus the norm of the whole normalised gradient, ``-||phi||`` (no projection)."""
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return -np.sqrt(self.split(X)[1])
+
+
 FORWARD_DETECTORS: dict[str, type[Detector]] = {
     "msp": MSP, "energy": Energy, "odin": ODIN, "mahalanobis": Mahalanobis, "knn": KNN,
     "react": ReAct, "bats": BATS, "gradnorm": GradNorm, "vim": ViM,
 }
 GRADIENT_DETECTORS: dict[str, type[Detector]] = {
     "knn": KNN, "mahalanobis": Mahalanobis, "msp": MSP, "energy": Energy, "odin": ODIN,
-    "gradnorm": GradNorm, "react": ReAct, "bats": BATS,
+    "gradnorm": GradNorm, "react": ReAct, "bats": BATS, "residual": Residual, "gradnorm_phi": PhiNorm,
 }
 # gradient-side detectors that read probe logits rather than G_low itself
 PROBE_LOGIT_DETECTORS = {"msp", "energy"}
+
+
+def uses_probe(name: str) -> bool:
+    """Whether gradient detector ``name`` needs the linear probe trained on ``G_low`` (its head or logits)."""
+    return name in PROBE_LOGIT_DETECTORS or GRADIENT_DETECTORS[name].needs_head
+
+
 # METHOD.md section 5-6 defaults that differ between the two sides
 GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}, "bats": {"lam": 0.1},

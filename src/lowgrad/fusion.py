@@ -1,21 +1,27 @@
-"""Forward + gradient score fusion on a common scale (METHOD.md section 5, last item).
+"""Fusion of any number of detectors on a common scale (METHOD.md section 5, last item, generalised).
 
-Both scores are calibrated on held-out ID data (a random part of ``id_train`` that neither base detector
-was fitted on), then added: ``fused = cal_f(s_forward) + weight * cal_g(s_gradient)``.
+Each member's scores are calibrated on held-out ID data (a random part of ``id_train`` that no member was
+fitted on), then combined with equal weights:
 
-- ``zscore``: ``(s - mean_cal) / std_cal``;
-- ``pvalue``: the ID-empirical p-value, the fraction of calibration scores <= s (in [0, 1]).
+- ``zscore``: the sum of ``(s - mean_cal) / std_cal``;
+- ``fisher``: Fisher's method on ID p-values. A member's p-value is the conformal ID p-value
+  ``p = (1 + #{cal <= s}) / (n_cal + 1)`` (small = unlike ID); Fisher's statistic ``-2 sum log p`` is large
+  for OOD, so the fused ID score is ``sum log p``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+RULES = ("zscore", "fisher")
+
 
 class ScoreCalibrator:
+    """Maps one detector's scores to a common scale fitted on held-out ID scores: ``zscore`` or ``pvalue``."""
+
     def __init__(self, rule: str = "zscore") -> None:
         if rule not in ("zscore", "pvalue"):
-            raise ValueError(f"fusion rule must be 'zscore' or 'pvalue', got {rule!r}")
+            raise ValueError(f"calibration rule must be 'zscore' or 'pvalue', got {rule!r}")
         self.rule = rule
 
     def fit(self, calibration_scores: np.ndarray) -> "ScoreCalibrator":
@@ -30,14 +36,16 @@ class ScoreCalibrator:
         scores = np.asarray(scores, dtype=np.float64)
         if self.rule == "zscore":
             return (scores - self.mean_) / self.std_
-        return np.searchsorted(self.sorted_, scores, side="right") / len(self.sorted_)
+        return (1.0 + np.searchsorted(self.sorted_, scores, side="right")) / (len(self.sorted_) + 1.0)
 
 
-def fuse(
-    forward_cal: np.ndarray, gradient_cal: np.ndarray, forward: np.ndarray, gradient: np.ndarray,
-    rule: str = "zscore", weight: float = 1.0,
-) -> np.ndarray:
-    """Calibrate each score on its own calibration scores, then add (gradient side times ``weight``)."""
-    f = ScoreCalibrator(rule).fit(forward_cal).transform(forward)
-    g = ScoreCalibrator(rule).fit(gradient_cal).transform(gradient)
-    return f + weight * g
+def fuse(calibration: list[np.ndarray], scores: list[np.ndarray], rule: str = "zscore") -> np.ndarray:
+    """Equal-weight fusion of several members: ``calibration[i]`` and ``scores[i]`` are member ``i``'s scores on
+    the held-out ID rows and on the set to fuse."""
+    if rule not in RULES:
+        raise ValueError(f"fusion rule must be one of {RULES}, got {rule!r}")
+    if not scores or len(calibration) != len(scores):
+        raise ValueError("fusion needs one calibration array per member and at least one member")
+    if rule == "zscore":
+        return sum(ScoreCalibrator("zscore").fit(c).transform(s) for c, s in zip(calibration, scores))
+    return sum(np.log(ScoreCalibrator("pvalue").fit(c).transform(s)) for c, s in zip(calibration, scores))

@@ -57,10 +57,16 @@ class GradientRows:
 
     def times(self, m: torch.Tensor) -> torch.Tensor:
         """``Phi @ m`` (N x width) in one pass."""
+        return self.times_with_sqnorm(m)[0]
+
+    def times_with_sqnorm(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Phi @ m, ||phi_i||^2 per row in float64)`` in one pass."""
         out = torch.empty(self.n_rows, m.shape[1], dtype=torch.float32, device=self.device)
+        sqnorm = torch.empty(self.n_rows, dtype=torch.float64, device=self.device)
         for rows, phi in self:
             out[rows] = phi @ m
-        return out
+            sqnorm[rows] = phi.square().sum(1, dtype=torch.float64)
+        return out, sqnorm
 
     def transpose_times(self, q: torch.Tensor) -> torch.Tensor:
         """``Phi^T @ q`` (P x width) in one pass."""
@@ -107,11 +113,8 @@ def randomized_pca(
     if k > width:
         raise GradientError(f"subspace.k={k} exceeds min(N={rows.n_rows}, P={rows.dim})")
     omega = omega_matrix(seed, rows.dim, width, rows.device)
-    y = torch.empty(rows.n_rows, width, dtype=torch.float32, device=rows.device)
-    total_sq = 0.0
-    for r, phi in rows:  # first pass also measures ||Phi||_F^2
-        y[r] = phi @ omega
-        total_sq += float(phi.square().sum(dtype=torch.float64))
+    y, sqnorm = rows.times_with_sqnorm(omega)  # first pass also measures ||Phi||_F^2
+    total_sq = float(sqnorm.sum())
     del omega
     for it in range(power_iters):
         y = rows.times(_orthonormal(rows.transpose_times(_orthonormal(y))))
@@ -156,9 +159,11 @@ def fit_exact_randomized(
     return sub
 
 
-def transform_rows(sub: GradientSubspace, rows: GradientRows) -> np.ndarray:
-    """``G_low = phi(g) @ V`` (N x k) in one pass; ``V`` streamed from its zarr chunks onto the device."""
+def transform_rows(sub: GradientSubspace, rows: GradientRows) -> tuple[np.ndarray, np.ndarray]:
+    """``(G_low = phi(g) @ V (N x k), ||phi||^2 per row)`` in one pass; ``V`` streamed from its zarr chunks
+    onto the device."""
     _normalise(rows, sub.normalizer_.shift_, sub.normalizer_.scale_, sub.kernel)
     v = read_components(sub.components_, rows.device) if hasattr(sub.components_, "chunks") else \
         torch.as_tensor(sub.components_, dtype=torch.float32, device=rows.device)
-    return rows.times(v).cpu().numpy()
+    g_low, sqnorm = rows.times_with_sqnorm(v)
+    return g_low.cpu().numpy(), sqnorm.cpu().numpy()

@@ -9,6 +9,7 @@ Artifact layout (all paths relative to the project root)::
     artifacts/subspace/subspace.npz    subspace    kernel normaliser + spectrum
     artifacts/subspace/subspace.zarr   subspace    basis V (P x k, chunked)
     artifacts/projected/<set>.npy      project     G_low (N x k)
+    artifacts/projected/<set>.sqnorm.npy  project  ||phi||^2 per sample (the whole normalised gradient)
     artifacts/scores.npz               score       every detector's scores per set
     report/metrics.json                score       metrics (DVC metrics)
     report/report.md, report/plots/    report      Markdown report and PNG plots
@@ -53,6 +54,7 @@ FACTORS_INFO = "artifacts/sketch/factors.json"
 EXTRACTED = "artifacts/extract/{name}.zarr"
 SUBSPACE = "artifacts/subspace/subspace.npz"  # basis V beside it: subspace.zarr
 PROJECTED = "artifacts/projected/{name}.npy"
+PHI_SQNORM = "artifacts/projected/{name}.sqnorm.npy"  # set names hold no '.', so never another set's G_low
 SCORES = "artifacts/scores.npz"
 METRICS = "report/metrics.json"
 REPORT = "report/report.md"
@@ -343,21 +345,23 @@ def fit_subspace(params: Params) -> None:
 
 
 def project(params: Params, name: str) -> None:
-    """``G_low = phi(g) @ V`` for every sample of one set."""
+    """``G_low = phi(g) @ V`` and ``||phi||^2`` for every sample of one set, in one pass over its gradients
+    (on sketched routes ``phi`` is the sketched row)."""
     if params.subspace.method == "exact_randomized":
         from lowgrad.matrix_free import transform_rows
 
-        g_low = transform_rows(GradientSubspace.load(SUBSPACE, lazy=True), gradient_rows(params, name))
+        g_low, sqnorm = transform_rows(GradientSubspace.load(SUBSPACE, lazy=True), gradient_rows(params, name))
     else:
         store = ChunkedStore.open(EXTRACTED.format(name=name))
         sub = GradientSubspace.load(SUBSPACE)
         with _row_passes(params, store) as passes:
-            g_low = sub.transform_blocks(passes)
-    path = Path(PROJECTED.format(name=name))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, g_low.astype(np.float32))
-    tmp.replace(path)
+            g_low, sqnorm = sub.transform_blocks_with_sqnorm(passes)
+    for template, array in ((PHI_SQNORM, sqnorm.astype(np.float64)), (PROJECTED, g_low.astype(np.float32))):
+        path = Path(template.format(name=name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, array)
+        tmp.replace(path)
 
 
 # -- score --------------------------------------------------------------------------------------------------
@@ -369,6 +373,7 @@ def _inputs(name: str) -> dict[str, Any]:
         "features": store.read("features"),
         "labels": store.read("labels")[:, 0],
         "g_low": np.load(PROJECTED.format(name=name)),
+        "phi_sqnorm": np.load(PHI_SQNORM.format(name=name)),
     }
 
 
@@ -390,6 +395,7 @@ def score(params: Params) -> None:
     """Fit every configured detector on the ID bank, score ID test and OOD sets, write metrics."""
     import torch
 
+    from lowgrad.comparison import evaluate
     from lowgrad.data import to_tensor_batch
     from lowgrad.scoring import ScoringContext, k_sweep, run_all
 
@@ -412,14 +418,12 @@ def score(params: Params) -> None:
     )
     with torch.inference_mode(False):
         all_scores, extras = run_all(params, sets, ctx)
-    methods: dict[str, dict[str, dict[str, float]]] = {}
-    flat: dict[str, np.ndarray] = {}
-    for label, per_set in all_scores.items():
-        table = {s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names}
-        table["mean"] = mean_metrics(table)
-        methods[label] = table
-        flat.update({f"{label}/{s}": v for s, v in per_set.items()})
-        log.info("%-28s mean FPR95 %6.2f  AUROC %6.2f", label, table["mean"]["fpr95"], table["mean"]["auroc"])
+    evidence = evaluate(all_scores, params)
+    flat = {f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()}
+    for label, table in evidence["methods"].items():
+        mean = table["mean"]
+        log.info("%-36s mean FPR95 %6.2f [%6.2f, %6.2f]  AUROC %6.2f", label, mean["fpr95"], *mean["ci"]["fpr95"], mean["auroc"])
+    log.info("bootstrap: %d replicates in %.1f s", params.scoring.bootstrap.replicates, evidence["bootstrap"]["wall_s"])
     sweep: dict[str, dict[str, dict[str, float]]] = {}
     if params.subspace.basis == "pca":
         for k, rows in k_sweep(params, sets, ctx).items():
@@ -435,7 +439,7 @@ def score(params: Params) -> None:
     np.savez(tmp, **flat)
     tmp.replace(SCORES)
     write_json(METRICS, {
-        "id_accuracy": id_acc, **extras, "methods": methods, "k_sweep": sweep,
+        "id_accuracy": id_acc, **extras, **evidence, "k_sweep": sweep,
         "samples": {name: len(d["labels"]) for name, d in sets.items()},
         "timings": {**stage_timings(params), "score": timing.snapshot()},
     })

@@ -17,7 +17,8 @@ from lowgrad.config import Params  # noqa: E402
 
 
 def _row_order(methods: list[str]) -> list[str]:
-    """Each base method's forward row, then its ``grad_`` row; gradient-only methods, then fused rows last."""
+    """Each base method's forward row, then its ``grad_`` row; gradient-only methods, then fusion groups
+    (each group's forward-only baseline right after it)."""
     fused = [m for m in methods if m.startswith("fused_")]
     bases = [m for m in methods if not m.startswith(("grad_", "fused_"))]
     bases += [m[5:] for m in methods if m.startswith("grad_") and m[5:] not in bases]
@@ -29,15 +30,22 @@ def _row_order(methods: list[str]) -> list[str]:
 
 def _gradient_column(method: str) -> tuple[str, str]:
     if method.startswith("fused_"):
-        return method.removeprefix("fused_"), "fused"
+        name = method.removeprefix("fused_")
+        if name.endswith("_forward_only"):
+            return name, "no (fused)"
+        return name, "fused"
     if method.startswith("grad_"):
         return method.removeprefix("grad_"), "yes"
     return method, "no"
 
 
+def _with_interval(value: float, ci: list[float] | None) -> str:
+    return f"{value:.2f}" if ci is None else f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+
+
 def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
-    """Rows = methods (without / with low-dim gradient), columns = FPR95 / AUROC per OOD set and the mean.
-    The best value of each column is bold (lowest FPR95, highest AUROC)."""
+    """Rows = methods (without / with low-dim gradient), columns = FPR95 / AUROC per OOD set and the mean,
+    each with its bootstrap interval in brackets. The best value of each column is bold."""
     methods = metrics["methods"]
     rows = _row_order(list(methods))
     header = ["method", "gradient"] + [f"{c} {m}" for c in columns for m in ("FPR95↓", "AUROC↑")]
@@ -51,10 +59,107 @@ def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
         for c in columns:
             for m in ("fpr95", "auroc"):
                 v = methods[r][c][m]
-                text = f"{v:.2f}"
+                text = _with_interval(v, methods[r][c].get("ci", {}).get(m))
                 cells.append(f"**{text}**" if np.isclose(v, best[(c, m)]) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _delta_text(d: dict[str, Any]) -> str:
+    return f"{d['delta']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+
+
+def _comparisons(metrics: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """``(gradient row, kind, baseline row, comparison)`` for every paired comparison in the metrics (one line
+    when the twin is the best forward-only row)."""
+    out = []
+    for row in _row_order(list(metrics["deltas"])):
+        comps = metrics["deltas"][row]
+        twin, best = comps.get("twin"), comps.get("best_forward_only")
+        if twin is not None:
+            same = best is not None and best["against"] == twin["against"]
+            out.append((row, "twin = best forward-only" if same else "twin", twin["against"], twin))
+            if same:
+                continue
+        if best is not None:
+            out.append((row, "best forward-only", best["against"], best))
+    return out
+
+
+def _sentence(row: str, base: str, comp: dict[str, Any]) -> str:
+    fpr, auc = comp["mean"]["fpr95"], comp["mean"]["auroc"]
+    words = {"better": "better than", "worse": "worse than", "no detectable difference": "not distinguishable from"}
+    if fpr["verdict"] == auc["verdict"]:
+        return f"{row} is {words[fpr['verdict']]} {base} on both mean FPR95 and mean AUROC."
+    return (f"{row} is {words[fpr['verdict']]} {base} on mean FPR95 and {words[auc['verdict']]} it on mean AUROC.")
+
+
+def verdict_section(metrics: dict[str, Any]) -> list[str]:
+    """"Does the gradient help here?": the headline comparison, then one line per paired comparison."""
+    level = 100 * metrics["bootstrap"]["level"]
+    methods, deltas = metrics["methods"], metrics["deltas"]
+    best_fwd = metrics.get("best_forward_only")
+    lines = ["## Does the gradient help here?", ""]
+    if not deltas:
+        return lines + ["No row uses the gradient in this run.", ""]
+    best_grad = min(deltas, key=lambda r: methods[r]["mean"]["fpr95"])
+    fmt = lambda r: _with_interval(methods[r]["mean"]["fpr95"], methods[r]["mean"]["ci"]["fpr95"])  # noqa: E731
+    if best_fwd is not None:
+        head = deltas[best_grad]["best_forward_only"]["mean"]["fpr95"]
+        lines += [
+            f"**Best row using the gradient: `{best_grad}`, mean FPR95 {fmt(best_grad)}; best forward-only row: "
+            f"`{best_fwd}`, {fmt(best_fwd)}. Difference {_delta_text(head)} points: "
+            f"{'the gradient row is ' + head['verdict'] if head['verdict'] != 'no detectable difference' else 'no detectable difference'}"
+            f" at the {level:.0f} % level.**",
+            "",
+            "(Both rows are the best of their kind on these test sets, so this headline is chosen after the fact; "
+            "each line below is a comparison fixed by the configuration.)",
+            "",
+        ]
+    lines += [
+        f"Δ = gradient row − baseline, in points, with paired {level:.0f} % bootstrap intervals "
+        f"({metrics['bootstrap']['replicates']} replicates; ID test and each OOD set resampled independently, "
+        "both rows on the same resamples). FPR95: negative is better; AUROC: positive is better. "
+        "Twin: the same detector without the gradient, or a fusion group without its gradient members. "
+        "Intervals are per comparison (no correction for the number of comparisons).",
+        "",
+        "| gradient row | vs | baseline | Δ mean FPR95 | Δ mean AUROC | reading |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, kind, base, comp in _comparisons(metrics):
+        lines.append(f"| {row} | {kind} | {base} | {_delta_text(comp['mean']['fpr95'])} | "
+                     f"{_delta_text(comp['mean']['auroc'])} | {_sentence(row, base, comp)} |")
+    lines += ["", "![paired differences](plots/deltas.png)", ""]
+    return lines
+
+
+def _plot_deltas(metrics: dict[str, Any], path: Path) -> None:
+    """Forest plot: Δ mean FPR95 with its paired interval, one line per gradient row (vs twin and vs the best
+    forward-only row)."""
+    rows = _row_order(list(metrics["deltas"]))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    styles = {"twin": ("o", "C0", -0.15), "best_forward_only": ("s", "C3", 0.15)}
+    for kind, (marker, color, offset) in styles.items():
+        ys, xs, lows, highs = [], [], [], []
+        for i, row in enumerate(rows):
+            if kind in metrics["deltas"][row]:
+                d = metrics["deltas"][row][kind]["mean"]["fpr95"]
+                ys.append(i + offset)
+                xs.append(d["delta"])
+                lows.append(d["delta"] - d["ci"][0])
+                highs.append(d["ci"][1] - d["delta"])
+        label = "vs twin (same detector / group without gradient)" if kind == "twin" else \
+            f"vs best forward-only row ({metrics.get('best_forward_only')})"
+        ax.errorbar(xs, ys, xerr=[lows, highs], fmt=marker, color=color, capsize=3, label=label)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="Δ mean FPR95 (points; < 0: the gradient row is better)",
+           title=f"Paired differences, {100 * metrics['bootstrap']['level']:.0f} % bootstrap intervals")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.0 / (len(rows) + 4)), ncol=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _plot_histograms(scores: dict[str, np.ndarray], methods: list[str], ood: list[str], path: Path) -> None:
@@ -76,24 +181,42 @@ def _plot_histograms(scores: dict[str, np.ndarray], methods: list[str], ood: lis
 
 
 def _roc_points(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, descending (a sample counts as ID when its score >= threshold)."""
     thresholds = np.unique(np.concatenate([id_s, ood_s]))[::-1]
-    tpr = np.r_[0.0, [(id_s >= t).mean() for t in thresholds]]
-    fpr = np.r_[0.0, [(ood_s >= t).mean() for t in thresholds]]
-    return fpr, tpr
+    at_or_above = lambda s: len(s) - np.searchsorted(np.sort(s), thresholds, side="left")  # noqa: E731
+    return np.r_[0.0, at_or_above(ood_s) / len(ood_s)], np.r_[0.0, at_or_above(id_s) / len(id_s)]
 
 
-def _plot_roc(scores: dict[str, np.ndarray], methods: list[str], ood: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(ood), figsize=(4 * len(ood), 3.6), squeeze=False)
-    for j, o in enumerate(ood):
-        ax = axes[0, j]
-        for m in methods:
-            fpr, tpr = _roc_points(scores[f"{m}/id_test"], scores[f"{m}/{o}"])
-            ax.plot(fpr, tpr, lw=1.2, ls="-" if m.startswith("grad_") else "--", label=m)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
-        ax.set(title=f"ROC, OOD = {o}", xlabel="FPR (OOD kept as ID)", ylabel="TPR (ID kept)")
-        ax.legend(fontsize=6)
+def _roc_pairs(methods: list[str], deltas: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """(forward baseline or None, gradient row) per panel row: each gradient row with its twin."""
+    pairs = []
+    for row in _row_order(methods):
+        if row in deltas:
+            pairs.append((deltas[row].get("twin", {}).get("against"), row))
+    return pairs
+
+
+def _plot_roc(scores: dict[str, np.ndarray], pairs: list[tuple[str | None, str]], ood: list[str], path: Path) -> None:
+    """Small multiples: one panel row per gradient row (solid) and its twin without gradient (dashed), one
+    column per OOD set."""
+    fig, axes = plt.subplots(len(pairs), len(ood), figsize=(2.8 * len(ood), 2.5 * len(pairs)), squeeze=False)
+    for i, (base, row) in enumerate(pairs):
+        for j, o in enumerate(ood):
+            ax = axes[i, j]
+            for m, style, color in ((base, "--", "C1"), (row, "-", "C0")):
+                if m is not None:
+                    fpr, tpr = _roc_points(scores[f"{m}/id_test"], scores[f"{m}/{o}"])
+                    ax.plot(fpr, tpr, ls=style, color=color, lw=1.2, label=m)
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+            ax.set_title(f"{row}, OOD = {o}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if j == 0:
+                ax.set_ylabel("TPR (ID kept)", fontsize=7)
+                ax.legend(fontsize=6, loc="lower right")
+            if i == len(pairs) - 1:
+                ax.set_xlabel("FPR (OOD kept as ID)", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -160,7 +283,10 @@ def write_report(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _plot_histograms(scores, methods, ood, staging / "score_histograms.png")
-    _plot_roc(scores, methods, ood, staging / "roc.png")
+    deltas = metrics.get("deltas", {})
+    if deltas:
+        _plot_roc(scores, _roc_pairs(methods, deltas), ood, staging / "roc.png")
+        _plot_deltas(metrics, staging / "deltas.png")
     _plot_spectrum(explained_variance_ratio, staging / "spectrum.png")
     sweep = metrics.get("k_sweep") or {}
     if sweep:
@@ -176,14 +302,17 @@ def write_report(
         f"**ID test accuracy of the classifier: {metrics['id_accuracy']:.2f} %**"
         + (f"; of the linear probe on G_low: {metrics['probe_accuracy']:.2f} %" if "probe_accuracy" in metrics else ""),
         "",
+        *verdict_section(metrics),
         "## Results",
         "",
         results_table(metrics, [*ood, "mean"]),
         "",
         "gradient = yes: the detector on the low-dimensional gradient G_low (probe-based scores use the linear "
-        "probe trained on the bank's G_low); fused: forward + gradient scores, each standardised on held-out ID "
-        "data (see run settings). Best value per column in bold. AUPR-In, AUPR-Out and FPR95 with OOD as the "
-        "positive class (OpenOOD's convention) are in `report/metrics.json`.",
+        "probe trained on the bank's G_low); fused: a fusion group, its members calibrated on held-out ID data "
+        "and added with equal weights (see run settings); no (fused): the same group without its gradient "
+        f"members. In brackets: {100 * metrics['bootstrap']['level']:.0f} % bootstrap intervals. Best value per "
+        "column in bold. AUPR-In, AUPR-Out and FPR95 with OOD as the positive class (OpenOOD's convention), each "
+        "with its interval, are in `report/metrics.json`.",
         "",
         *(["## Mean FPR95 vs k", "", "The gradient detectors refitted on the first k PCA components of G_low "
             "(dashed: the same detector without gradient):", "", "![mean FPR95 vs k](plots/fpr95_vs_k.png)", ""]
@@ -199,6 +328,7 @@ def write_report(
         f"- detectors (forward): {json.dumps(params.scoring.forward)}",
         f"- detectors (gradient): {json.dumps(params.scoring.gradient)}; probe: {params.scoring.probe.model_dump()}",
         f"- fusion: {params.scoring.fusion.model_dump()}",
+        f"- bootstrap: {json.dumps(metrics['bootstrap'])}",
         f"- seed: {params.seed}; samples per set: {json.dumps(metrics.get('samples', {}))}",
         "",
         "```json",
@@ -213,8 +343,8 @@ def write_report(
         "",
         "![score histograms](plots/score_histograms.png)",
         "",
-        "![ROC curves](plots/roc.png)",
-        "",
+        *(["ROC curves, each gradient row (solid) beside its twin without the gradient (dashed):", "",
+            "![ROC curves](plots/roc.png)", ""] if deltas else []),
         "![spectrum](plots/spectrum.png)",
         "",
     ]

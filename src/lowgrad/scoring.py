@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from lowgrad.config import Params
-from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector
+from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
 
@@ -61,10 +61,12 @@ def score_detector(
 ) -> dict[str, np.ndarray]:
     """Fit one detector on ``bank`` and score every target set."""
     if gradient:
-        head = ctx.probe(bank) if name not in ("knn", "mahalanobis") else None
+        head = ctx.probe(bank) if uses_probe(name) else None
         det = make_detector(name, kwargs, True, head)
         if name in PROBE_LOGIT_DETECTORS:
             view = lambda d: head.logits(d["g_low"])  # noqa: E731
+        elif det.input == "g_low_and_sqnorm":
+            view = lambda d: np.column_stack([d["g_low"], d["phi_sqnorm"]])  # noqa: E731
         else:
             view = lambda d: d["g_low"]  # noqa: E731
     else:
@@ -86,9 +88,24 @@ def _subset(data: DataSet, rows: np.ndarray, name: str) -> DataSet:
     return out
 
 
+def member_detector(member: str) -> tuple[str, bool]:
+    """A fusion member's ``(detector name, is gradient)``: ``grad_knn`` -> ``("knn", True)``."""
+    return (member.removeprefix("grad_"), True) if member.startswith("grad_") else (member, False)
+
+
+def fusion_rows(group_name: str, members: list[str]) -> dict[str, list[str]]:
+    """The rows one fusion group produces: ``fused_<name>`` and, when it mixes forward and gradient members,
+    ``fused_<name>_forward_only`` (the same group without its gradient members: the baseline it must beat)."""
+    rows = {f"fused_{group_name}": list(members)}
+    forward = [m for m in members if not member_detector(m)[1]]
+    if forward and len(forward) < len(members):
+        rows[f"fused_{group_name}_forward_only"] = forward
+    return rows
+
+
 def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
-    """Scores of every configured row: forward (by name), gradient (``grad_<name>``) and fused pairs
-    (``fused_<forward>+grad_<gradient>``). Returns ``(scores[row][set], extras)``."""
+    """Scores of every configured row: forward (by name), gradient (``grad_<name>``) and fusion groups
+    (``fused_<group>``, ``fused_<group>_forward_only``). Returns ``(scores[row][set], extras)``."""
     bank = sets["id_train"]
     targets = {n: d for n, d in sets.items() if n != "id_train"}
     scoring = params.scoring
@@ -98,31 +115,45 @@ def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tu
     for name, kwargs in scoring.gradient.items():
         scores[f"grad_{name}"] = score_detector(name, kwargs, True, bank, targets, ctx)
     extras: dict[str, float] = {}
-    if any(n not in ("knn", "mahalanobis") for n in scoring.gradient):
+    if any(uses_probe(n) for n in scoring.gradient):
         head = ctx.probe(bank)
         test = sets["id_test"]
         extras["probe_accuracy"] = float(100 * np.mean(head.logits(test["g_low"]).argmax(1) == test["labels"]))
-
-    if scoring.fusion.pairs:
-        fit_rows, cal_rows = train_test_split(
-            np.arange(len(bank["labels"])), test_size=scoring.fusion.calibration_fraction,
-            random_state=params.seed, stratify=bank["labels"],
-        )
-        fit_bank = _subset(bank, np.sort(fit_rows), "id_train")
-        calibration = _subset(bank, np.sort(cal_rows), "id_train:calibration")  # images attached below if needed
-        if any(make_detector(p.forward, scoring.forward[p.forward], False, ctx.forward_head).uses_model
-               for p in scoring.fusion.pairs):  # a model-dependent forward detector scores the held-out images
-            calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]
-        for pair in scoring.fusion.pairs:
-            with_cal = {"__calibration__": calibration, **targets}
-            f = score_detector(pair.forward, scoring.forward[pair.forward], False, fit_bank, with_cal, ctx)
-            g = score_detector(pair.gradient, scoring.gradient[pair.gradient], True, fit_bank, with_cal, ctx)
-            label = f"fused_{pair.forward}+grad_{pair.gradient}"
-            scores[label] = {
-                t: fuse(f["__calibration__"], g["__calibration__"], f[t], g[t], pair.rule, pair.weight) for t in targets
-            }
-            log.info("%s: %s rule, weight %.2f, calibrated on %d held-out ID samples", label, pair.rule, pair.weight, len(cal_rows))
+    if scoring.fusion.groups:
+        scores.update(fused_scores(params, bank, targets, ctx))
     return scores, extras
+
+
+def fused_scores(
+    params: Params, bank: DataSet, targets: dict[str, DataSet], ctx: ScoringContext
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every fusion group's rows. Members are fitted on a random ``1 - calibration_fraction`` of the bank
+    (stratified, seeded) and calibrated on the rest; each member is scored once, whatever groups share it."""
+    fusion, scoring = params.scoring.fusion, params.scoring
+    fit_rows, cal_rows = train_test_split(
+        np.arange(len(bank["labels"])), test_size=fusion.calibration_fraction,
+        random_state=params.seed, stratify=bank["labels"],
+    )
+    fit_bank = _subset(bank, np.sort(fit_rows), "id_train")
+    calibration = _subset(bank, np.sort(cal_rows), "id_train:calibration")  # images attached below if needed
+    members = {m for g in fusion.groups for m in g.members}
+    if any(make_detector(n, scoring.forward[n], False, ctx.forward_head).uses_model
+           for n, gradient in map(member_detector, members) if not gradient):
+        calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]  # model-dependent members score images
+    with_cal = {"__calibration__": calibration, **targets}
+    member_scores: dict[str, dict[str, np.ndarray]] = {}
+    for member in sorted(members):
+        name, gradient = member_detector(member)
+        kwargs = (scoring.gradient if gradient else scoring.forward)[name]
+        member_scores[member] = score_detector(name, kwargs, gradient, fit_bank, with_cal, ctx)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for group in fusion.groups:
+        for label, rows in fusion_rows(group.name, group.members).items():
+            cal = [member_scores[m]["__calibration__"] for m in rows]
+            out[label] = {t: fuse(cal, [member_scores[m][t] for m in rows], group.rule) for t in targets}
+            log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples",
+                     label, " + ".join(rows), group.rule, len(cal_rows))
+    return out
 
 
 def k_sweep(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> dict[int, dict[str, dict[str, np.ndarray]]]:

@@ -47,11 +47,11 @@ def partial_pass(
     """One pass over some row blocks of ``Phi = (G - shift) * scale`` (``G`` when no shift/scale):
 
     - ``moments``: ``(n, mean, M2)`` of the rows;
-    - ``times``: ``([(rows, Phi_rows @ arg)], sum of squares)``;
+    - ``times``: ``[(rows, Phi_rows @ arg, squared norm of each row)]``;
     - ``transpose_times``: ``Phi_rows^T @ arg[rows]`` summed over the blocks.
     The same function runs in this process or on a Dask worker over one shard of chunks."""
     acc = None
-    pieces, sq = [], 0.0
+    pieces = []
     for rows, block in blocks:
         b = np.asarray(block, dtype=np.float64)
         if shift is not None:
@@ -59,14 +59,13 @@ def partial_pass(
         if kind == "moments":
             acc = add_block_moments(acc, b)
         elif kind == "times":
-            pieces.append((rows, b @ arg))
-            sq += float(np.square(b).sum())
+            pieces.append((rows, b @ arg, np.einsum("np,np->n", b, b)))
         elif kind == "transpose_times":
             part = b.T @ arg[rows]
             acc = part if acc is None else acc + part
         else:
             raise ValueError(f"unknown pass kind {kind!r}")
-    return (pieces, sq) if kind == "times" else acc
+    return pieces if kind == "times" else acc
 
 
 def combine_partials(kind: str, partials: list, n_rows: int):
@@ -76,12 +75,12 @@ def combine_partials(kind: str, partials: list, n_rows: int):
         for part in partials:
             out = merge_moments(out, part)
         return out
-    if kind == "times":
-        pieces = [p for part, _ in partials for p in part]
-        out = np.empty((n_rows, pieces[0][1].shape[1]))
-        for rows, values in pieces:
-            out[rows] = values
-        return out, float(sum(sq for _, sq in partials))
+    if kind == "times":  # (Phi @ arg, squared norm of every row of Phi)
+        pieces = [p for part in partials for p in part]
+        out, sqnorm = np.empty((n_rows, pieces[0][1].shape[1])), np.empty(n_rows)
+        for rows, values, sq in pieces:
+            out[rows], sqnorm[rows] = values, sq
+        return out, sqnorm
     parts = [p for p in partials if p is not None]
     return sum(parts[1:], parts[0])
 
@@ -184,14 +183,14 @@ def randomized_svd(passes: RowPasses, k: int, oversample: int, power_iters: int,
     if k > width:
         raise GradientError(f"subspace.k={k} exceeds min(N={n_rows}, P={dim})")
     rng = np.random.default_rng(seed)
-    y, total_sq = passes.run("times", rng.standard_normal((dim, width)))  # also ||Phi||_F^2
+    y, sqnorm = passes.run("times", rng.standard_normal((dim, width)))  # also ||Phi||_F^2
     for it in range(power_iters):
         z = passes.run("transpose_times", _orthonormal(y))
         y, _ = passes.run("times", _orthonormal(z))
         log.info("randomized SVD: power iteration %d/%d done", it + 1, power_iters)
     bt = passes.run("transpose_times", _orthonormal(y))  # Phi^T Q = (Q^T Phi)^T, P x width
     u, s, _ = np.linalg.svd(bt, full_matrices=False)
-    return _fix_signs(u[:, :k]), s[:k], total_sq
+    return _fix_signs(u[:, :k]), s[:k], float(sqnorm.sum())
 
 
 def incremental_pca(phi: BlockSource, k: int, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -259,7 +258,8 @@ class GradientSubspace:
             if labels is None:
                 raise GradientError("the average-gradient basis needs the kernel set's labels")
             self.components_ = average_gradient_basis(phi, labels)
-            projected, self.total_sq_ = phi.run("times", self.components_)
+            projected, sqnorm = phi.run("times", self.components_)
+            self.total_sq_ = float(sqnorm.sum())
             self.singular_values_ = np.linalg.norm(projected, axis=0)
         elif self.method == "randomized":
             self.components_, self.singular_values_, self.total_sq_ = randomized_svd(
@@ -276,9 +276,14 @@ class GradientSubspace:
         return self.normalizer_.transform(g) @ self.components_
 
     def transform_blocks(self, blocks: "BlockSource | RowPasses", n_rows: int | None = None) -> np.ndarray:
+        return self.transform_blocks_with_sqnorm(blocks, n_rows)[0]
+
+    def transform_blocks_with_sqnorm(
+        self, blocks: "BlockSource | RowPasses", n_rows: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(G_low, ||phi||^2 per row)`` in one pass over the rows."""
         passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, n_rows, self.components_.shape[0])
-        projected, _ = passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_).run("times", self.components_)
-        return projected
+        return passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_).run("times", self.components_)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
