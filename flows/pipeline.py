@@ -13,10 +13,16 @@ does to the workspace; comments are kept), and the stages run in topological ord
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +30,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the temporary API server may take longer than Prefect's default 20 s to start on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.exceptions import FailedRun  # noqa: E402
+from prefect.states import Failed  # noqa: E402
 
-from lowgrad.config import parse_params, read_raw, set_dotted  # noqa: E402
-from lowgrad.errors import LowgradError  # noqa: E402
+from lowgrad.config import load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
+from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
+from lowgrad.runlock import RunLock  # noqa: E402
+from lowgrad.pipeline import prepared_size  # noqa: E402
+from lowgrad.scoring import check_bank_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +70,26 @@ def stage_order(root: Path = ROOT) -> list[str]:
         return [stage.name for stage in ordered if getattr(stage, "cmd", None)]
 
 
+def dvc_param_keys(root: Path = ROOT) -> list[str]:
+    """The plain params keys that ``dvc.yaml`` declares (``foreach`` templates left out)."""
+    stages = parse_yaml((root / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
+    keys = {p for stage in stages.values() for p in stage.get("do", stage).get("params", [])
+            if isinstance(p, str) and "${" not in p}
+    return sorted(keys)
+
+
+def _get_dotted(tree: Any, dotted: str) -> tuple[bool, Any]:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
 def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT) -> None:
-    """Validate ``params_file`` + ``overrides`` and make them the workspace's ``params.yaml``."""
+    """Validate ``params_file`` + ``overrides`` and make them the workspace's ``params.yaml``. A key that
+    ``dvc.yaml`` tracks but the file leaves to its default is written out with that default (DVC refuses a
+    stage whose declared param is missing)."""
     from ruamel.yaml import YAML
 
     source, target = Path(params_file), root / "params.yaml"
@@ -69,12 +98,18 @@ def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path 
     raw = read_raw(source)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    parse_params(raw, str(source))  # raises ConfigError with one clear line
-    if source.resolve() == target.resolve() and not overrides:
+    validated = parse_params(raw, str(source)).model_dump()  # raises ConfigError with one clear line
+    defaults = {}
+    for key in dvc_param_keys(root):
+        found, value = _get_dotted(validated, key)
+        if found and not _get_dotted(raw, key)[0]:
+            defaults[key] = value
+    changes = {**defaults, **(overrides or {})}
+    if source.resolve() == target.resolve() and not changes:
         return
     rt = YAML()
     doc = rt.load(source.read_text())
-    for key, value in (overrides or {}).items():
+    for key, value in changes.items():
         node = doc
         *parents, leaf = key.split(".")
         for part in parents:
@@ -84,34 +119,113 @@ def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path 
         rt.dump(doc, fh)
 
 
+# a stage failure is retried only when its output names a cause that can clear by itself
+TRANSIENT_MARKERS = ("Unable to acquire lock", "Connection reset", "Connection refused", "timed out", "Temporary failure")
+PROGRESS_EVERY_S = float(os.environ.get("LOWGRAD_PROGRESS_SECONDS", "10"))  # tqdm updates: one log line per period
+_running: list[subprocess.Popen] = []  # the stage process(es) now running, for the signal handler
+
+
 def _is_transient(task_obj, task_run, state) -> bool:
     try:
         state.result()
     except StageFailed as err:
         return err.transient
+    except FailedRun:  # a Failed state the task returned: a user error, which no retry can fix
+        return False
     except Exception:
-        return True
+        return True  # the task itself broke (e.g. the subprocess could not start): worth another try
     return False
 
 
+def output_pieces(stream) -> Iterator[tuple[str, bool]]:
+    """``(text, is_progress)`` for each line of a byte stream as it arrives; a piece ended by a bare ``\r`` is a
+    progress-bar update (tqdm redraws its line that way)."""
+    buf = b""
+    while chunk := stream.read1(65536):
+        buf += chunk
+        while (m := re.search(rb"\r\n|\r|\n", buf)) and (m.group() != b"\r" or m.end() < len(buf)):
+            piece, sep, buf = buf[: m.start()], m.group(), buf[m.end():]
+            text = piece.decode(errors="replace").rstrip()
+            if text:
+                yield text, sep == b"\r"
+    if buf.strip():
+        yield buf.decode(errors="replace").rstrip(), False
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a stage's whole process group (dvc and the stage under it): SIGINT first, so DVC releases its
+    locks and records nothing half-done, then SIGTERM, then SIGKILL."""
+    for sig, grace in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
 @task(name="dvc-stage", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_is_transient, task_run_name="{stage}")
-def run_stage(stage: str, root: str = str(ROOT)) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``; its output goes to the Prefect log."""
+def run_stage(stage: str, root: str = str(ROOT)):
+    """``dvc repro --single-item <stage>``, its output streamed line by line to the log (``[stage  12s] ...``;
+    progress bars every ``LOWGRAD_PROGRESS_SECONDS``). A user error (an ``error:`` line) fails the task with
+    that line and is never retried."""
     logger = get_run_logger()
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage],
-        cwd=root, env=stage_environment(), capture_output=True, text=True,
+    last_progress = -float("inf")
+    tail: deque[str] = deque(maxlen=50)
+    errors: list[str] = []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root, env=stage_environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: stopped as one
     )
-    output = (proc.stdout + proc.stderr).strip()
-    for line in output.splitlines()[-40:]:
-        logger.info(line)
-    if proc.returncode != 0:
-        user_errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
-        message = user_errors[-1] if user_errors else (output.splitlines() or ["(no output)"])[-1]
-        raise StageFailed(stage, message, transient=not user_errors)
-    skipped = "didn't change, skipping" in output
+    _running.append(proc)
+    try:
+        for text, progress in output_pieces(proc.stdout):
+            elapsed = time.perf_counter() - start
+            if progress and elapsed - last_progress < PROGRESS_EVERY_S:
+                continue
+            last_progress = elapsed if progress else last_progress
+            logger.info("[%s %4.0fs] %s", stage, elapsed, text)
+            tail.append(text)
+            if text.startswith("error: "):
+                errors.append(text.removeprefix("error: "))
+        returncode = proc.wait()
+    finally:
+        stop_process_group(proc)
+        _running.remove(proc)
+    if returncode != 0:
+        if errors:
+            return Failed(message=f"stage '{stage}' failed: {errors[-1]}")
+        last = tail[-1] if tail else "(no output)"
+        raise StageFailed(stage, last, transient=any(m in line for line in tail for m in TRANSIENT_MARKERS))
+    skipped = any("didn't change, skipping" in line for line in tail)
     return {"stage": stage, "status": "skipped" if skipped else "ran", "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _failure_message(state) -> str:
+    """The one line a failed task or flow state stands for (a raised exception's text, or the state message)."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - any failure is reported by its message
+        return str(err)
+    return state.message or "failed"
+
+
+def publish_report(root: Path) -> None:
+    """The report as Prefect artifacts: the verdict and results tables (Markdown) and the mean metrics with their
+    intervals (a table), so scheduled runs can be read in the Prefect UI."""
+    report = (root / "report/report.md").read_text()
+    start = report.find("## Does the gradient help here?")
+    end = report.find("## Mean FPR95 vs k")
+    create_markdown_artifact(key="lowgrad-report", markdown=report[start if start >= 0 else 0 : end if end > 0 else None],
+                             description="lowgrad: does the gradient help? (report/report.md)")
+    metrics = json.loads((root / "report/metrics.json").read_text())
+    rows = []
+    for row, table in metrics["methods"].items():
+        mean = table["mean"]
+        rows.append({"row": row, **{m: round(mean[m], 2) for m in ("fpr95", "auroc", "aupr_in", "aupr_out")},
+                     **{f"{m}_ci": "[{:.2f}, {:.2f}]".format(*mean["ci"][m]) for m in ("fpr95", "auroc") if "ci" in mean}})
+    create_table_artifact(key="lowgrad-mean-metrics", table=rows, description="mean over OOD sets, with 95 % intervals")
 
 
 @task(name="dvc-push", retries=3, retry_delay_seconds=[10, 30, 90])
@@ -134,21 +248,32 @@ def pipeline(
     overrides: dict[str, Any] | None = None,
     root: str | None = None,
     push: bool = False,
-) -> list[dict[str, Any]]:
+    wait_for_lock: bool = False,
+):
     """Run every DVC stage of lowgrad in dependency order; returns one summary row per stage.
 
     ``root`` is the project directory (default: this checkout); ``push`` pushes outputs and the run cache
-    to the DVC remote at the end."""
+    to the DVC remote at the end. One run per checkout: a second refuses at once (``wait_for_lock``: waits)."""
     logger = get_run_logger()
     project = Path(root) if root else ROOT
-    apply_params(params_file, overrides, project)
-    summary = []
-    for stage in stage_order(project):
-        try:
-            summary.append(run_stage(stage, str(project)))
-        except StageFailed as err:
-            logger.error("%s (finished before it: %s)", err, ", ".join(r["stage"] for r in summary) or "none")
-            raise
+    summary: list[dict[str, Any]] = []
+    try:
+        with RunLock(project, wait=wait_for_lock):
+            apply_params(params_file, overrides, project)
+            params = load_params(project / "params.yaml")
+            for stage in stage_order(project):
+                state = run_stage(stage, str(project), return_state=True)
+                if not state.is_completed():
+                    message = _failure_message(state)
+                    logger.error("%s (finished before it: %s)", message, ", ".join(r["stage"] for r in summary) or "none")
+                    return Failed(message=message)
+                summary.append(state.result())
+                if stage == "prepare@id_train":  # sizes are known now: refuse a too-small bank before extraction
+                    check_bank_size(params, prepared_size("id_train", project))
+            publish_report(project)
+    except LowgradError as err:
+        logger.error("error: %s", err)
+        return Failed(message=str(err))
     if push:
         push_artifacts(str(project))
     ran = [r["stage"] for r in summary if r["status"] == "ran"]
@@ -160,10 +285,18 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got '{pair}'")
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value, f"--set {key}")
     return out
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGINT / SIGTERM: stop the running stage's process group, then unwind (the temporary Prefect server and
+    the run lock are released on the way out)."""
+    for proc in list(_running):
+        stop_process_group(proc)
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def main() -> None:
@@ -171,12 +304,24 @@ def main() -> None:
     parser.add_argument("--params-file", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. subspace.k=50")
     parser.add_argument("--push", action="store_true", help="dvc push --run-cache to the default remote at the end")
+    parser.add_argument("--wait", action="store_true", help="wait for a run already going in this checkout")
     args = parser.parse_args()
     os.chdir(ROOT)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        pipeline(params_file=args.params_file, overrides=_parse_overrides(args.set) or None, push=args.push)
-    except (LowgradError, StageFailed) as err:
+        overrides = _parse_overrides(args.set) or None
+        state = pipeline(params_file=args.params_file, overrides=overrides, push=args.push, wait_for_lock=args.wait,
+                         return_state=True)
+    except LowgradError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted ({err}); the running stage was stopped, finished stages are kept: rerun to continue",
+              file=sys.stderr)
+        sys.exit(130)
+    if not state.is_completed():
+        print(f"error: {_failure_message(state)}", file=sys.stderr)
         sys.exit(1)
 
 

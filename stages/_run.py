@@ -42,3 +42,8 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False, recor
     except LowgradError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except OSError as err:  # permissions, a full disk, a vanished file: the user can fix these, a retry cannot
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"error: cannot access{where}: {err.strerror or err} (check that it exists, is writable and the disk "
+              "has room, then rerun)", file=sys.stderr)
+        sys.exit(1)

@@ -51,7 +51,7 @@ def test_unknown_detector_and_option():
         parse_params(raw)
     raw = _default()
     raw["scoring"]["gradient"]["knn"] = {"kk": 5}
-    with pytest.raises(ConfigError, match=r"scoring.gradient.knn: unknown option\(s\) \['kk'\]"):
+    with pytest.raises(ConfigError, match=r"scoring.gradient.knn.kk: unknown option \(allowed: \['k'\]\)"):
         parse_params(raw)
 
 

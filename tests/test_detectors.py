@@ -290,3 +290,23 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
     assert "id_train" in loaded  # the calibration rows' images were loaded for the forward side
     for label in ("bats", "grad_knn", "fused_bats_grad_knn", "fused_bats_grad_knn_forward_only"):
         assert all(np.isfinite(scores[label][s]).all() for s in ("id_test", "ood"))
+
+
+def test_fusion_plan_shares_identical_forward_only_baselines():
+    from lowgrad.config import FusionGroup
+    from lowgrad.scoring import fusion_plan
+
+    plan = fusion_plan([
+        FusionGroup(name="a", members=["vim", "knn", "grad_knn"]),
+        FusionGroup(name="b", members=["vim", "knn", "grad_residual"]),
+        FusionGroup(name="c", members=["vim", "knn", "grad_residual"], rule="fisher"),
+        FusionGroup(name="d", members=["grad_knn", "grad_residual"]),
+    ])
+    assert plan == {
+        "fused_a_forward_only": (["vim", "knn"], "zscore", None),
+        "fused_a": (["vim", "knn", "grad_knn"], "zscore", "fused_a_forward_only"),
+        "fused_b": (["vim", "knn", "grad_residual"], "zscore", "fused_a_forward_only"),  # same baseline, scored once
+        "fused_c_forward_only": (["vim", "knn"], "fisher", None),  # another rule: another baseline
+        "fused_c": (["vim", "knn", "grad_residual"], "fisher", "fused_c_forward_only"),
+        "fused_d": (["grad_knn", "grad_residual"], "zscore", None),  # gradient only: no forward-only twin
+    }

@@ -37,7 +37,7 @@ TINY = {
     "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": None},
     "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
     "gradient": {"chunk_rows": 64, "batch_size": 32},
-    "subspace": {"kernel": "nfk", "k": 8, "oversample": 6, "power_iters": 2},
+    "subspace": {"kernel": "nfk", "method": "randomized", "k": 8, "oversample": 6, "power_iters": 2},
     "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
                 "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}, "residual": {}},
                 "fusion": {"groups": [{"name": "react_grad_knn", "members": ["react", "grad_knn"]},
@@ -198,6 +198,15 @@ def test_prefect_flow_runs_the_stages(project):
     assert status["subspace"] == "ran" and status["report"] == "ran"
     assert status["model"] == "skipped" and status["extract@id_train"] == "skipped"
     assert yaml.safe_load((project / "params.yaml").read_text())["subspace"]["k"] == 5
+    # a params file that leaves a DVC-tracked key to its default gets the default written out
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    del raw["subspace"]["method"]
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    from flows.pipeline import apply_params
+
+    apply_params("params.yaml", None, project)
+    assert yaml.safe_load((project / "params.yaml").read_text())["subspace"]["method"] == "randomized"
+    assert ran_stages(dvc(project, "repro")) == set()
     assert ran_stages(dvc(project, "repro")) == set()
 
 
@@ -320,6 +329,13 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
             300, "the triggered flow run",
         )
         assert final["state_type"] == "COMPLETED", (tmp_path / "server.log").read_text()[-3000:]
+        # the report as Prefect artifacts of that run: the verdict / results Markdown and the mean-metrics table
+        artifacts = {a["key"]: a for a in _api(f"{api}/artifacts/filter", "POST", {})
+                     if a.get("flow_run_id") == run["id"]}
+        assert artifacts["lowgrad-report"]["type"] == "markdown"
+        assert "## Does the gradient help here?" in artifacts["lowgrad-report"]["data"]
+        table = artifacts["lowgrad-mean-metrics"]
+        assert table["type"] == "table" and "grad_knn" in json.dumps(table["data"]) and "fpr95_ci" in json.dumps(table["data"])
     finally:
         for proc in (serve, server):
             if proc is not None:

@@ -24,7 +24,7 @@ import numpy as np
 from lowgrad.bootstrap import METRICS, Bootstrap, verdict
 from lowgrad.config import Params
 from lowgrad.metrics import mean_metrics, ood_metrics
-from lowgrad.scoring import fusion_rows, member_detector
+from lowgrad.scoring import fusion_plan, member_detector
 
 Scores = dict[str, dict[str, np.ndarray]]  # row -> set -> scores
 
@@ -38,12 +38,8 @@ def row_roles(rows: list[str], params: Params) -> dict[str, tuple[bool, str | No
             roles[row] = (True, base if base in rows else None)
         elif not row.startswith("fused_"):
             roles[row] = (False, None)
-    for group in params.scoring.fusion.groups:
-        labels = fusion_rows(group.name, group.members)
-        for label, members in labels.items():
-            uses_gradient = any(member_detector(m)[1] for m in members)
-            twin = f"fused_{group.name}_forward_only" if uses_gradient and len(labels) > 1 else None
-            roles[label] = (uses_gradient, twin)
+    for label, (members, _, twin) in fusion_plan(params.scoring.fusion.groups).items():
+        roles[label] = (any(member_detector(m)[1] for m in members), twin)
     return roles
 
 

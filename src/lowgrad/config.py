@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from lowgrad.errors import ConfigError
+
+
+Int = Annotated[int, Strict()]  # counts: `true` and "40" are refused, not read as 1 and 40
+RESERVED_SET_NAMES = {"mean"}  # the metrics' mean row
 
 
 class _Strict(BaseModel):
@@ -27,11 +31,11 @@ class DatasetConfig(_Strict):
 
     source: SourceKind
     path: str | None = None
-    classes: list[int] | None = None
+    classes: list[Int] | None = None
     split: Literal["all", "train", "test"] = "all"
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
-    max_samples: int | None = Field(None, gt=0)
-    n: int = Field(1000, gt=0, description="number of patches (sklearn_photos only)")
+    max_samples: Int | None = Field(None, gt=0)
+    n: Int = Field(1000, gt=0, description="number of patches (sklearn_photos only)")
     resize: bool = False
     dataset: str | None = Field(None, description="torchvision only: a torchvision.datasets class, e.g. SVHN")
     subset: str = Field("test", description="torchvision only: train | test | a split name the class accepts")
@@ -52,13 +56,13 @@ class DatasetConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    image_size: int = Field(gt=0)
+    image_size: Int = Field(gt=0)
     channels: Literal[1, 3]
-    resize_short_side: int | None = Field(
+    resize_short_side: Int | None = Field(
         None, gt=0, description="resize: short side to this, then centre-crop image_size (ImageNet 256 -> 224)"
     )
     mean: list[float]
-    std: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
     datasets: dict[str, DatasetConfig]
 
     @model_validator(mode="after")
@@ -75,6 +79,8 @@ class DataConfig(_Strict):
         for name in self.datasets:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"dataset name '{name}' may only hold letters, digits and '_'")
+            if name.lower() in RESERVED_SET_NAMES:
+                raise ValueError(f"dataset name '{name}' is reserved (the metrics' mean over OOD sets); rename the set")
         return self
 
     @property
@@ -84,26 +90,26 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: Literal["small_cnn", "resnet18_cifar", "resnet20_cifar", "torchvision_resnet50"]
-    num_classes: int = Field(gt=1)
+    num_classes: Int = Field(gt=1)
     checkpoint: str | None = None
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, gt=0)
-    batch_size: int = Field(64, gt=0)
+    epochs: Int = Field(20, gt=0)
+    batch_size: Int = Field(64, gt=0)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
 
 
 class GradientConfig(_Strict):
     sketch: Literal["none", "kronecker", "dense"] = "none"
-    sketch_rank: int = Field(16, gt=0)
-    sketch_dim: int = Field(8192, gt=0, description="dense: columns of the Gaussian projection")
-    factor_samples: int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")
+    sketch_rank: Int = Field(16, gt=0)
+    sketch_dim: Int = Field(8192, gt=0, description="dense: columns of the Gaussian projection")
+    factor_samples: Int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")
     params: Literal["all"] | list[str] = "all"
-    max_params: int = Field(2_000_000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    chunk_rows: int = Field(256, gt=0)
+    max_params: Int = Field(2_000_000, gt=0)
+    batch_size: Int = Field(64, gt=0)
+    chunk_rows: Int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = "float32"
 
 
@@ -114,9 +120,9 @@ class SubspaceConfig(_Strict):
         "randomized", description="randomized / incremental: PCA of the stored gradients; exact_randomized: "
         "matrix-free, every pass recomputes exact per-sample gradients (nothing stored; meant for GPUs)"
     )
-    k: int = Field(32, gt=0)
-    oversample: int = Field(10, ge=0)
-    power_iters: int = Field(4, ge=0)
+    k: Int = Field(32, gt=0)
+    oversample: Int = Field(10, ge=0)
+    power_iters: Int = Field(4, ge=0)
 
 
 class FusionGroup(_Strict):
@@ -153,16 +159,16 @@ class FusionConfig(_Strict):
 class BootstrapConfig(_Strict):
     """Paired bootstrap of every metric: ID test and each OOD set resampled with replacement, independently."""
 
-    replicates: int = Field(1000, ge=100)
-    seed: int = 0
+    replicates: Int = Field(1000, ge=100)
+    seed: Int = 0
     level: float = Field(0.95, gt=0.5, lt=1.0)
 
 
 class ProbeConfig(_Strict):
     """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (METHOD.md section 5)."""
 
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(16, gt=1)
+    epochs: Int = Field(10, gt=0)
+    batch_size: Int = Field(16, gt=1)
     lr: float = Field(0.1, gt=0)
 
 
@@ -174,7 +180,7 @@ class DetectorsConfig(_Strict):
     probe: ProbeConfig = ProbeConfig()
     fusion: FusionConfig = FusionConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
-    k_sweep: list[Annotated[int, Field(gt=0)]] = Field(
+    k_sweep: list[Annotated[Int, Field(gt=0)]] = Field(
         [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
         "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
     )
@@ -199,13 +205,13 @@ class ClusterConfig(_Strict):
     the project directory at the same path). Results do not depend on it, so DVC does not track it."""
 
     scheduler: str | None = None
-    n_workers: int = Field(2, gt=0)
-    threads_per_worker: int = Field(1, gt=0)
-    shards: int = Field(0, ge=0, description="0 = one shard per worker")
+    n_workers: Int = Field(2, gt=0)
+    threads_per_worker: Int = Field(1, gt=0)
+    shards: Int = Field(0, ge=0, description="0 = one shard per worker")
 
 
 class Params(_Strict):
-    seed: int = 0
+    seed: Int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
     model: ModelConfig
@@ -259,7 +265,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             hint = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
             msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         else:
-            msg = item["msg"]
+            msg = item["msg"].removeprefix("Value error, ")
+            if loc and msg.startswith(loc + "."):  # the validator already named the full key
+                loc = ""
         lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "; ".join(lines)
 
@@ -283,11 +291,41 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key '{key}' (line {key_node.start_mark.line + 1}): each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python objects, with one-line errors for malformed YAML and duplicate keys."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
 def read_raw(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the params file ({err})") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return raw

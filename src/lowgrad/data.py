@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +64,34 @@ def _open_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy array (or pickle-free other format)
+            raise DataError(f"{path}: a single .npy array, not an .npz archive with arrays {list(keys)}; "
+                            "save it with numpy.savez(path, images=..., labels=...)")
+        with loaded as npz:
             missing = [k for k in keys if k not in npz.files]
             if missing:
                 raise DataError(f"{path}: missing arrays {missing} (found {npz.files})")
             return {k: npz[k] for k in keys}
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file, truncated or corrupt ({err}); copy it again") from None
+
+
+def checked_labels(labels: np.ndarray, n_images: int, where: str) -> np.ndarray:
+    """Labels as int64 (N,), refused (never repaired) when they do not fit the images: a count mismatch,
+    more than one dimension, or non-integer values."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError(f"{where}: 'labels' must be 1-D (one integer per image), got shape {labels.shape}")
+    if len(labels) != n_images:
+        raise DataError(f"{where}: {n_images} images but {len(labels)} labels; each image needs exactly one label")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            bad = labels[~np.isfinite(labels) | (labels != np.round(labels))][0]
+            raise DataError(f"{where}: labels must be integers, found {bad.item()!r}")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
@@ -85,7 +107,7 @@ def _npz_decoded(path: Path) -> ImageSet:
     images = arrays["images"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    return ImageSet(images, arrays["labels"].astype(np.int64))
+    return ImageSet(images, checked_labels(arrays["labels"], len(images), str(path)))
 
 
 class _JpegImages:
@@ -95,9 +117,9 @@ class _JpegImages:
     def __init__(self, path: Path) -> None:
         arrays = _open_npz(path, ("jpeg", "offsets", "labels"))
         self.path, self.blob, self.offsets = path, arrays["jpeg"], arrays["offsets"]
-        self.labels = arrays["labels"].astype(np.int64)
-        if len(self.offsets) != len(self.labels) + 1:
-            raise DataError(f"{path}: 'offsets' must have N+1 entries for N labels")
+        if self.offsets.ndim != 1 or len(self.offsets) < 1:
+            raise DataError(f"{path}: 'offsets' must be 1-D with N+1 entries for N images")
+        self.labels = checked_labels(arrays["labels"], len(self.offsets) - 1, str(path))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -165,7 +187,7 @@ class _TorchvisionImages:
         targets = next((getattr(self.dataset, a) for a in ("targets", "labels") if hasattr(self.dataset, a)), None)
         if targets is None:
             targets = [self.dataset[i][1] for i in range(len(self.dataset))]
-        self.labels = np.asarray(targets, dtype=np.int64).reshape(-1)
+        self.labels = checked_labels(np.asarray(targets), len(self.dataset), f"torchvision {spec.dataset}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -235,15 +257,21 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
         images = _TorchvisionImages(spec)
         labels = images.labels
 
+    if len(labels) == 0:
+        raise DataError(f"dataset '{name}': the {spec.source} source{' at ' + spec.path if spec.path else ''} holds no images")
     keep = np.arange(len(labels))
     if spec.classes is not None:
         keep = np.flatnonzero(np.isin(labels, spec.classes))
         if len(keep) == 0:
             raise DataError(f"dataset '{name}': no images of classes {spec.classes}")
     if spec.split != "all":
-        train_idx, test_idx = train_test_split(
-            keep, test_size=spec.test_fraction, random_state=seed, stratify=labels[keep]
-        )
+        try:
+            train_idx, test_idx = train_test_split(
+                keep, test_size=spec.test_fraction, random_state=seed, stratify=labels[keep]
+            )
+        except ValueError as err:
+            raise DataError(f"dataset '{name}': cannot split {len(keep)} images into train/test with "
+                            f"test_fraction {spec.test_fraction}, stratified by class ({err})") from None
         keep = np.sort(train_idx if spec.split == "train" else test_idx)
     if spec.max_samples is not None:
         keep = keep[_subsample(labels[keep], spec.max_samples, seed)]

@@ -195,6 +195,16 @@ def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassi
     return model
 
 
+def check_finite_state(model: nn.Module, source: str) -> None:
+    """Refuse a model whose parameters or buffers (BatchNorm running statistics) hold NaN or infinity, naming
+    the first such tensor: such a model would only fail much later, at extraction."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: tensor '{name}' holds {bad} non-finite value(s) (NaN/inf); "
+                                  "the model is unusable: use another checkpoint or retrain (lower train.lr)")
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU. On CUDA, TF32 matmuls and convolutions are switched off:
     gradients and projections are computed in true float32, as on the CPU."""

@@ -84,6 +84,12 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def prepared_size(name: str, root: str | Path = ".") -> int:
+    """Number of samples of a prepared set (reads its labels only)."""
+    with np.load(Path(root) / PREPARED.format(name=name), allow_pickle=False) as z:
+        return int(z["labels"].shape[0])
+
+
 # -- prepare ------------------------------------------------------------------------------------------------
 def prepare(params: Params, name: str) -> None:
     """Load one configured dataset, check its shape, write ``data/prepared/<name>.npz``."""
@@ -105,6 +111,7 @@ def _fresh_model(params: Params) -> "FeatureClassifier":
 
 
 def _evaluate(model: "FeatureClassifier", params: Params, name: str, device: "torch.device") -> float:
+    """Accuracy on a prepared set; non-finite logits (a finite model can still overflow) are an error."""
     import torch
 
     from lowgrad.data import to_tensor_batch
@@ -115,14 +122,18 @@ def _evaluate(model: "FeatureClassifier", params: Params, name: str, device: "to
         for start in range(0, len(test), 256):
             x = to_tensor_batch(test.images[start : start + 256], params.data.mean, params.data.std).to(device)
             logits.append(model(x).cpu().numpy())
-    return accuracy(np.concatenate(logits), test.labels)
+    logits = np.concatenate(logits)
+    if not np.isfinite(logits).all():
+        raise CheckpointError(f"the model gives non-finite logits on '{name}' (first at image "
+                              f"{int(np.flatnonzero(~np.isfinite(logits).all(1))[0])}); check model.checkpoint / data.mean, data.std")
+    return accuracy(logits, test.labels)
 
 
 def build_classifier(params: Params) -> None:
     """Import the configured checkpoint, or train ``model.arch`` on ``id_train`` when none is configured."""
     import torch
 
-    from lowgrad.models import load_checkpoint, pick_device
+    from lowgrad.models import check_finite_state, load_checkpoint, pick_device
     from lowgrad.train import train_classifier
 
     device = pick_device(params.device)
@@ -136,6 +147,7 @@ def build_classifier(params: Params) -> None:
     else:
         model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, device)
         info.update(source="trained", train=params.train.model_dump())
+    check_finite_state(model, params.model.checkpoint or "the trained model")
     info["n_parameters"] = sum(p.numel() for p in model.parameters())
     info["id_test_accuracy"] = _evaluate(model, params, "id_test", device)
     log.info("model %s: %d parameters, ID test accuracy %.2f %%", info["arch"], info["n_parameters"], info["id_test_accuracy"])
@@ -397,8 +409,9 @@ def score(params: Params) -> None:
 
     from lowgrad.comparison import evaluate
     from lowgrad.data import to_tensor_batch
-    from lowgrad.scoring import ScoringContext, k_sweep, run_all
+    from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
 
+    check_bank_size(params, prepared_size("id_train"))
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
     model = load_classifier(params)
     for p in model.parameters():

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from lowgrad.config import Params
+from lowgrad.config import FusionGroup, Params
+from lowgrad.errors import ConfigError
 from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
@@ -88,19 +89,42 @@ def _subset(data: DataSet, rows: np.ndarray, name: str) -> DataSet:
     return out
 
 
+def check_bank_size(params: Params, n_bank: int) -> None:
+    """Refuse, before any extraction, KNN settings that need more bank samples than ``id_train`` has (fusion
+    members are fitted on the bank minus its held-out calibration part)."""
+    scoring = params.scoring
+    n_fit = n_bank - int(np.ceil(scoring.fusion.calibration_fraction * n_bank))  # train_test_split's rounding
+    fused = {m for g in scoring.fusion.groups for m in g.members}
+    for side, detectors, prefix in (("forward", scoring.forward, ""), ("gradient", scoring.gradient, "grad_")):
+        if "knn" not in detectors:
+            continue
+        k = make_detector("knn", detectors["knn"], side == "gradient").k
+        if k > n_bank:
+            raise ConfigError(f"scoring.{side}.knn.k = {k} exceeds the bank size: id_train has {n_bank} samples")
+        if f"{prefix}knn" in fused and k > n_fit:
+            raise ConfigError(f"scoring.{side}.knn.k = {k} exceeds the {n_fit} id_train samples that fusion members "
+                              f"are fitted on (scoring.fusion.calibration_fraction = {scoring.fusion.calibration_fraction})")
+
+
 def member_detector(member: str) -> tuple[str, bool]:
     """A fusion member's ``(detector name, is gradient)``: ``grad_knn`` -> ``("knn", True)``."""
     return (member.removeprefix("grad_"), True) if member.startswith("grad_") else (member, False)
 
 
-def fusion_rows(group_name: str, members: list[str]) -> dict[str, list[str]]:
-    """The rows one fusion group produces: ``fused_<name>`` and, when it mixes forward and gradient members,
-    ``fused_<name>_forward_only`` (the same group without its gradient members: the baseline it must beat)."""
-    rows = {f"fused_{group_name}": list(members)}
-    forward = [m for m in members if not member_detector(m)[1]]
-    if forward and len(forward) < len(members):
-        rows[f"fused_{group_name}_forward_only"] = forward
-    return rows
+def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[list[str], str, str | None]]:
+    """Every fusion row: ``label -> (members, rule, twin)``. A group is ``fused_<name>``; when it mixes forward and
+    gradient members, its twin is the same group without the gradient members (``fused_<name>_forward_only``:
+    the baseline it must beat), shared by all groups with the same forward members and rule."""
+    plan: dict[str, tuple[list[str], str, str | None]] = {}
+    forward_only: dict[tuple[tuple[str, ...], str], str] = {}
+    for group in groups:
+        forward = [m for m in group.members if not member_detector(m)[1]]
+        twin = None
+        if forward and len(forward) < len(group.members):
+            twin = forward_only.setdefault((tuple(forward), group.rule), f"fused_{group.name}_forward_only")
+            plan.setdefault(twin, (forward, group.rule, None))
+        plan[f"fused_{group.name}"] = (list(group.members), group.rule, twin)
+    return plan
 
 
 def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
@@ -147,12 +171,10 @@ def fused_scores(
         kwargs = (scoring.gradient if gradient else scoring.forward)[name]
         member_scores[member] = score_detector(name, kwargs, gradient, fit_bank, with_cal, ctx)
     out: dict[str, dict[str, np.ndarray]] = {}
-    for group in fusion.groups:
-        for label, rows in fusion_rows(group.name, group.members).items():
-            cal = [member_scores[m]["__calibration__"] for m in rows]
-            out[label] = {t: fuse(cal, [member_scores[m][t] for m in rows], group.rule) for t in targets}
-            log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples",
-                     label, " + ".join(rows), group.rule, len(cal_rows))
+    for label, (rows, rule, _) in fusion_plan(fusion.groups).items():
+        cal = [member_scores[m]["__calibration__"] for m in rows]
+        out[label] = {t: fuse(cal, [member_scores[m][t] for m in rows], rule) for t in targets}
+        log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples", label, " + ".join(rows), rule, len(cal_rows))
     return out
 
 

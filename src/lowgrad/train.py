@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from lowgrad.config import Params
 from lowgrad.data import ImageSet, to_tensor_batch
+from lowgrad.errors import GradientError
 from lowgrad.models import FeatureClassifier
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ def train_classifier(model: FeatureClassifier, train: ImageSet, params: Params, 
             idx = torch.from_numpy(order[start : start + cfg.batch_size])
             x = _random_shift(x_all[idx], pad, rng).to(device)
             loss = F.cross_entropy(model(x), y_all[idx].to(device))
+            if not torch.isfinite(loss):
+                raise GradientError(f"training diverged: loss {float(loss)} at epoch {epoch + 1}, step "
+                                    f"{start // cfg.batch_size + 1}; lower train.lr (now {cfg.lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
