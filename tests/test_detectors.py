@@ -150,7 +150,7 @@ def test_forward_bats_clamps_features_to_the_bank_typical_range():
     expected = np.log(np.exp(z @ head.weight.T + head.bias).sum(1))
     np.testing.assert_allclose(det.score_samples(x), expected, rtol=1e-10)
     assert not np.allclose(det.score_samples(x), np.log(np.exp(x @ head.weight.T + head.bias).sum(1)))
-    assert make_detector("bats", {}, True, _head(rng, bn=True)).lam == 0.1  # METHOD.md's gradient-side lam
+    assert make_detector("bats", {}, True, _head(rng, bn=True)).lam == 0.1  # docs/method.md's gradient-side lam
 
 
 def test_gradnorm_closed_form_matches_autograd():

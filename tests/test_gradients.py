@@ -64,7 +64,7 @@ def test_per_sample_gradients_match_float64_loop(arch, channels, size, spec):
 
 
 def test_gradient_equals_softmax_weighted_logit_gradients():
-    """METHOD.md 1: grad logsumexp = sum_c softmax_c grad f_c (checked on the head weight)."""
+    """docs/method.md 1: grad logsumexp = sum_c softmax_c grad f_c (checked on the head weight)."""
     torch.manual_seed(1)
     model = build_model("small_cnn", 6, 1).eval()
     x = torch.randn(3, 1, 8, 8)

@@ -76,7 +76,7 @@ def test_sketch_of_selected_layers_only():
 
 
 def _nfk_scale(g: torch.Tensor) -> np.ndarray:
-    """Direct NumPy w = d^(-1/2); zero-variance entries take the largest finite scale (METHOD.md 2)."""
+    """Direct NumPy w = d^(-1/2); zero-variance entries take the largest finite scale (docs/method.md 2)."""
     d = g.var(dim=0, unbiased=False).numpy()
     w = np.zeros_like(d)
     w[d > 0] = 1 / np.sqrt(d[d > 0])

@@ -165,7 +165,7 @@ class BootstrapConfig(_Strict):
 
 
 class ProbeConfig(_Strict):
-    """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (METHOD.md section 5)."""
+    """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (docs/method.md section 5)."""
 
     epochs: Int = Field(10, gt=0)
     batch_size: Int = Field(16, gt=1)

@@ -1,5 +1,5 @@
 """OOD detectors in scikit-learn style: ``fit(X, y)`` on the ID bank, ``score_samples(X)`` with
-higher = more in-distribution (METHOD.md sections 5-6).
+higher = more in-distribution (docs/method.md sections 5-6).
 
 Like pytorch-ood, detectors split into *feature-only* ones (``score_samples`` on stored logits / features /
 ``G_low``) and *model-dependent* ones (:class:`ODIN` on images needs the network). Detectors that need the
@@ -208,7 +208,7 @@ class ReAct(_HeadDetector):
 class BATS(_HeadDetector):
     """Truncate features to their typical range, then Energy (Zhu et al. 2022).
 
-    Gradient side: the probe's BatchNorm1d output is clamped to ``beta +- lam * gamma`` (METHOD.md, lam = 0.1).
+    Gradient side: the probe's BatchNorm1d output is clamped to ``beta +- lam * gamma`` (docs/method.md, lam = 0.1).
     Forward side, ``typical="features"`` (the BATS authors' CIFAR code): each penultimate feature is clamped
     to ``mean +- lam * std`` of the bank's features (their CIFAR lam: 3.25). ``typical="batchnorm"`` (the
     paper's formulation, model-dependent, :meth:`score_inputs`): the network's last BatchNorm2d whose width is
@@ -405,14 +405,14 @@ def uses_probe(name: str) -> bool:
     return name in PROBE_LOGIT_DETECTORS or GRADIENT_DETECTORS[name].needs_head
 
 
-# METHOD.md section 5-6 defaults that differ between the two sides
+# docs/method.md section 5-6 defaults that differ between the two sides
 GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}, "bats": {"lam": 0.1},
 }
 
 
 def detector_options(name: str, kwargs: dict[str, Any] | None, gradient: bool) -> dict[str, Any]:
-    """Validated hyper-parameters of one configured detector (gradient-side defaults from METHOD.md where they
+    """Validated hyper-parameters of one configured detector (gradient-side defaults from docs/method.md where they
     differ); raises ``ValueError`` naming the option, e.g. ``knn.k: Input should be a valid integer``."""
     registry = GRADIENT_DETECTORS if gradient else FORWARD_DETECTORS
     if name not in registry:

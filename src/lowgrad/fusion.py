@@ -1,4 +1,4 @@
-"""Fusion of any number of detectors on a common scale (METHOD.md section 5, last item, generalised).
+"""Fusion of any number of detectors on a common scale (docs/method.md section 7).
 
 Each member's scores are calibrated on held-out ID data (a random part of ``id_train`` that no member was
 fitted on), then combined with equal weights:

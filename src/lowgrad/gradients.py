@@ -1,4 +1,4 @@
-"""Exact per-sample gradients of ``s(x) = logsumexp_c f_c(x)`` with ``torch.func`` (METHOD.md section 1).
+"""Exact per-sample gradients of ``s(x) = logsumexp_c f_c(x)`` with ``torch.func`` (docs/method.md section 1).
 
 The model is in ``eval()`` mode (BatchNorm uses running statistics); one vectorised pass returns the
 flattened per-sample gradients together with the logits and penultimate features.

@@ -1,4 +1,4 @@
-"""OOD metrics (METHOD.md section 7). Convention: ID is the positive class and higher score = more ID.
+"""OOD metrics (docs/method.md section 8). Convention: ID is the positive class and higher score = more ID.
 
 Implemented directly in NumPy (rank statistics, step-wise average precision) and tested against
 scikit-learn, including ties. Values are fractions; :func:`ood_metrics` reports percent.

@@ -1,4 +1,4 @@
-"""The linear probe of METHOD.md section 5: BatchNorm1d(k) -> Linear(k, C) trained on the bank's ``G_low``."""
+"""The linear probe of docs/method.md section 5: BatchNorm1d(k) -> Linear(k, C) trained on the bank's ``G_low``."""
 
 from __future__ import annotations
 

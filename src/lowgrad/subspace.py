@@ -1,4 +1,4 @@
-"""Kernel normalisation (NFK / NTK) and the low-dimensional gradient subspace (METHOD.md sections 2-4).
+"""Kernel normalisation (NFK / NTK) and the low-dimensional gradient subspace (docs/method.md sections 2-4).
 
 Everything here streams over row blocks of the per-sample gradient matrix ``G`` (N x P): a *block source*
 is a zero-argument callable returning a fresh iterator of ``(rows, block)`` pairs, so each pass over the
@@ -86,7 +86,7 @@ def combine_partials(kind: str, partials: list, n_rows: int):
 
 
 def nfk_scale(fisher_diag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w = d^(-1/2)``; zero-variance entries take the largest finite ``w`` (METHOD.md 2; 1.0 if none is
+    """``w = d^(-1/2)``; zero-variance entries take the largest finite ``w`` (docs/method.md 2; 1.0 if none is
     finite). Returns ``(w, d > 0)``."""
     positive = fisher_diag > 0
     scale = np.zeros_like(fisher_diag)
@@ -218,7 +218,7 @@ def incremental_pca(phi: BlockSource, k: int, dim: int) -> tuple[np.ndarray, np.
 
 
 def average_gradient_basis(passes: RowPasses, labels: np.ndarray) -> np.ndarray:
-    """One unit-norm column per class: the class mean of ``phi`` (METHOD.md section 3), not orthogonalised."""
+    """One unit-norm column per class: the class mean of ``phi`` (docs/method.md section 3), not orthogonalised."""
     classes = np.unique(labels[labels >= 0])
     onehot = (labels[:, None] == classes[None, :]).astype(np.float64)
     means = passes.run("transpose_times", onehot) / np.maximum(onehot.sum(axis=0), 1)
