@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.pipeline import ROOT, apply_params, stage_environment
-from lowgrad.config import read_raw
+from lowgrad.config import read_raw, set_dotted
+from lowgrad.route import Route
 
 LAST_BLOCK = {
     "resnet18_cifar": ["layer4", "fc"],
@@ -62,8 +63,12 @@ def variant_overrides(name: str, base: dict[str, Any], skip_forward_odin: bool) 
 
 
 def run_experiment(name: str, params_file: str, overrides: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Write the variant's params.yaml, then ``dvc exp run --name abl-<name>``; returns its metrics."""
-    apply_params(params_file, overrides, root)
+    """Write the variant's params.yaml (without the settings its route does not use), then
+    ``dvc exp run --name abl-<name>``; returns its metrics."""
+    raw = read_raw(root / params_file)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    apply_params(params_file, overrides, root, drop=Route.of_raw(raw).present_ignored(raw))
     exp = f"abl-{name}"
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "exp", "remove", exp], cwd=root, env=stage_environment(), capture_output=True)

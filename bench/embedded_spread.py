@@ -22,7 +22,7 @@ import torch
 
 from bench.routes import run_route
 from lowgrad.config import load_params
-from lowgrad import pipeline
+from lowgrad import paths
 
 VARIANTS: dict[str, tuple[dict[str, Any], int | None]] = {  # name: (params overrides, torch threads)
     "base": ({}, None),
@@ -48,7 +48,7 @@ def main() -> None:
         torch.set_num_threads(threads or default_threads)
         run_route(args.params_file, {**overrides, "subspace.power_iters": s.power_iters, "subspace.oversample": s.oversample},
                   args.workdir / name)
-        metrics = json.loads((args.workdir / name / pipeline.METRICS).read_text())
+        metrics = json.loads((args.workdir / name / paths.METRICS).read_text())
         means[name] = {row: t["mean"] for row, t in metrics["methods"].items()}
         means[name]["id_accuracy"] = {"value": metrics["id_accuracy"]}
     torch.set_num_threads(default_threads)

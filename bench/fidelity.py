@@ -32,6 +32,7 @@ from lowgrad.detectors import make_detector
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
 from lowgrad.models import build_model, load_checkpoint, pick_device
+from lowgrad.route import Route
 from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
 from lowgrad.subspace import GradientSubspace
 
@@ -99,7 +100,8 @@ def main() -> None:
     batch = 1024 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
     sketched = {name: _rows(sketch, xs, device, batch) for name, xs in x.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
-    sketch_sub = GradientSubspace("center" if args.kernel == "nfk" else "ntk", k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
+    sketch_kernel = Route(name=args.route, kernel=args.kernel, basis="pca", method="randomized").subspace_kernel
+    sketch_sub = GradientSubspace(sketch_kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
 
     # inner products of centred NFK rows (ID test)
     phi = exact_sub.normalizer_.transform(exact["id_test"])

@@ -5,11 +5,12 @@ GPU machine) in its own work directory, then one JSON object is printed: per rou
 peak GPU MB per stage; peak RSS of this one process so far, so it only grows), the set sizes and the gradient
 detectors' OOD table; and per OOD set the AUROC / FPR95 differences of every other route from the first. Example (CUDA machine beside ../shared)::
 
-    python -m bench.routes --params-file configs/cifar10_resnet18_gpu.yaml --routes exact_randomized kronecker
+    python -m bench.routes --params-file configs/cifar10_resnet18_gpu.yaml --routes matrix_free kronecker
 
-Routes are overrides of the params file: ``exact_randomized`` (no sketch, matrix-free PCA), ``kronecker`` /
-``dense`` (the file's sketch settings with that sketch), ``stored`` (exact gradients stored, PCA of the store:
-small models only); every route's randomized SVD takes ``--power-iters`` and ``--oversample``.
+Routes (:mod:`lowgrad.route`) are overrides of the params file: ``matrix_free`` (no sketch, matrix-free PCA;
+alias ``exact_randomized``), ``kronecker`` / ``dense`` (the file's sketch settings with that sketch), ``exact``
+(exact gradients stored, PCA of the store: small models only; alias ``stored``); settings a route does not use
+are dropped; every route's randomized SVD takes ``--power-iters`` and ``--oversample``.
 """
 
 from __future__ import annotations
@@ -25,33 +26,47 @@ from typing import Any
 
 import yaml
 
-from lowgrad import pipeline, timing
-from lowgrad.config import load_params
+from lowgrad import paths, pipeline, timing
+from lowgrad.config import Params, parse_params, read_raw, set_dotted
+from lowgrad.route import ROUTES, Route
 
-ROUTES: dict[str, dict[str, Any]] = {
-    "exact_randomized": {"gradient.sketch": "none", "subspace.method": "exact_randomized"},
-    "kronecker": {"gradient.sketch": "kronecker", "subspace.method": "randomized"},
-    "dense": {"gradient.sketch": "dense", "subspace.method": "randomized"},
-    "stored": {"gradient.sketch": "none", "subspace.method": "randomized"},
-}
+ALIASES = {"stored": "exact", "exact_randomized": "matrix_free"}  # the names earlier results use
 DETECTORS = ("grad_knn", "grad_mahalanobis", "knn", "mahalanobis")
+
+
+def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
+    """The params file with ``overrides``, less the settings its route does not use (a file written for the
+    Kronecker route keeps ``sketch_rank``, which the dense route refuses)."""
+    raw = read_raw(params_file)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    for key in Route.of_raw(raw).present_ignored(raw):
+        section, leaf = key.split(".", 1)
+        del raw[section][leaf]
+    root = Path.cwd()  # the project root: the params' relative data and checkpoint paths are resolved against it
+    for spec in raw["data"]["datasets"].values():
+        if spec.get("path") and not os.path.isabs(spec["path"]):
+            spec["path"] = str((root / spec["path"]).resolve())
+    checkpoint = raw["model"].get("checkpoint")
+    if checkpoint and not os.path.isabs(checkpoint):
+        raw["model"]["checkpoint"] = str((root / checkpoint).resolve())
+    return parse_params(raw, str(params_file))
 
 
 def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
-    params = load_params(params_file, overrides)
+    params = route_params(params_file, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     here = Path.cwd()
     os.chdir(workdir)
     try:
-        params = _relative_to(params, here)
         stages = {}
         for name, func, args in pipeline.stage_plan(params):
             timing.start()
             func(params, *args)
             stages[name] = json.loads(timing.record(name).read_text())
             logging.info("%s: %.1f s", name, stages[name]["wall_s"])
-        metrics = json.loads(Path(pipeline.METRICS).read_text())
+        metrics = json.loads(Path(paths.METRICS).read_text())
     finally:
         os.chdir(here)
     table = {d: metrics["methods"][d] for d in DETECTORS if d in metrics["methods"]}
@@ -66,17 +81,6 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
         "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts,
     }
-
-
-def _relative_to(params, root: Path):
-    """Resolve the params' relative data and checkpoint paths against ``root`` (the project root)."""
-    raw = params.model_dump()
-    for spec in raw["data"]["datasets"].values():
-        if spec.get("path") and not os.path.isabs(spec["path"]):
-            spec["path"] = str((root / spec["path"]).resolve())
-    if raw["model"]["checkpoint"] and not os.path.isabs(raw["model"]["checkpoint"]):
-        raw["model"]["checkpoint"] = str((root / raw["model"]["checkpoint"]).resolve())
-    return type(params).model_validate(raw)
 
 
 def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -97,7 +101,7 @@ def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params-file", type=Path, required=True)
-    parser.add_argument("--routes", nargs="+", default=["exact_randomized", "kronecker"], choices=sorted(ROUTES))
+    parser.add_argument("--routes", nargs="+", default=["matrix_free", "kronecker"], choices=[*ROUTES, *ALIASES])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every route")
     parser.add_argument("--power-iters", type=int, default=1, help="randomized SVD power iterations (every route)")
     parser.add_argument("--oversample", type=int, default=50, help="randomized SVD extra test vectors (every route)")
@@ -109,13 +113,13 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for route in args.routes:
-        overrides = {**common, **ROUTES[route], "subspace.power_iters": args.power_iters,
+        overrides = {**common, **Route.SWITCH[ALIASES.get(route, route)], "subspace.power_iters": args.power_iters,
                      "subspace.oversample": args.oversample}
         results[route] = run_route(args.params_file, overrides, args.workdir / route)
         if args.out is not None:
             dest = args.out / route
             dest.mkdir(parents=True, exist_ok=True)
-            for item in (pipeline.REPORT, pipeline.METRICS):
+            for item in (paths.REPORT, paths.METRICS):
                 shutil.copy(args.workdir / route / item, dest / Path(item).name)
             (args.out / "routes.json").write_text(json.dumps(results, indent=1))  # partial results survive a kill
     import torch

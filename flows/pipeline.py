@@ -38,7 +38,7 @@ from prefect.states import Failed  # noqa: E402
 from lowgrad.config import load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
 from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
-from lowgrad.pipeline import prepared_size  # noqa: E402
+from lowgrad.stages.prepare import prepared_size  # noqa: E402
 from lowgrad.scoring import check_bank_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,16 +86,27 @@ def _get_dotted(tree: Any, dotted: str) -> tuple[bool, Any]:
     return True, tree
 
 
-def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT) -> None:
-    """Validate ``params_file`` + ``overrides`` and make them the workspace's ``params.yaml``. A key that
-    ``dvc.yaml`` tracks but the file leaves to its default is written out with that default (DVC refuses a
-    stage whose declared param is missing)."""
+def _drop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part) or {}
+    tree.pop(leaf, None)
+
+
+def apply_params(
+    params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT, drop: list[str] | None = None
+) -> None:
+    """Validate ``params_file`` + ``overrides`` (minus the ``drop`` keys) and make them the workspace's
+    ``params.yaml``. A key that ``dvc.yaml`` tracks but the file leaves to its default is written out with that
+    default (DVC refuses a stage whose declared param is missing)."""
     from ruamel.yaml import YAML
 
     source, target = Path(params_file), root / "params.yaml"
     if not source.is_absolute():
         source = root / source
     raw = read_raw(source)
+    for key in drop or []:
+        _drop_dotted(raw, key)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     validated = parse_params(raw, str(source)).model_dump()  # raises ConfigError with one clear line
@@ -105,10 +116,12 @@ def apply_params(params_file: str, overrides: dict[str, Any] | None, root: Path 
         if found and not _get_dotted(raw, key)[0]:
             defaults[key] = value
     changes = {**defaults, **(overrides or {})}
-    if source.resolve() == target.resolve() and not changes:
+    if source.resolve() == target.resolve() and not changes and not drop:
         return
     rt = YAML()
     doc = rt.load(source.read_text())
+    for key in drop or []:
+        _drop_dotted(doc, key)
     for key, value in changes.items():
         node = doc
         *parents, leaf = key.split(".")

@@ -1,6 +1,6 @@
 """DVC stage 'extract': Per-sample gradients, logits and features into a zarr store."""
 
-from lowgrad.pipeline import extract
+from lowgrad.stages.extract import extract
 from stages._run import run_stage
 
 if __name__ == "__main__":

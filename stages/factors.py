@@ -1,6 +1,6 @@
 """DVC stage 'factors': NFK Kronecker factors for the sketched gradient route."""
 
-from lowgrad.pipeline import fit_factors
+from lowgrad.stages.factors import fit_factors
 from stages._run import run_stage
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage 'model': Import the configured checkpoint or train the classifier."""
 
-from lowgrad.pipeline import build_classifier
+from lowgrad.stages.model import build_classifier
 from stages._run import run_stage
 
 if __name__ == "__main__":

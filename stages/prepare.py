@@ -1,6 +1,6 @@
 """DVC stage 'prepare': Load, check and save one dataset."""
 
-from lowgrad.pipeline import prepare
+from lowgrad.stages.prepare import prepare
 from stages._run import run_stage
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage 'project': Project one set's gradients onto the basis."""
 
-from lowgrad.pipeline import project
+from lowgrad.stages.project import project
 from stages._run import run_stage
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage 'report': Write the Markdown report and PNG plots."""
 
-from lowgrad.pipeline import report
+from lowgrad.stages.report import report
 from stages._run import run_stage
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage 'score': Fit detectors on the ID bank and compute OOD metrics."""
 
-from lowgrad.pipeline import score
+from lowgrad.stages.score import score
 from stages._run import run_stage
 
 if __name__ == "__main__":

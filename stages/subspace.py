@@ -1,6 +1,6 @@
 """DVC stage 'subspace': Fit the kernel normaliser and the low-dimensional basis."""
 
-from lowgrad.pipeline import fit_subspace
+from lowgrad.stages.subspace import fit_subspace
 from stages._run import run_stage
 
 if __name__ == "__main__":

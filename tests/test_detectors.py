@@ -261,7 +261,7 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
     calibration images of the held-out ID rows, and its scores are finite for every set."""
     from lowgrad.config import parse_params
     from lowgrad.models import build_model
-    from lowgrad.pipeline import forward_head
+    from lowgrad.detectors import Head
     from lowgrad.scoring import ScoringContext, run_all
 
     torch.manual_seed(0)
@@ -284,7 +284,7 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
                     "fusion": {"groups": [{"name": "bats_grad_knn", "members": ["bats", "grad_knn"]}]}},
     })
     loaded = []
-    ctx = ScoringContext(forward_head=forward_head(model), num_classes=3, model_forward=model,
+    ctx = ScoringContext(forward_head=Head.from_linear(model.head), num_classes=3, model_forward=model,
                          load_images=lambda name: loaded.append(name) or images[name])
     scores, _ = run_all(params, sets, ctx)
     assert "id_train" in loaded  # the calibration rows' images were loaded for the forward side
@@ -310,3 +310,18 @@ def test_fusion_plan_shares_identical_forward_only_baselines():
         "fused_c": (["vim", "knn", "grad_residual"], "fisher", "fused_c_forward_only"),
         "fused_d": (["grad_knn", "grad_residual"], "zscore", None),  # gradient only: no forward-only twin
     }
+
+
+def test_option_models_match_the_detector_classes():
+    """The options registry (validated with the config) and the detector registry name the same detectors, and
+    every option is a parameter of the class's constructor (nothing validated is dropped)."""
+    import inspect
+
+    from lowgrad.detectors import FORWARD_DETECTORS, GRADIENT_DETECTORS
+    from lowgrad.options import FORWARD_OPTIONS, GRADIENT_OPTIONS
+
+    for detectors, options in ((FORWARD_DETECTORS, FORWARD_OPTIONS), (GRADIENT_DETECTORS, GRADIENT_OPTIONS)):
+        assert set(detectors) == set(options)
+        for name, cls in detectors.items():
+            accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head", "args", "kwargs"}
+            assert set(options[name].model_fields) == accepted, name

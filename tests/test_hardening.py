@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from lowgrad.config import ConfigError, load_params, parse_params, parse_yaml
-from lowgrad.errors import DataError
 from lowgrad.runlock import RunLock, RunLockedError
 from tests.test_pipeline import TINY, _env, dvc, make_project, set_param
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowgrad import pipeline
+from lowgrad import paths, pipeline
 from lowgrad.config import load_params
 from lowgrad.data import load_image_set, resize_center_crop
 
@@ -67,31 +67,31 @@ def test_imagenet_protocol_on_a_tiny_image_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     for name in params.data.datasets:
-        pipeline.prepare(params, name)
-    train = load_image_set(pipeline.PREPARED.format(name="id_train"))
+        pipeline.BODIES["prepare"](params, name)
+    train = load_image_set(paths.PREPARED.format(name="id_train"))
     assert train.images.shape == (15, 224, 224, 3)
     np.testing.assert_array_equal(np.bincount(train.labels), [5, 5, 5])
     first = np.asarray(Image.open(sorted((tmp_path / "imagenet/train" / classes[0]).iterdir())[0]).convert("RGB"))
     np.testing.assert_array_equal(train.images[0], resize_center_crop(first, 224, 3, short_side=256))
 
-    pipeline.build_classifier(params)
-    info = json.loads(Path(pipeline.MODEL_INFO).read_text())
+    pipeline.BODIES["model"](params)
+    info = json.loads(Path(paths.MODEL_INFO).read_text())
     assert info["n_parameters"] == 25_557_032
-    pipeline.fit_factors(params)
+    pipeline.BODIES["factors"](params)
     for name in params.data.datasets:
-        pipeline.extract(params, name)
-    pipeline.fit_subspace(params)
+        pipeline.BODIES["extract"](params, name)
+    pipeline.BODIES["subspace"](params)
     for name in params.data.datasets:
-        pipeline.project(params, name)
-    pipeline.score(params)
-    pipeline.report(params)
+        pipeline.BODIES["project"](params, name)
+    pipeline.BODIES["score"](params)
+    pipeline.BODIES["report"](params)
 
-    g_low = np.load(pipeline.PROJECTED.format(name="id_test"))
+    g_low = np.load(paths.PROJECTED.format(name="id_test"))
     assert g_low.shape == (6, 3) and np.isfinite(g_low).all()  # one average-gradient direction per bank class
-    metrics = json.loads(Path(pipeline.METRICS).read_text())
+    metrics = json.loads(Path(paths.METRICS).read_text())
     assert {"knn", "grad_knn", "mahalanobis", "grad_mahalanobis", "vim", "fused_react_grad_knn"} <= set(metrics["methods"])
     for table in metrics["methods"].values():
         assert set(table) == {"inaturalist", "textures", "mean"}
         assert all(np.isfinite(v) for key, v in table["mean"].items() if key != "ci")
     assert metrics["k_sweep"] == {}
-    assert "| knn | yes |" in Path(pipeline.REPORT).read_text()
+    assert "| knn | yes |" in Path(paths.REPORT).read_text()

@@ -8,7 +8,7 @@ import torch
 
 from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.gradients import PerSampleGradients
-from lowgrad.matrix_free import GradientRows, fit_exact_randomized, transform_rows
+from lowgrad.matrix_free import GradientRows
 from lowgrad.models import build_model
 from lowgrad.subspace import GradientSubspace, nfk_scale
 from tests.test_gradients import _randomise_bn
@@ -58,6 +58,16 @@ def setting():
     _, s, vt = np.linalg.svd(phi, full_matrices=False)
     return {"model": model, "train": train, "test": test, "g": g, "mean": mean, "w": w, "s": s, "v": vt.T,
             "phi_test": (_exact_float64(model, test) - mean) * w}
+
+
+def fit_exact_randomized(rows, kernel, k, oversample, power_iters, seed):
+    """The matrix-free PCA: GradientSubspace over recomputed-gradient row passes."""
+    return GradientSubspace(kernel=kernel, method="exact_randomized", k=k, oversample=oversample,
+                            power_iters=power_iters, seed=seed).fit(rows)
+
+
+def transform_rows(sub, rows):
+    return sub.transform_blocks_with_sqnorm(rows)
 
 
 def _rows(setting, images, batch_size=16):
@@ -114,8 +124,11 @@ def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
     """extract stores no gradients; subspace and project recompute them; G_low equals the exact PCA's."""
     from lowgrad.config import parse_params
     from lowgrad.data import save_image_set
-    from lowgrad.pipeline import EXTRACTED, MODEL, PREPARED, PROJECTED, extract, fit_factors, fit_subspace, project
+    from lowgrad.paths import EXTRACTED, MODEL, PREPARED, PROJECTED
+    from lowgrad.pipeline import BODIES
     from lowgrad.store import ChunkedStore
+
+    extract, fit_factors, fit_subspace, project = (BODIES[s] for s in ("extract", "factors", "subspace", "project"))
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({
@@ -125,7 +138,7 @@ def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
             "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 20},
             "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 20}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
-        "gradient": {"chunk_rows": 16, "batch_size": 16, "max_params": 10},  # max_params: nothing is stored
+        "gradient": {"chunk_rows": 16, "batch_size": 16},
         "subspace": {"method": "exact_randomized", "k": 5, "oversample": 60, "power_iters": 1},
         "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}},
     })

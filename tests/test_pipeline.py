@@ -26,6 +26,7 @@ TINY = {
     "data": {
         "image_size": 8,
         "channels": 1,
+        "resize_short_side": None,
         "mean": [0.5],
         "std": [0.5],
         "datasets": {
@@ -37,7 +38,7 @@ TINY = {
     "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": None},
     "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
     "gradient": {"chunk_rows": 64, "batch_size": 32},
-    "subspace": {"kernel": "nfk", "method": "randomized", "k": 8, "oversample": 6, "power_iters": 2},
+    "subspace": {"kernel": "nfk", "basis": "pca", "method": "randomized", "k": 8, "oversample": 6, "power_iters": 2},
     "scoring": {"forward": {"msp": {}, "energy": {}, "knn": {"k": 5}, "mahalanobis": {}, "odin": {}, "react": {}},
                 "gradient": {"knn": {"k": 5}, "mahalanobis": {}, "energy": {}, "bats": {}, "residual": {}},
                 "fusion": {"groups": [{"name": "react_grad_knn", "members": ["react", "grad_knn"]},

@@ -12,7 +12,8 @@ import torch
 from lowgrad.config import parse_params
 from lowgrad.data import load_dataset, save_image_set
 from lowgrad.models import build_model
-from lowgrad.pipeline import EXTRACTED, MODEL, PREPARED, extract
+from lowgrad.paths import EXTRACTED, MODEL, PREPARED
+from lowgrad.stages.extract import extract
 from lowgrad.store import ChunkedStore
 
 pytest.importorskip("distributed")
@@ -56,7 +57,9 @@ def test_dask_sharded_extraction_equals_single_process(tmp_path, monkeypatch):
 
     # subspace + projection: per-shard partial products reduced on the client (float tolerance: the
     # summation order differs from the single-process pass)
-    from lowgrad.pipeline import SUBSPACE, fit_subspace, project
+    from lowgrad.paths import SUBSPACE
+    from lowgrad.stages.project import project
+    from lowgrad.stages.subspace import fit_subspace
     from lowgrad.subspace import GradientSubspace
 
     params_local, params_dask = _params(None), _params("local")

@@ -126,7 +126,8 @@ def test_nfk_factors_fold_into_the_projections():
     svd_fit = s[0] * np.outer(u[:, 0], vt[0])
     masked_err = lambda f: np.linalg.norm((w_conv2 - f)[mask]) / np.linalg.norm(w_conv2[mask])  # noqa: E731
     assert masked_err(fit) <= masked_err(svd_fit) + 1e-9
-    assert errors["conv2"] == pytest.approx(masked_err(fit), rel=1e-6)
+    # the error is computed from the fit's own w, which matches the exact one to rtol 1e-5 (above): same tolerance
+    assert errors["conv2"] == pytest.approx(masked_err(fit), rel=1e-5)
 
     # sketching with the factors = sketching (a b^T) * G exactly
     x = torch.randn(4, 1, 8, 8)
@@ -233,8 +234,11 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
     from lowgrad.config import parse_params
     from lowgrad.data import load_dataset, save_image_set
     from lowgrad.errors import StoreError
-    from lowgrad.pipeline import EXTRACTED, FACTORS_INFO, MODEL, PREPARED, extract, fit_factors, fit_subspace, project
+    from lowgrad.paths import EXTRACTED, FACTORS_INFO, MODEL, PREPARED
+    from lowgrad.pipeline import BODIES
     from lowgrad.store import ChunkedStore
+
+    extract, fit_factors, fit_subspace, project = (BODIES[s] for s in ("extract", "factors", "subspace", "project"))
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({
@@ -244,7 +248,8 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
             "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 40},
             "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 40}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
-        "gradient": {"sketch": route, "sketch_rank": 4, "sketch_dim": 96, "factor_samples": 64, "chunk_rows": 32,
+        "gradient": {"sketch": route, **({"sketch_rank": 4} if route == "kronecker" else {"sketch_dim": 96}),
+                     "factor_samples": 64, "chunk_rows": 32,
                      "batch_size": 16},
         "subspace": {"k": 6},
         "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}},

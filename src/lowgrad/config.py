@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from lowgrad.errors import ConfigError
 
 
-Int = Annotated[int, Strict()]  # counts: `true` and "40" are refused, not read as 1 and 40
+Int = StrictInt  # counts: `true` and "40" are refused, not read as 1 and 40
 RESERVED_SET_NAMES = {"mean"}  # the metrics' mean row
 
 
@@ -222,18 +222,19 @@ class Params(_Strict):
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
-    def _matrix_free_route(self) -> "Params":
-        if self.subspace.method == "exact_randomized":
-            if self.gradient.sketch != "none":
-                raise ValueError("subspace.method exact_randomized recomputes exact gradients: set gradient.sketch: none")
-            if self.subspace.basis != "pca":
-                raise ValueError("subspace.method exact_randomized computes the PCA basis: set subspace.basis: pca")
+    def _runnable_route(self) -> "Params":
+        from lowgrad.route import Route  # the one place that decides the gradient route
+
+        try:
+            Route.from_params(self)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
         return self
 
     @field_validator("scoring")
     @classmethod
     def _known_detectors(cls, value: DetectorsConfig) -> DetectorsConfig:
-        from lowgrad.detectors import check_detector_config
+        from lowgrad.options import check_detector_config
 
         check_detector_config(value.forward, "scoring.forward")
         check_detector_config(value.gradient, "scoring.gradient")

@@ -20,6 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from lowgrad.config import DataConfig, DatasetConfig
 from lowgrad.errors import DataError
+from lowgrad.paths import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -284,11 +285,8 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
 
 def save_image_set(path: str | Path, image_set: ImageSet) -> None:
     """Write atomically (temporary file, then rename): a killed run leaves no half-written set."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=image_set.images, labels=image_set.labels)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=image_set.images, labels=image_set.labels)
 
 
 def load_image_set(path: str | Path) -> ImageSet:

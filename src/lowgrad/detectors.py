@@ -12,48 +12,15 @@ logits) and :data:`GRADIENT_DETECTORS` (``G_low``; probe-based ones train the li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
-from lowgrad.config import Int
 from lowgrad.errors import ConfigError
-
-
-# -- hyper-parameters: one pydantic model per detector, checked with the config (types and ranges) ----------
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TemperatureOptions(NoOptions):
-    temperature: float = Field(1.0, gt=0)
-
-
-class KNNOptions(NoOptions):
-    k: Int = Field(5, ge=1)
-
-
-class ReActOptions(NoOptions):
-    percentile: float = Field(90.0, gt=0, le=100)
-    start: Int = Field(0, ge=0)
-
-
-class BATSOptions(NoOptions):
-    lam: float = Field(3.25, gt=0)
-    typical: Literal["features", "batchnorm"] = "features"
-
-
-class ViMOptions(NoOptions):
-    dim: Int | None = Field(None, ge=1)
-
-
-class ODINOptions(NoOptions):
-    temperature: float = Field(1000.0, gt=0)
-    epsilon: float = Field(0.0014, ge=0)
+from lowgrad.options import detector_options
 
 
 @dataclass
@@ -70,6 +37,12 @@ class Head:
     bn_weight: np.ndarray | None = None
     bn_bias: np.ndarray | None = None
     bn_eps: float = 1e-5
+
+    @classmethod
+    def from_linear(cls, linear) -> "Head":
+        """A network's last ``Linear`` layer (torch) as a :class:`Head`, in float64."""
+        as_np = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
+        return cls(weight=as_np(linear.weight), bias=as_np(linear.bias))
 
     def normalised(self, u: np.ndarray) -> np.ndarray:
         """Output of the probe's BatchNorm (identity without one)."""
@@ -89,7 +62,6 @@ class Detector:
 
     input: ClassVar[str] = "features"
     needs_head: ClassVar[bool] = False
-    options: ClassVar[type[NoOptions]] = NoOptions  # the hyper-parameters ``__init__`` takes besides the head
     uses_model: bool = False  # forward side: scored by ``score_inputs(model, images)`` instead
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "Detector":
@@ -116,7 +88,6 @@ class Energy(Detector):
     """Negative free energy ``T * logsumexp(logits / T)`` (Liu et al. 2020)."""
 
     input = "logits"
-    options = TemperatureOptions
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
@@ -128,7 +99,6 @@ class Energy(Detector):
 class KNN(Detector):
     """Minus the distance to the ``k``-th nearest L2-normalised bank row (Sun et al. 2022)."""
 
-    options = KNNOptions
 
     def __init__(self, k: int = 5) -> None:
         if k < 1:
@@ -185,7 +155,6 @@ class ReAct(_HeadDetector):
     ``start`` leaves the first coordinates unclipped (the paper clips ``G_low`` coordinates j >= 10); with no
     coordinate at or past ``start`` nothing is clipped (plain Energy)."""
 
-    options = ReActOptions
 
     def __init__(self, head: Head, percentile: float = 90.0, start: int = 0) -> None:
         super().__init__(head)
@@ -215,7 +184,6 @@ class BATS(_HeadDetector):
     the feature dimension has its output clamped to ``beta +- lam * gamma`` at every position, before the
     residual addition, ReLU and pooling that follow it."""
 
-    options = BATSOptions
 
     def __init__(self, head: Head, lam: float = 3.25, typical: str = "features") -> None:
         super().__init__(head)
@@ -268,7 +236,6 @@ class GradNorm(_HeadDetector):
     """L1 norm of the gradient of KL(uniform || softmax) w.r.t. the last weight (Huang et al. 2021), closed
     form: the gradient is ``(p - 1/C) z^T`` so its L1 norm is ``||p - 1/C||_1 * ||z||_1``."""
 
-    options = TemperatureOptions
 
     def __init__(self, head: Head, temperature: float = 1.0) -> None:
         super().__init__(head)
@@ -284,7 +251,6 @@ class ViM(_HeadDetector):
     """Virtual-logit matching (Wang et al. 2022): energy minus the scaled norm of the feature's residual
     outside the principal subspace of ID features (origin ``-W^+ b``)."""
 
-    options = ViMOptions
 
     def __init__(self, head: Head, dim: int | None = None) -> None:
         super().__init__(head)
@@ -318,7 +284,6 @@ class ODIN(Detector):
 
     needs_head = True
     uses_model = True  # forward side: perturbs the input images
-    options = ODINOptions
 
     def __init__(self, head: Head | None = None, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
         self.head, self.temperature, self.epsilon = head, temperature, epsilon
@@ -405,41 +370,8 @@ def uses_probe(name: str) -> bool:
     return name in PROBE_LOGIT_DETECTORS or GRADIENT_DETECTORS[name].needs_head
 
 
-# docs/method.md section 5-6 defaults that differ between the two sides
-GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}, "bats": {"lam": 0.1},
-}
-
-
-def detector_options(name: str, kwargs: dict[str, Any] | None, gradient: bool) -> dict[str, Any]:
-    """Validated hyper-parameters of one configured detector (gradient-side defaults from docs/method.md where they
-    differ); raises ``ValueError`` naming the option, e.g. ``knn.k: Input should be a valid integer``."""
-    registry = GRADIENT_DETECTORS if gradient else FORWARD_DETECTORS
-    if name not in registry:
-        raise ValueError(f"{name}: unknown detector '{name}' (known: {sorted(registry)})")
-    options = registry[name].options
-    try:
-        return options.model_validate({**(GRADIENT_DEFAULTS.get(name, {}) if gradient else {}), **(kwargs or {})}).model_dump()
-    except ValidationError as err:
-        problems = []
-        for item in err.errors():
-            key = ".".join(str(p) for p in item["loc"])
-            msg = f"unknown option (allowed: {sorted(options.model_fields)})" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{name}.{key}: {msg}" if key else f"{name}: {msg}")
-        raise ValueError("; ".join(problems)) from None
-
-
-def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None:
-    """Unknown detector names, unknown hyper-parameters and values of the wrong type or range are errors."""
-    for name, kwargs in config.items():
-        try:
-            detector_options(name, kwargs, where.endswith("gradient"))
-        except ValueError as err:
-            raise ValueError(f"{where}.{err}") from None
-
-
 def make_detector(name: str, kwargs: dict[str, Any] | None, gradient: bool, head: Head | None = None) -> Detector:
-    """Instantiate a configured detector with its validated hyper-parameters."""
+    """Instantiate a configured detector with its validated hyper-parameters (:mod:`lowgrad.options`)."""
     try:
         options = detector_options(name, kwargs, gradient)
     except ValueError as err:

@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lowgrad.data import ImageSet, to_tensor_batch
-from lowgrad.gradients import PerSampleGradients, check_exact_route
-from lowgrad.models import FeatureClassifier
+from lowgrad.config import Params
+from lowgrad.data import ImageSet, load_image_set, to_tensor_batch
+from lowgrad.gradients import PerSampleGradients, check_exact_route, select_parameters
+from lowgrad.models import FeatureClassifier, fresh_model, load_checkpoint, pick_device
+from lowgrad.paths import FACTORS, MODEL, PREPARED
+from lowgrad.route import Route
 from lowgrad.store import ChunkedStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,41 @@ class Extractor:
         out = {k: np.concatenate(v) for k, v in parts.items()}
         out["labels"] = self.images.labels[rows, None].astype(np.int64)
         return out
+
+
+def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]:
+    """The ``factors`` stage's arrays as ``{layer: {part: array}}``."""
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            layer, part = key.rsplit("/", 1)
+            factors.setdefault(layer, {})[part] = z[key]
+    return factors
+
+
+def build_extractor(params: Params, name: str, root: str | Path = ".") -> Extractor:
+    """The extractor of one prepared set on this configuration's route (``root``: the project directory)."""
+    root = Path(root)
+    route = Route.from_params(params)
+    model = load_checkpoint(fresh_model(params), root / MODEL).eval()
+    g = params.gradient
+    param_names = select_parameters(model, g.params)
+    device = pick_device(params.device)
+    factors = load_factors(root / FACTORS) if route.needs_factors else {}
+    sketch = None
+    if route.sketch == "kronecker":
+        from lowgrad.sketch import KroneckerSketch
+
+        sketch = KroneckerSketch(model.to(device), g.sketch_rank, params.seed, factors, param_names)
+    elif route.sketch == "dense":
+        from lowgrad.dense_sketch import DenseSketch
+
+        sketch = DenseSketch(model.to(device), param_names, g.sketch_dim, params.seed, factors.get("dense", {}).get("w"))
+    return Extractor(
+        model, param_names, load_image_set(root / PREPARED.format(name=name)), params.data.mean, params.data.std,
+        batch_size=g.batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
+        store_gradients=route.stores_gradients,
+    )
 
 
 def open_store(

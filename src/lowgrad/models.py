@@ -9,13 +9,16 @@ and any key or shape mismatch is a clear error.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowgrad.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from lowgrad.config import Params
 
 
 class FeatureClassifier(nn.Module):
@@ -193,6 +196,18 @@ def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassi
         )
     model.load_state_dict(state)
     return model
+
+
+def fresh_model(params: "Params") -> FeatureClassifier:
+    """The configured architecture, randomly initialised (seed torch first for reproducible weights)."""
+    return build_model(params.model.arch, params.model.num_classes, params.data.channels)
+
+
+def load_classifier(params: "Params", root: str | Path = ".") -> FeatureClassifier:
+    """The ``model`` stage's weights (``models/model.pt``) in the configured architecture, ``eval()``, on the CPU."""
+    from lowgrad.paths import MODEL
+
+    return load_checkpoint(fresh_model(params), Path(root) / MODEL).eval()
 
 
 def check_finite_state(model: nn.Module, source: str) -> None:

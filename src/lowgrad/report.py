@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lowgrad.config import Params  # noqa: E402
+from lowgrad.paths import write_text  # noqa: E402
 
 
 def _row_order(methods: list[str]) -> list[str]:
@@ -350,6 +351,4 @@ def write_report(
     ]
     shutil.rmtree(plots, ignore_errors=True)
     staging.replace(plots)
-    tmp = Path(report_path + ".tmp")
-    tmp.write_text("\n".join(text))
-    tmp.replace(report_path)
+    write_text(report_path, "\n".join(text))

@@ -87,11 +87,22 @@ def _client(params: Params):
     return Client(c.scheduler), None
 
 
+def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tuple[list[int], int]:
+    """Fill some chunks of an existing store (runs on a Dask worker; paths resolved under ``root``).
+    Returns the chunks and the worker's process id."""
+    import os
+
+    from lowgrad.extract import build_extractor, fill_chunks
+    from lowgrad.paths import EXTRACTED
+
+    store = ChunkedStore.open_for_filling(Path(root) / EXTRACTED.format(name=name))
+    fill_chunks(store, build_extractor(params, name, root), chunks, desc=f"extract {name} shard")
+    return list(chunks), os.getpid()
+
+
 def fill_on_dask(params: Params, name: str, chunks: list[int], root: str | Path) -> dict[str, list[int]]:
     """Fill ``chunks`` of set ``name`` with one Dask task per shard; raises if any shard fails (the chunks
     finished by the other shards stay done, so a rerun resumes). Returns worker pid -> chunks filled."""
-    from lowgrad.pipeline import extract_shard
-
     with dask_client(params) as client:
         n_workers = max(1, len(client.scheduler_info()["workers"]))
         n_shards = min(len(chunks), params.cluster.shards or n_workers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,24 +20,11 @@ import numpy as np
 import zarr
 
 from lowgrad.errors import StoreError
+from lowgrad.paths import write_text
 
 log = logging.getLogger(__name__)
 
 _PROGRESS = "_progress"
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +152,7 @@ class ChunkedStore:
             if values.shape != expected:
                 raise StoreError(f"chunk {index} of '{name}': shape {values.shape}, expected {expected}")
             self.group[name][rows] = values
-        _fsync_write(self.path / _PROGRESS / str(index), "done\n")
+        write_text(self.path / _PROGRESS / str(index), "done\n", durable=True)
 
     def finalize(self, **extra_attrs: Any) -> None:
         """Mark the store complete (all chunks must be done)."""

@@ -15,7 +15,8 @@ import numpy as np
 import zarr
 from sklearn.decomposition import IncrementalPCA
 
-from lowgrad.errors import GradientError
+from lowgrad.errors import GradientError, StoreError
+from lowgrad.paths import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,32 @@ def nfk_scale(fisher_diag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale, positive
 
 
+class NumpyOps:
+    """The randomized SVD's array operations in float64 NumPy (:class:`lowgrad.matrix_free.TorchOps`: the same
+    on a torch device)."""
+
+    @staticmethod
+    def gaussian(seed: int, dim: int, width: int) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal((dim, width))
+
+    @staticmethod
+    def orthonormal(a: np.ndarray) -> np.ndarray:
+        return np.linalg.qr(a)[0]
+
+    @staticmethod
+    def top_right_vectors(bt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-``k`` right singular vectors of ``B`` (= left ones of ``B^T``) and values; deterministic signs."""
+        u, s, _ = np.linalg.svd(bt, full_matrices=False)
+        return _fix_signs(u[:, :k]), s[:k]
+
+
 class RowPasses:
-    """Passes over the rows of ``Phi``, run in this process. :class:`lowgrad.scaleout.DaskRowPasses` runs
-    the same :func:`partial_pass` on Dask workers, one shard of zarr chunks each, and reduces the partials."""
+    """Passes over the rows of ``Phi``, run in this process. The row-pass protocol (``n_rows``, ``dim``, ``ops``,
+    ``normalised``, ``run``) has two other backends: :class:`lowgrad.scaleout.DaskRowPasses` runs the same
+    :func:`partial_pass` on Dask workers, one shard of zarr chunks each, and reduces the partials;
+    :class:`lowgrad.matrix_free.GradientRows` recomputes exact gradients on a torch device at every pass."""
+
+    ops = NumpyOps()
 
     def __init__(self, blocks: BlockSource, n_rows: int, dim: int, shift=None, scale=None) -> None:
         self.blocks, self.n_rows, self.dim = blocks, n_rows, dim
@@ -132,7 +156,7 @@ class KernelNormalizer:
 
     def fit(self, blocks: "BlockSource | RowPasses") -> "KernelNormalizer":
         """One pass; mean and variance merged block by block in float64 (Chan et al.'s pairwise update)."""
-        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, 0, 0)
+        passes = blocks if hasattr(blocks, "run") else RowPasses(blocks, 0, 0)
         return self.fit_moments(passes.run("moments"))
 
     def fit_moments(self, moments: tuple | None) -> "KernelNormalizer":
@@ -159,9 +183,9 @@ class KernelNormalizer:
         return (np.asarray(g, dtype=np.float64) - self.shift_) * self.scale_
 
 
-def _orthonormal(a: np.ndarray) -> np.ndarray:
-    q, _ = np.linalg.qr(a)
-    return q
+def _numpy(a) -> np.ndarray:
+    """A NumPy array from a NumPy array or a (device) torch tensor."""
+    return a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)
 
 
 def _fix_signs(v: np.ndarray) -> np.ndarray:
@@ -172,25 +196,25 @@ def _fix_signs(v: np.ndarray) -> np.ndarray:
     return v * signs
 
 
-def randomized_svd(passes: RowPasses, k: int, oversample: int, power_iters: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+def randomized_svd(passes: RowPasses, k: int, oversample: int, power_iters: int, seed: int):
     """Top-``k`` right singular vectors of ``Phi`` (Halko, Martinsson & Tropp 2011, algorithm 4.4 + 5.1):
-    ``2 * power_iters + 2`` passes over the rows, columns sorted by singular value.
+    ``2 * power_iters + 2`` passes over the rows, columns sorted by singular value, in the array backend of
+    the passes (``passes.ops``: NumPy, or torch on the device for recomputed gradients).
 
     Returns ``(V (P x k), singular values (k,), squared Frobenius norm of Phi)``.
     """
-    n_rows, dim = passes.n_rows, passes.dim
+    n_rows, dim, ops = passes.n_rows, passes.dim, passes.ops
     width = min(k + oversample, dim, n_rows)
     if k > width:
         raise GradientError(f"subspace.k={k} exceeds min(N={n_rows}, P={dim})")
-    rng = np.random.default_rng(seed)
-    y, sqnorm = passes.run("times", rng.standard_normal((dim, width)))  # also ||Phi||_F^2
+    y, sqnorm = passes.run("times", ops.gaussian(seed, dim, width))  # also ||Phi||_F^2
     for it in range(power_iters):
-        z = passes.run("transpose_times", _orthonormal(y))
-        y, _ = passes.run("times", _orthonormal(z))
+        z = passes.run("transpose_times", ops.orthonormal(y))
+        y, _ = passes.run("times", ops.orthonormal(z))
         log.info("randomized SVD: power iteration %d/%d done", it + 1, power_iters)
-    bt = passes.run("transpose_times", _orthonormal(y))  # Phi^T Q = (Q^T Phi)^T, P x width
-    u, s, _ = np.linalg.svd(bt, full_matrices=False)
-    return _fix_signs(u[:, :k]), s[:k], float(sqnorm.sum())
+    bt = passes.run("transpose_times", ops.orthonormal(y))  # Phi^T Q = (Q^T Phi)^T, P x width
+    v, s = ops.top_right_vectors(bt, k)
+    return v, s, float(sqnorm.sum())
 
 
 def incremental_pca(phi: BlockSource, k: int, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -249,9 +273,11 @@ class GradientSubspace:
         self, blocks: "BlockSource | RowPasses", n_rows: int | None = None, dim: int | None = None,
         labels: np.ndarray | None = None,
     ) -> "GradientSubspace":
-        """Fit on the kernel set's gradient rows: a block source (with ``n_rows``, ``dim``) or a
-        :class:`RowPasses` (local or Dask)."""
-        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, n_rows, dim)
+        """Fit on the kernel set's gradient rows: a block source (with ``n_rows``, ``dim``) or row passes of any
+        backend (:class:`RowPasses`, Dask, recomputed gradients). Methods: ``randomized`` and
+        ``exact_randomized`` (the randomized SVD, in the passes' array backend), ``incremental``
+        (scikit-learn, local blocks only)."""
+        passes = blocks if hasattr(blocks, "run") else RowPasses(blocks, n_rows, dim)
         self.normalizer_ = KernelNormalizer(self.kernel).fit(passes)
         phi = passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_)
         if self.basis == "average_gradient":
@@ -261,7 +287,7 @@ class GradientSubspace:
             projected, sqnorm = phi.run("times", self.components_)
             self.total_sq_ = float(sqnorm.sum())
             self.singular_values_ = np.linalg.norm(projected, axis=0)
-        elif self.method == "randomized":
+        elif self.method in ("randomized", "exact_randomized"):
             self.components_, self.singular_values_, self.total_sq_ = randomized_svd(
                 phi, self.k, self.oversample, self.power_iters, self.seed
             )
@@ -281,9 +307,10 @@ class GradientSubspace:
     def transform_blocks_with_sqnorm(
         self, blocks: "BlockSource | RowPasses", n_rows: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(G_low, ||phi||^2 per row)`` in one pass over the rows."""
-        passes = blocks if isinstance(blocks, RowPasses) else RowPasses(blocks, n_rows, self.components_.shape[0])
-        return passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_).run("times", self.components_)
+        """``(G_low, ||phi||^2 per row)`` as NumPy arrays, in one pass over the rows (any backend)."""
+        passes = blocks if hasattr(blocks, "run") else RowPasses(blocks, n_rows, self.components_.shape[0])
+        g_low, sqnorm = passes.normalised(self.normalizer_.shift_, self.normalizer_.scale_).run("times", self.components_)
+        return _numpy(g_low), _numpy(sqnorm)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -300,25 +327,33 @@ class GradientSubspace:
         for start in range(0, v.shape[0], COMPONENT_CHUNK_ROWS):
             block = v[start : start + COMPONENT_CHUNK_ROWS]
             arr[start : start + COMPONENT_CHUNK_ROWS] = block.cpu().numpy() if hasattr(block, "cpu") else block
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
-            settings=np.array([self.kernel, self.basis, self.method]),
-            k=v.shape[1],
-            shift=self.normalizer_.shift_,
-            scale=self.normalizer_.scale_,
-            singular_values=self.singular_values_,
-            explained_variance_ratio=self.explained_variance_ratio_,
-            total_sq=self.total_sq_,
-        )
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.savez(
+                tmp,
+                settings=np.array([self.kernel, self.basis, self.method]),
+                k=v.shape[1],
+                shift=self.normalizer_.shift_,
+                scale=self.normalizer_.scale_,
+                singular_values=self.singular_values_,
+                explained_variance_ratio=self.explained_variance_ratio_,
+                total_sq=self.total_sq_,
+            )
 
     @classmethod
-    def load(cls, path: str | Path, lazy: bool = False) -> "GradientSubspace":
-        """``lazy``: ``components_`` stays the zarr array (read chunk by chunk by the caller)."""
+    def load(cls, path: str | Path, lazy: bool = False, dim: int | None = None, **settings: str) -> "GradientSubspace":
+        """``lazy``: ``components_`` stays the zarr array (read chunk by chunk by the caller). ``dim`` (the width
+        of the rows to project) and ``settings`` (``kernel``, ``basis``, ``method``) are checked against what
+        was fitted: a stale basis is an error, never a silent projection."""
         path = Path(path)
         with np.load(path, allow_pickle=False) as z:
             kernel, basis, method = (str(s) for s in z["settings"])
+            fitted = {"kernel": kernel, "basis": basis, "method": method}
+            wrong = {key: (fitted[key], want) for key, want in settings.items() if fitted[key] != want}
+            if dim is not None and len(z["scale"]) != dim:
+                wrong["P"] = (len(z["scale"]), dim)
+            if wrong:
+                detail = ", ".join(f"{key} {got} (expected {want})" for key, (got, want) in wrong.items())
+                raise StoreError(f"{path} was fitted for other rows: {detail}; rerun the subspace stage")
             sub = cls(kernel=kernel, basis=basis, method=method, k=int(z["k"]))
             sub.normalizer_ = KernelNormalizer(kernel)
             sub.normalizer_.shift_, sub.normalizer_.scale_ = z["shift"], z["scale"]

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-TIMINGS_DIR = "artifacts/timings"
+from lowgrad.paths import TIMINGS, write_text
+
 _started = time.perf_counter()
 
 
@@ -40,18 +41,15 @@ def snapshot() -> dict[str, Any]:
 
 def record(stage: str, root: str | Path = ".") -> Path:
     """Write ``artifacts/timings/<stage>.json`` (``stage`` is DVC's name, e.g. ``extract@id_train``)."""
-    path = Path(root) / TIMINGS_DIR / f"{stage}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"stage": stage, **snapshot()}) + "\n")
-    tmp.replace(path)
+    path = Path(root) / TIMINGS / f"{stage}.json"
+    write_text(path, json.dumps({"stage": stage, **snapshot()}) + "\n")
     return path
 
 
 def collect(root: str | Path = ".") -> dict[str, dict[str, Any]]:
     """Every recorded stage's timing, in file-name order (stages that did not run here are absent)."""
     out = {}
-    for file in sorted((Path(root) / TIMINGS_DIR).glob("*.json")):
+    for file in sorted((Path(root) / TIMINGS).glob("*.json")):
         entry = json.loads(file.read_text())
         out[entry.pop("stage")] = entry
     return out

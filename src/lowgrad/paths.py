@@ -1,0 +1,92 @@
+"""The artifact layout (paths relative to the project root) and the one way files are written: atomically.
+
+    data/prepared/<set>.npz               prepare    uint8 images + labels
+    models/model.pt, model.json           model      float32 state_dict (trained or imported) + metadata
+    artifacts/sketch/factors.npz, .json   factors    NFK Kronecker / dense scale factors (a marker otherwise)
+    artifacts/extract/<set>.zarr          extract    grads / logits / features / labels (chunked zarr)
+    artifacts/subspace/subspace.npz       subspace   kernel normaliser + spectrum
+    artifacts/subspace/subspace.zarr      subspace   basis V (P x k, chunked)
+    artifacts/projected/<set>.npy         project    G_low (N x k)
+    artifacts/projected/<set>.sqnorm.npy  project    ||phi||^2 per sample (the whole normalised gradient)
+    artifacts/scores.npz                  score      every detector's scores per set
+    report/metrics.json                   score      metrics (DVC metrics)
+    report/report.md, report/plots/       report     Markdown report and PNG plots
+    artifacts/timings/<stage>.json        every stage: wall seconds and peak memory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PREPARED = "data/prepared/{name}.npz"
+MODEL = "models/model.pt"
+MODEL_INFO = "models/model.json"
+FACTORS = "artifacts/sketch/factors.npz"
+FACTORS_INFO = "artifacts/sketch/factors.json"
+EXTRACTED = "artifacts/extract/{name}.zarr"
+SUBSPACE = "artifacts/subspace/subspace.npz"
+COMPONENTS = "artifacts/subspace/subspace.zarr"  # the basis V beside SUBSPACE
+PROJECTED = "artifacts/projected/{name}.npy"
+PHI_SQNORM = "artifacts/projected/{name}.sqnorm.npy"  # set names hold no '.', so never another set's G_low
+SCORES = "artifacts/scores.npz"
+METRICS = "report/metrics.json"
+REPORT = "report/report.md"
+PLOTS = "report/plots"
+TIMINGS = "artifacts/timings"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so NumPy and torch keep the name); once the block
+    succeeds it replaces ``path`` in one rename, and on failure it is removed: a reader never sees a
+    half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write ``text`` atomically; ``durable``: also flushed to disk (file and directory entry) before returning,
+    for markers that must survive a power cut, like a store's finished-chunk records."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+    if durable:
+        dir_fd = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file, or of a directory's sorted (relative path, file digest) pairs."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode())
+            h.update(sha256(file).encode())
+        return h.hexdigest()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

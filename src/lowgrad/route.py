@@ -1,0 +1,141 @@
+"""The gradient route of a configuration, decided and validated in one place.
+
+A route is how the normalised per-sample gradients ``phi`` reach the PCA and the projection:
+
+- ``exact``: exact per-sample gradients are stored (``N x P`` per set), the basis is fitted on the store;
+- ``matrix_free``: nothing is stored; every pass over a set recomputes its exact gradients on the device
+  (``subspace.method: exact_randomized``);
+- ``kronecker`` / ``dense``: a sketch of the gradients is stored (``gradient.sketch``); with the NFK kernel the
+  sketch already carries the NFK scale (fitted by the ``factors`` stage), so the subspace only centres it.
+
+Stage bodies and benchmarks ask the route (:meth:`Route.from_params`) instead of testing params. A setting
+that the chosen route ignores, given explicitly, is an error naming the key and the route: it would change
+nothing but still invalidate DVC's caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from lowgrad.errors import ConfigError
+
+Params = Any  # lowgrad.config.Params, which validates itself through this module (so no import back)
+
+ROUTES = ("exact", "matrix_free", "kronecker", "dense")
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # one of ROUTES
+    kernel: str  # nfk | ntk (the configured kernel)
+    basis: str  # pca | average_gradient
+    method: str  # randomized | incremental | exact_randomized
+
+    @classmethod
+    def from_params(cls, params: Params) -> "Route":
+        """The route of ``params``; raises :class:`ConfigError` on a combination it cannot run or on an explicit
+        setting it would ignore."""
+        g, s = params.gradient, params.subspace
+        if s.method == "exact_randomized":
+            if g.sketch != "none":
+                raise ConfigError("subspace.method exact_randomized recomputes exact gradients: set gradient.sketch: none")
+            if s.basis != "pca":
+                raise ConfigError("subspace.method exact_randomized computes the PCA basis: set subspace.basis: pca")
+            name = "matrix_free"
+        else:
+            name = "exact" if g.sketch == "none" else g.sketch
+        route = cls(name=name, kernel=s.kernel, basis=s.basis, method=s.method)
+        ignored = [key for key in route.ignored_settings() if key.split(".", 1)[1] in
+                   getattr(params, key.split(".", 1)[0]).model_fields_set]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: not used by the {route.describe()}; remove "
+                              f"{'it' if len(ignored) == 1 else 'them'} from the params file")
+        return route
+
+    def describe(self) -> str:
+        if self.basis == "average_gradient":
+            return f"{self.name} route with the average-gradient basis"
+        return f"{self.name} route ({self.method} PCA)"
+
+    def ignored_settings(self) -> list[str]:
+        """The ``gradient`` / ``subspace`` keys this route never reads."""
+        ignored = []
+        if self.name != "dense":
+            ignored.append("gradient.sketch_dim")
+        if self.name != "kronecker":
+            ignored.append("gradient.sketch_rank")
+        if not self.needs_factors:
+            ignored.append("gradient.factor_samples")
+        if self.name != "exact":
+            ignored.append("gradient.max_params")  # the limit on storing N x P exact gradients
+        if not self.stores_gradients:
+            ignored.append("gradient.dtype")
+        if self.basis == "average_gradient":
+            ignored += ["subspace.k", "subspace.method", "subspace.oversample", "subspace.power_iters"]
+        elif self.method == "incremental":
+            ignored += ["subspace.oversample", "subspace.power_iters"]
+        return ignored
+
+    # -- what each stage does on this route --------------------------------------------------------------
+    @property
+    def sketch(self) -> str | None:
+        """The stored sketch: ``kronecker``, ``dense`` or None (exact gradients or none)."""
+        return self.name if self.name in ("kronecker", "dense") else None
+
+    @property
+    def stores_gradients(self) -> bool:
+        """Whether ``extract`` stores a ``grads`` column (exact rows or a sketch)."""
+        return self.name != "matrix_free"
+
+    @property
+    def recomputes_gradients(self) -> bool:
+        """Whether ``subspace`` and ``project`` recompute exact gradients from the model and the images."""
+        return self.name == "matrix_free"
+
+    @property
+    def needs_factors(self) -> bool:
+        """Whether the ``factors`` stage fits the NFK scale of the sketch (otherwise it writes a marker)."""
+        return self.sketch is not None and self.kernel == "nfk"
+
+    @property
+    def subspace_kernel(self) -> str:
+        """The normalisation the subspace applies to the rows it reads: sketched NFK rows already carry the NFK
+        scale, so they are only centred."""
+        return "center" if self.needs_factors else self.kernel
+
+    @property
+    def gradients_label(self) -> str:
+        """What the store's ``grads`` column holds (its metadata; checked on reopen)."""
+        return {"exact": "exact", "matrix_free": "not stored (matrix-free route)", "kronecker": "kronecker_sketch",
+                "dense": "dense_sketch"}[self.name]
+
+    def store_meta(self, params: Params, layout: Any, factors_sha256: str | None) -> dict[str, Any]:
+        """The route's part of a store's metadata: what the rows are and, for sketches, what drew them."""
+        meta: dict[str, Any] = {"gradients": self.gradients_label}
+        if self.sketch is not None:
+            meta.update(sketch_seed=params.seed, sketch_layers=layout, factors_sha256=factors_sha256)
+        if self.name == "kronecker":
+            meta["sketch_rank"] = params.gradient.sketch_rank
+        return meta
+
+    # -- raw params mappings (bench helpers that switch routes) ---------------------------------------------
+    SWITCH: ClassVar[dict[str, dict[str, str]]] = {  # the params that select each route
+        "exact": {"gradient.sketch": "none", "subspace.method": "randomized"},
+        "matrix_free": {"gradient.sketch": "none", "subspace.method": "exact_randomized"},
+        "kronecker": {"gradient.sketch": "kronecker", "subspace.method": "randomized"},
+        "dense": {"gradient.sketch": "dense", "subspace.method": "randomized"},
+    }
+
+    @classmethod
+    def of_raw(cls, raw: dict[str, Any]) -> "Route":
+        """The route a raw params mapping asks for (config defaults where a key is absent; not validated)."""
+        g, s = raw.get("gradient") or {}, raw.get("subspace") or {}
+        method = s.get("method", "randomized")
+        name = "matrix_free" if method == "exact_randomized" else {"none": "exact"}.get(g.get("sketch", "none"), g.get("sketch"))
+        return cls(name=name, kernel=s.get("kernel", "nfk"), basis=s.get("basis", "pca"), method=method)
+
+    def present_ignored(self, raw: dict[str, Any]) -> list[str]:
+        """The keys of a raw params mapping that this route would refuse as ignored."""
+        return [key for key in self.ignored_settings()
+                if key.split(".", 1)[1] in (raw.get(key.split(".", 1)[0]) or {})]

@@ -1,0 +1,61 @@
+"""What the subspace and project stages share: the gradient rows of a set on the configured route."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from lowgrad.config import Params
+
+if TYPE_CHECKING:  # torch costs seconds to import: stages that do not need it never load it
+    from lowgrad.store import ChunkedStore
+    from lowgrad.subspace import RowPasses
+
+
+@contextlib.contextmanager
+def stored_row_passes(params: Params, store: "ChunkedStore") -> Iterator["RowPasses"]:
+    """Passes over a store's gradient rows: in this process, or reduced over a Dask cluster."""
+    if "grads" not in store.columns:
+        from lowgrad.errors import StoreError
+
+        raise StoreError(f"{store.path} holds no gradients (written for the matrix-free route); rerun its extract stage")
+    if not params.cluster.scheduler:
+        from lowgrad.subspace import RowPasses
+
+        yield RowPasses(lambda: store.iter_chunks("grads"), store.n_rows, store.columns["grads"][0])
+        return
+    from lowgrad.scaleout import DaskRowPasses, dask_client
+
+    with dask_client(params) as client:
+        yield DaskRowPasses(client, store, params.cluster.shards or None)
+
+
+def recomputed_rows(params: Params, name: str):
+    """The matrix-free route's exact gradient rows of one prepared set (recomputed on every pass)."""
+    from lowgrad.data import load_image_set
+    from lowgrad.gradients import PerSampleGradients, select_parameters
+    from lowgrad.matrix_free import GradientRows
+    from lowgrad.models import load_classifier, pick_device
+    from lowgrad.paths import PREPARED
+
+    model = load_classifier(params).to(pick_device(params.device))
+    gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
+    images = load_image_set(PREPARED.format(name=name)).images
+    return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=name)
+
+
+@contextlib.contextmanager
+def row_passes(params: Params, name: str) -> Iterator:
+    """The normalisable gradient rows of set ``name`` on this configuration's route: recomputed (matrix-free),
+    or read from its store (locally or on Dask)."""
+    from lowgrad.route import Route
+
+    if Route.from_params(params).recomputes_gradients:
+        yield recomputed_rows(params, name)
+        return
+    from lowgrad.paths import EXTRACTED
+    from lowgrad.store import ChunkedStore
+
+    with stored_row_passes(params, ChunkedStore.open(EXTRACTED.format(name=name))) as passes:
+        yield passes

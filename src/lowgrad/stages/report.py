@@ -1,0 +1,38 @@
+"""Stage ``report``: ``report/report.md`` and its plots from the metrics, the scores and the subspace spectrum."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from lowgrad import __version__
+from lowgrad.config import Params
+from lowgrad.paths import COMPONENTS, EXTRACTED, METRICS, MODEL, MODEL_INFO, PLOTS, PREPARED, REPORT, SCORES, SUBSPACE, sha256
+from lowgrad.report import write_report
+from lowgrad.store import ChunkedStore
+from lowgrad.subspace import GradientSubspace
+
+
+def report(params: Params) -> None:
+    import torch
+
+    metrics = json.loads(Path(METRICS).read_text())
+    with np.load(SCORES) as z:
+        scores = {k: z[k] for k in z.files}
+    sub = GradientSubspace.load(SUBSPACE, lazy=True)
+    sizes = {name: ChunkedStore.open(EXTRACTED.format(name=name)).n_rows for name in params.data.datasets}
+    n_params = ChunkedStore.open(EXTRACTED.format(name="id_train")).meta["n_params"]
+    hashes = {p: sha256(p)[:12] for p in [MODEL, SUBSPACE, COMPONENTS, METRICS]}
+    hashes.update({PREPARED.format(name=n): sha256(PREPARED.format(name=n))[:12] for n in params.data.datasets})
+    run = {
+        "lowgrad": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": json.loads(Path(MODEL_INFO).read_text()),
+        "gradient parameters (P)": n_params,
+        "samples per set": sizes,
+    }
+    write_report(params, metrics, scores, sub.explained_variance_ratio_, run, hashes, REPORT, PLOTS)

@@ -1,0 +1,90 @@
+"""Stage ``score``: fit every configured detector on the ID bank (``id_train``), score ID test and every OOD set,
+bootstrap every metric and the paired differences, write the scores and ``report/metrics.json``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from lowgrad import timing
+from lowgrad.comparison import evaluate
+from lowgrad.config import Params
+from lowgrad.data import load_image_set, to_tensor_batch
+from lowgrad.detectors import Head
+from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
+from lowgrad.models import load_classifier
+from lowgrad.paths import EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_path, write_json
+from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
+from lowgrad.stages import stage_names
+from lowgrad.stages.prepare import prepared_size
+from lowgrad.store import ChunkedStore
+
+log = logging.getLogger(__name__)
+
+
+def _inputs(name: str) -> dict[str, Any]:
+    store = ChunkedStore.open(EXTRACTED.format(name=name))
+    return {
+        "name": name,
+        "logits": store.read("logits"),
+        "features": store.read("features"),
+        "labels": store.read("labels")[:, 0],
+        "g_low": np.load(PROJECTED.format(name=name)),
+        "phi_sqnorm": np.load(PHI_SQNORM.format(name=name)),
+    }
+
+
+def stage_timings(params: Params) -> dict[str, dict[str, Any]]:
+    """Recorded timings of this configuration's stages (files left by stages no longer configured are ignored)."""
+    recorded = timing.collect()
+    return {stage: recorded[stage] for stage in stage_names(params) if stage in recorded}
+
+
+def score(params: Params) -> None:
+    import torch
+
+    check_bank_size(params, prepared_size("id_train"))
+    sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
+    model = load_classifier(params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def load_images(name: str) -> torch.Tensor:
+        images = load_image_set(PREPARED.format(name=name)).images
+        return to_tensor_batch(images, params.data.mean, params.data.std)
+
+    ctx = ScoringContext(
+        forward_head=Head.from_linear(model.head),
+        num_classes=params.model.num_classes,
+        model_forward=model,
+        load_images=load_images,
+        seed=params.seed,
+        probe_options=params.scoring.probe.model_dump(),
+    )
+    with torch.inference_mode(False):
+        all_scores, extras = run_all(params, sets, ctx)
+    evidence = evaluate(all_scores, params)
+    flat = {f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()}
+    for label, table in evidence["methods"].items():
+        mean = table["mean"]
+        log.info("%-36s mean FPR95 %6.2f [%6.2f, %6.2f]  AUROC %6.2f", label, mean["fpr95"], *mean["ci"]["fpr95"], mean["auroc"])
+    log.info("bootstrap: %d replicates in %.1f s", params.scoring.bootstrap.replicates, evidence["bootstrap"]["wall_s"])
+    sweep: dict[str, dict[str, dict[str, float]]] = {}
+    if params.subspace.basis == "pca":
+        for k, rows in k_sweep(params, sets, ctx).items():
+            sweep[str(k)] = {
+                label: mean_metrics({s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names})
+                for label, per_set in rows.items()
+            }
+    elif params.scoring.k_sweep:
+        log.info("scoring.k_sweep skipped: the average-gradient basis has one component per class")
+    id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
+    with atomic_path(SCORES) as tmp:
+        np.savez(tmp, **flat)
+    write_json(METRICS, {
+        "id_accuracy": id_acc, **extras, **evidence, "k_sweep": sweep,
+        "samples": {name: len(d["labels"]) for name, d in sets.items()},
+        "timings": {**stage_timings(params), "score": timing.snapshot()},
+    })

@@ -1,0 +1,35 @@
+"""Stage ``subspace``: the NFK / NTK normaliser and the low-dimensional basis ``V``, fitted on the kernel set
+(``id_train``) out of core, on the configured route."""
+
+from __future__ import annotations
+
+import logging
+
+from lowgrad.config import Params
+from lowgrad.paths import SUBSPACE
+from lowgrad.route import Route
+from lowgrad.stages.common import row_passes
+from lowgrad.subspace import GradientSubspace
+
+log = logging.getLogger(__name__)
+
+
+def fit_subspace(params: Params) -> None:
+    s = params.subspace
+    route = Route.from_params(params)
+    sub = GradientSubspace(kernel=route.subspace_kernel, basis=s.basis, method=s.method, k=s.k,
+                           oversample=s.oversample, power_iters=s.power_iters, seed=params.seed)
+    with row_passes(params, "id_train") as passes:
+        if route.recomputes_gradients:
+            log.info("matrix-free PCA of %d x %d exact gradients: %d passes", passes.n_rows, passes.dim, 2 * s.power_iters + 3)
+        sub.fit(passes, labels=_kernel_labels() if s.basis == "average_gradient" else None)
+    log.info("subspace: %d components explain %.1f %% of the %s kernel's variance",
+             sub.components_.shape[1], 100 * sub.explained_variance_ratio_.sum(), sub.kernel)
+    sub.save(SUBSPACE)
+
+
+def _kernel_labels():
+    from lowgrad.paths import EXTRACTED
+    from lowgrad.store import ChunkedStore
+
+    return ChunkedStore.open(EXTRACTED.format(name="id_train")).read("labels")[:, 0]
