@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from lowgrad.bootstrap import METRICS, Bootstrap, verdict
-from lowgrad.config import Params
+from lowgrad.config import Params, member_detector
 from lowgrad.metrics import mean_metrics, ood_metrics
-from lowgrad.scoring import fusion_plan, member_detector
+from lowgrad.scoring import fusion_plan
 
 Scores = dict[str, dict[str, np.ndarray]]  # row -> set -> scores
 
@@ -33,11 +33,9 @@ def row_roles(rows: list[str], params: Params) -> dict[str, tuple[bool, str | No
     """Per row: ``(uses the gradient, its twin row or None)``."""
     roles: dict[str, tuple[bool, str | None]] = {}
     for row in rows:
-        if row.startswith("grad_"):
-            base = row.removeprefix("grad_")
-            roles[row] = (True, base if base in rows else None)
-        elif not row.startswith("fused_"):
-            roles[row] = (False, None)
+        if not row.startswith("fused_"):
+            base, gradient = member_detector(row)
+            roles[row] = (gradient, base if gradient and base in rows else None)
     for label, (members, _, twin) in fusion_plan(params.scoring.fusion.groups).items():
         roles[label] = (any(member_detector(m)[1] for m in members), twin)
     return roles

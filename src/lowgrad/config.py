@@ -125,6 +125,11 @@ class SubspaceConfig(_Strict):
     power_iters: Int = Field(4, ge=0)
 
 
+def member_detector(member: str) -> tuple[str, bool]:
+    """A row or fusion member's ``(detector name, is gradient)``: ``grad_knn`` -> ``("knn", True)``."""
+    return (member.removeprefix("grad_"), True) if member.startswith("grad_") else (member, False)
+
+
 class FusionGroup(_Strict):
     """Detectors fused with equal weights. Members name forward detectors as in ``scoring.forward`` and
     gradient ones with the ``grad_`` prefix (``[vim, knn, grad_residual]``)."""
@@ -192,8 +197,8 @@ class DetectorsConfig(_Strict):
             raise ValueError(f"scoring.fusion.groups: names must be distinct, got {names}")
         for group in self.fusion.groups:
             for member in group.members:
-                gradient = member.startswith("grad_")
-                side, name = ("gradient", member[5:]) if gradient else ("forward", member)
+                name, gradient = member_detector(member)
+                side = "gradient" if gradient else "forward"
                 if name not in (self.gradient if gradient else self.forward):
                     raise ValueError(f"fusion group '{group.name}': member '{member}' is not in scoring.{side}")
         return self

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from lowgrad.config import FusionGroup, Params
+from lowgrad.config import FusionGroup, Params, member_detector
 from lowgrad.errors import ConfigError
 from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
@@ -104,11 +104,6 @@ def check_bank_size(params: Params, n_bank: int) -> None:
         if f"{prefix}knn" in fused and k > n_fit:
             raise ConfigError(f"scoring.{side}.knn.k = {k} exceeds the {n_fit} id_train samples that fusion members "
                               f"are fitted on (scoring.fusion.calibration_fraction = {scoring.fusion.calibration_fraction})")
-
-
-def member_detector(member: str) -> tuple[str, bool]:
-    """A fusion member's ``(detector name, is gradient)``: ``grad_knn`` -> ``("knn", True)``."""
-    return (member.removeprefix("grad_"), True) if member.startswith("grad_") else (member, False)
 
 
 def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[list[str], str, str | None]]:
