@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from lowgrad import paths, pipeline, timing
-from lowgrad.config import Params, parse_params, read_raw, set_dotted
+from lowgrad.config import Params, drop_dotted, parse_params, read_raw, set_dotted
 from lowgrad.route import ROUTES, Route
 
 ALIASES = {"stored": "exact", "exact_randomized": "matrix_free"}  # the names earlier results use
@@ -41,8 +41,7 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
     for key, value in overrides.items():
         set_dotted(raw, key, value)
     for key in Route.of_raw(raw).present_ignored(raw):
-        section, leaf = key.split(".", 1)
-        del raw[section][leaf]
+        drop_dotted(raw, key)
     root = Path.cwd()  # the project root: the params' relative data and checkpoint paths are resolved against it
     for spec in raw["data"]["datasets"].values():
         if spec.get("path") and not os.path.isabs(spec["path"]):

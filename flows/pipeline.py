@@ -35,7 +35,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
-from lowgrad.config import load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
+from lowgrad.config import drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
 from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
 from lowgrad.stages.prepare import prepared_size  # noqa: E402
@@ -78,21 +78,6 @@ def dvc_param_keys(root: Path = ROOT) -> list[str]:
     return sorted(keys)
 
 
-def _get_dotted(tree: Any, dotted: str) -> tuple[bool, Any]:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False, None
-        tree = tree[part]
-    return True, tree
-
-
-def _drop_dotted(tree: dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.get(part) or {}
-    tree.pop(leaf, None)
-
-
 def apply_params(
     params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT, drop: list[str] | None = None
 ) -> None:
@@ -106,14 +91,14 @@ def apply_params(
         source = root / source
     raw = read_raw(source)
     for key in drop or []:
-        _drop_dotted(raw, key)
+        drop_dotted(raw, key)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     validated = parse_params(raw, str(source)).model_dump()  # raises ConfigError with one clear line
     defaults = {}
     for key in dvc_param_keys(root):
-        found, value = _get_dotted(validated, key)
-        if found and not _get_dotted(raw, key)[0]:
+        found, value = get_dotted(validated, key)
+        if found and not get_dotted(raw, key)[0]:
             defaults[key] = value
     changes = {**defaults, **(overrides or {})}
     if source.resolve() == target.resolve() and not changes and not drop:
@@ -121,7 +106,7 @@ def apply_params(
     rt = YAML()
     doc = rt.load(source.read_text())
     for key in drop or []:
-        _drop_dotted(doc, key)
+        drop_dotted(doc, key)
     for key, value in changes.items():
         node = doc
         *parents, leaf = key.split(".")

@@ -297,6 +297,23 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def get_dotted(tree: Any, dotted: str) -> tuple[bool, Any]:
+    """``(found, tree[a][b])`` for ``dotted = 'a.b'``."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def drop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    """Remove ``tree[a][b]`` for ``dotted = 'a.b'`` if it is there."""
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part) or {}
+    tree.pop(leaf, None)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
 
