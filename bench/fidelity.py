@@ -5,12 +5,17 @@
   (S: sketched NFK rows, Phi: exact NFK rows);
 - ``subspace_overlap``: ||V_exact^T V_back||_F^2 / k, where V_back maps the sketch-space PCA back to parameter
   space through the exact rows (orth(Phi^T U_sketch), U_sketch = left singular vectors of the sketch);
-- the OOD table (KNN and Mahalanobis on G_low) of both routes on every OOD set of ../shared, with |Delta AUROC|.
+- the OOD table of both routes on every OOD set of ../shared, with |Delta AUROC|: every gradient detector of the
+  cpu profile (KNN, Mahalanobis, the probe-based ones, residual and -||phi||, which read ``||phi||^2``: exact on the
+  exact and exact-NFK routes, the sketched row's on the others).
 
-Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|dense] [--dim 8192] [--device cuda]
+Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|exact_nfk|dense] [--dim 8192]
+[--device cuda]
 
-``--route dense``: the dense Gaussian sketch of exactly NFK-scaled gradients (the reference route, meant for
-GPUs; on ResNet-20 a CPU runs it) instead of the Kronecker sketch; ``--dim`` is its dimension.
+``--route exact_nfk``: a CountSketch into ``--dim`` buckets of the exactly normalised gradient (w and z of the
+first ``--factor-samples`` kernel images) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
+exactly NFK-scaled gradients (the reference route, meant for GPUs; on ResNet-20 a CPU runs it) instead of the
+Kronecker sketch; ``--dim`` is its dimension.
 """
 
 from __future__ import annotations
@@ -25,15 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowgrad.config import DataConfig
+from lowgrad.config import DataConfig, read_raw
+from lowgrad.rows import detector_row_name
 from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.dense_sketch import DenseSketch, fit_dense_nfk
-from lowgrad.detectors import make_detector
+from lowgrad.detectors import Head
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
 from lowgrad.models import build_model, load_checkpoint, pick_device
 from lowgrad.route import Route
-from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
+from lowgrad.options import ProbeConfig
+from lowgrad.scoring import ScoringContext, score_detector
+from lowgrad.sketch import ExactNFKSketch, KroneckerSketch, fit_exact_nfk, fit_kronecker_nfk
 from lowgrad.subspace import GradientSubspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +49,16 @@ SHARED = Path(os.environ.get("LOWGRAD_SHARED", ROOT.parent / "shared"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> np.ndarray:
-    """``fn``'s first output over ``x`` in batches moved to ``device``, as float64 NumPy rows."""
-    return np.concatenate([fn(x[i : i + batch].to(device))[0].double().cpu().numpy() for i in range(0, len(x), batch)])
+def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """``fn``'s first output over ``x`` in batches moved to ``device``, as float64 NumPy rows, and its exact
+    ``||phi||^2`` (the fourth output) where it has one."""
+    rows, sqnorms = [], []
+    for i in range(0, len(x), batch):
+        out = fn(x[i : i + batch].to(device))
+        rows.append(out[0].double().cpu().numpy())
+        if len(out) > 3:
+            sqnorms.append(out[3].double().cpu().numpy())
+    return np.concatenate(rows), (np.concatenate(sqnorms) if sqnorms else None)
 
 
 
@@ -54,8 +69,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--factor-samples", type=int, default=512)
     parser.add_argument("--kernel", choices=["nfk", "ntk"], default="nfk", help="ntk isolates the sketch error from the NFK factor error")
-    parser.add_argument("--route", choices=["kronecker", "dense"], default="kronecker")
-    parser.add_argument("--dim", type=int, default=8192, help="dense route: sketch dimension")
+    parser.add_argument("--route", choices=["kronecker", "exact_nfk", "dense"], default="kronecker")
+    parser.add_argument("--dim", type=int, default=8192, help="dense / exact_nfk routes: sketch dimension")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     args = parser.parse_args()
     device = pick_device(args.device)
@@ -80,7 +95,7 @@ def main() -> None:
     # exact route: per-sample gradients (torch.func), NFK, randomized PCA, projection
     start = time.perf_counter()
     psg = PerSampleGradients(model, select_parameters(model, "all"))
-    exact = {name: _rows(psg, xs, device) for name, xs in x.items()}
+    exact = {name: _rows(psg, xs, device)[0] for name, xs in x.items()}
     timings["exact_gradients_s"] = time.perf_counter() - start
     blocks = lambda g: (lambda: ((slice(i, i + 256), g[i : i + 256]) for i in range(0, len(g), 256)))  # noqa: E731
     exact_sub = GradientSubspace(args.kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(exact["id_train"]), n, psg.dim, labels)
@@ -93,12 +108,16 @@ def main() -> None:
     if args.route == "dense":
         scale = fit_dense_nfk(model, psg.param_names, factor_batches) if args.kernel == "nfk" else None
         sketch = DenseSketch(model, psg.param_names, dim=args.dim, seed=0, scale=scale)
+    elif args.route == "exact_nfk":
+        normalisation = fit_exact_nfk(model, factor_batches) if args.kernel == "nfk" else None
+        sketch = ExactNFKSketch(model, dim=args.dim, seed=0, normalisation=normalisation)
     else:
         if args.kernel == "nfk":
             factors, errors = fit_kronecker_nfk(model, factor_batches)
         sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
     batch = 1024 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
-    sketched = {name: _rows(sketch, xs, device, batch) for name, xs in x.items()}
+    sketched_with_norms = {name: _rows(sketch, xs, device, batch) for name, xs in x.items()}
+    sketched = {name: rows for name, (rows, _) in sketched_with_norms.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
     sketch_kernel = Route(name=args.route, kernel=args.kernel, basis="pca", method="randomized").subspace_kernel
     sketch_sub = GradientSubspace(sketch_kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
@@ -117,16 +136,27 @@ def main() -> None:
     v_back, _ = np.linalg.qr(phi_k.T @ u_s)
     overlap = float(np.linalg.norm(exact_sub.components_.T @ v_back) ** 2 / args.k)
 
-    # OOD tables on G_low
+    # OOD tables on G_low: every gradient detector of the cpu profile
+    detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
     table = {}
     for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched)):
-        g_low = {name: sub.transform(r) for name, r in rows.items()}
-        for det_name, kwargs in (("knn", {"k": 5}), ("mahalanobis", {})):
-            det = make_detector(det_name, kwargs, gradient=True).fit(g_low["id_train"], labels)
-            scores = {name: det.score_samples(g) for name, g in g_low.items() if name != "id_train"}
+        ctx = ScoringContext(forward_head=Head.from_linear(model.head), num_classes=10, seed=0,
+                             probe_options=ProbeConfig().model_dump())
+        sets_low = {}
+        for name, r in rows.items():
+            if route == "exact":
+                sqnorm = (exact_sub.normalizer_.transform(r) ** 2).sum(1)
+            else:
+                stored = sketched_with_norms[name][1]
+                sqnorm = stored if stored is not None else (sketch_sub.normalizer_.transform(r) ** 2).sum(1)
+            sets_low[name] = {"name": name, "g_low": sub.transform(r), "phi_sqnorm": sqnorm,
+                              "labels": sets[name].labels}
+        targets = {name: d for name, d in sets_low.items() if name != "id_train"}
+        for det_name, kwargs in detectors.items():
+            scores = score_detector(det_name, kwargs, True, sets_low["id_train"], targets, ctx)
             for ood in ("textures", "tinyimagenet", "fashionmnist"):
                 m = ood_metrics(scores["id_test"], scores[ood])
-                table.setdefault(f"grad_{det_name}", {}).setdefault(ood, {})[route] = {
+                table.setdefault(detector_row_name(det_name, True), {}).setdefault(ood, {})[route] = {
                     "fpr95": round(m["fpr95"], 2), "auroc": round(m["auroc"], 2)}
     worst = 0.0
     for det_rows in table.values():

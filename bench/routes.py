@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from lowgrad import paths, pipeline, timing
-from lowgrad.config import Params, drop_dotted, parse_params, read_raw, set_dotted
+from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, read_raw, set_dotted
 from lowgrad.route import ROUTES, Route
 
 ALIASES = {"stored": "exact", "exact_randomized": "matrix_free"}  # the names earlier results use
@@ -47,7 +47,7 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
         if spec.get("path") and not os.path.isabs(spec["path"]):
             spec["path"] = str((root / spec["path"]).resolve())
     checkpoint = raw["model"].get("checkpoint")
-    if checkpoint and not os.path.isabs(checkpoint):
+    if checkpoint and checkpoint != TRAINED_CHECKPOINT and not os.path.isabs(checkpoint):
         raw["model"]["checkpoint"] = str((root / checkpoint).resolve())
     return parse_params(raw, str(params_file))
 
@@ -60,7 +60,7 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     os.chdir(workdir)
     try:
         stages = {}
-        for name, func, args in pipeline.stage_plan(params):
+        for name, func, args in pipeline.stage_bodies(params, here):
             timing.start()
             func(params, *args)
             stages[name] = json.loads(timing.record(name).read_text())
@@ -78,6 +78,7 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
         "overrides": overrides, "samples": metrics["samples"], "id_accuracy": metrics["id_accuracy"],
         "probe_accuracy": metrics.get("probe_accuracy"), "stages": stages,
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
+        "rows": {d: metrics["rows"][d] for d in table},
         "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts,
     }
 
@@ -89,7 +90,7 @@ def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[
     for route in others:
         for det, per_set in results[first]["methods"].items():
             other = results[route]["methods"].get(det)
-            if other is None or not det.startswith("grad_"):  # forward detectors do not depend on the route
+            if other is None or results[first]["rows"][det]["kind"] != "gradient":  # the gradient detectors' rows
                 continue
             out.setdefault(route, {})[det] = {
                 f"{s}/{m}": round(other[s][m] - per_set[s][m], 2) for s in per_set for m in ("auroc", "fpr95")

@@ -1,12 +1,13 @@
 """Prefect 3 flow over the DVC stage graph: each DVC stage is one task, DVC owns the caching.
 
-Runs with no Prefect server (a temporary local API is started for the run)::
+Runs with no Prefect server (a temporary local API is started for the run; its own output goes to
+``$PREFECT_HOME/temporary-server.log``)::
 
     python -m flows.pipeline                                  # params.yaml as it is
     python -m flows.pipeline --params-file my.yaml --set subspace.k=50
 
 ``params_file`` and ``overrides`` are validated, then written into ``params.yaml`` (what ``dvc exp run -S``
-does to the workspace; comments are kept), and the stages run in topological order with
+does to the workspace; comments are kept), and the stages run in dvc.yaml's (dependency) order with
 ``dvc repro --single-item``: unchanged stages are skipped by DVC.
 """
 
@@ -38,6 +39,7 @@ from prefect.states import Failed  # noqa: E402
 from lowgrad.config import drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
 from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
+from lowgrad.plan import stage_plan  # noqa: E402
 from lowgrad.stages.prepare import prepared_size  # noqa: E402
 from lowgrad.scoring import check_bank_size  # noqa: E402
 
@@ -59,23 +61,67 @@ def stage_environment() -> dict[str, str]:
     return env
 
 
-def stage_order(root: Path = ROOT) -> list[str]:
-    """The pipeline's stage names (``prepare@id_train`` ...) in an order that respects every dependency."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        ordered = reversed(list(nx.topological_sort(graph)))
-        return [stage.name for stage in ordered if getattr(stage, "cmd", None)]
-
-
 def dvc_param_keys(root: Path = ROOT) -> list[str]:
-    """The plain params keys that ``dvc.yaml`` declares (``foreach`` templates left out)."""
+    """The plain params keys that ``dvc.yaml`` declares or interpolates (``${model.checkpoint}``; ``foreach``
+    templates left out)."""
     stages = parse_yaml((root / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
-    keys = {p for stage in stages.values() for p in stage.get("do", stage).get("params", [])
-            if isinstance(p, str) and "${" not in p}
+    keys = set()
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        keys |= {p for p in body.get("params", []) if isinstance(p, str) and "${" not in p}
+        keys |= {m for d in body.get("deps", []) for m in re.findall(r"\$\{([^}]+)\}", str(d))
+                 if m != "key" and not m.startswith("item.")}
     return sorted(keys)
+
+
+def missing_inputs(params, root: Path) -> list[tuple[str, str]]:
+    """``(params key, path)`` of every input DVC will hash that does not exist (paths relative to ``root``)."""
+    missing = [(f"data.datasets.{name}.path", spec.path) for name, spec in params.data.datasets.items()
+               if not (root / spec.path).exists()]
+    if not params.model.trains and not (root / params.model.checkpoint).exists():
+        missing.append(("model.checkpoint", params.model.checkpoint))
+    return missing
+
+
+def check_inputs(params, root: Path) -> None:
+    """Every input DVC will hash exists: one ``error:`` line naming the missing one before any stage runs (DVC's
+    own message for a missing dependency is several lines and names no params key)."""
+    missing = missing_inputs(params, root)
+    if missing:
+        key, path = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        what = "checkpoint" if key == "model.checkpoint" else f"dataset '{key.split('.')[2]}': input"
+        raise ConfigError(f"{what} not found: {path} ({key}){more}; paths are relative to {root} or absolute")
+
+
+def validated_params(
+    params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT, drop: list[str] | None = None
+) -> tuple[Path, dict[str, Any], Any]:
+    """``(source path, raw mapping, validated Params)`` of ``params_file`` + ``overrides`` minus the ``drop`` keys;
+    raises :class:`ConfigError` with one clear line. Touches nothing."""
+    source = Path(params_file)
+    if not source.is_absolute():
+        source = root / source
+    raw = read_raw(source)
+    for key in drop or []:
+        drop_dotted(raw, key)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return source, raw, parse_params(raw, str(source))
+
+
+def check(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT) -> list[str]:
+    """What ``--check`` prints: the params validated as a run would (inputs included), the route and the stage
+    plan. Runs nothing and changes nothing (no Prefect server, no lock, ``params.yaml`` untouched)."""
+    from lowgrad.route import Route
+
+    _, _, params = validated_params(params_file, overrides, root)
+    check_inputs(params, root)
+    plan = stage_plan(params, root)
+    given = params_file + "".join(f" --set {key}={value}" for key, value in (overrides or {}).items())
+    return [f"params ok: {given} (route: {Route.from_params(params).name})",
+            f"stage plan: {len(plan)} stages, in this order (dvc repro --single-item each; unchanged ones are skipped)",
+            *(f"  {stage}" for stage in plan)]
 
 
 def apply_params(
@@ -86,15 +132,10 @@ def apply_params(
     default (DVC refuses a stage whose declared param is missing)."""
     from ruamel.yaml import YAML
 
-    source, target = Path(params_file), root / "params.yaml"
-    if not source.is_absolute():
-        source = root / source
-    raw = read_raw(source)
-    for key in drop or []:
-        drop_dotted(raw, key)
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    validated = parse_params(raw, str(source)).model_dump()  # raises ConfigError with one clear line
+    source, raw, checked = validated_params(params_file, overrides, root, drop)
+    target = root / "params.yaml"
+    check_inputs(checked, root)  # before params.yaml is touched
+    validated = checked.model_dump()
     defaults = {}
     for key in dvc_param_keys(root):
         found, value = get_dotted(validated, key)
@@ -210,14 +251,17 @@ def _failure_message(state) -> str:
 
 
 def publish_report(root: Path) -> None:
-    """The report as Prefect artifacts: the verdict and results tables (Markdown) and the mean metrics with their
-    intervals (a table), so scheduled runs can be read in the Prefect UI."""
-    report = (root / "report/report.md").read_text()
-    start = report.find("## Does the gradient help here?")
-    end = report.find("## Mean FPR95 vs k")
-    create_markdown_artifact(key="lowgrad-report", markdown=report[start if start >= 0 else 0 : end if end > 0 else None],
-                             description="lowgrad: does the gradient help? (report/report.md)")
+    """The results as Prefect artifacts, built from ``report/metrics.json`` (so scheduled runs can be read in the
+    Prefect UI): the verdict as Markdown and as a table, and the mean metrics with their intervals."""
+    from lowgrad.report import results_table, verdict_rows, verdict_section
+
     metrics = json.loads((root / "report/metrics.json").read_text())
+    columns = list(next(iter(metrics["methods"].values())))  # the OOD sets, then the mean
+    markdown = [*verdict_section(metrics, plot=False), "## Results", "", results_table(metrics, columns), ""]
+    create_markdown_artifact(key="lowgrad-report", markdown="\n".join(markdown),
+                             description="lowgrad: does the gradient help? (full report: report/report.md)")
+    create_table_artifact(key="lowgrad-verdict", table=verdict_rows(metrics),
+                          description="paired differences, gradient row - baseline, with bootstrap intervals")
     rows = []
     for row, table in metrics["methods"].items():
         mean = table["mean"]
@@ -259,7 +303,7 @@ def pipeline(
         with RunLock(project, wait=wait_for_lock):
             apply_params(params_file, overrides, project)
             params = load_params(project / "params.yaml")
-            for stage in stage_order(project):
+            for stage in stage_plan(params, project):
                 state = run_stage(stage, str(project), return_state=True)
                 if not state.is_completed():
                     message = _failure_message(state)
@@ -289,6 +333,52 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def start_temporary_server() -> Path | None:
+    """Start Prefect's temporary API server (when no ``PREFECT_API_URL`` is set) with its own output sent to
+    ``$PREFECT_HOME/temporary-server.log``; returns that path, or None when a server is configured.
+
+    Prefect starts the same server lazily and lets it write to our terminal; its shutdown can race with its own
+    database sessions and print a sqlalchemy traceback under the user's one ``error:`` line. Started here
+    first, the server is the singleton Prefect's client reuses, and it inherits the log file as stdout/stderr."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return None
+    home = Path(PREFECT_HOME.value()).expanduser()
+    log_path = home / "temporary-server.log"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # appended: a second flow refused by the run lock must not truncate it
+    except OSError as err:
+        raise LowgradError(f"cannot write the temporary Prefect server's log {log_path} ({err.strerror or err}); "
+                           "set PREFECT_HOME to a writable directory") from None
+    with log:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        saved = [(fd, os.dup(fd)) for fd in (1, 2) if _is_open(fd)]
+        try:
+            for fd, _ in saved:
+                os.dup2(log.fileno(), fd)
+            SubprocessASGIServer().start()  # stopped by Prefect at exit, after its log and event workers drain
+        except Exception as err:
+            raise LowgradError(f"the temporary Prefect server did not start ({err}); its log: {log_path}") from err
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+    return log_path
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def _interrupt(signum: int, frame) -> None:
     """SIGINT / SIGTERM: stop the running stage's process group, then unwind (the temporary Prefect server and
     the run lock are released on the way out)."""
@@ -297,18 +387,29 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.pipeline`` (``tests/test_docs_commands.py`` parses documented ones)."""
     parser = argparse.ArgumentParser(description="Run the lowgrad pipeline as a Prefect flow.")
     parser.add_argument("--params-file", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. subspace.k=50")
     parser.add_argument("--push", action="store_true", help="dvc push --run-cache to the default remote at the end")
     parser.add_argument("--wait", action="store_true", help="wait for a run already going in this checkout")
-    args = parser.parse_args()
+    parser.add_argument("--check", action="store_true",
+                        help="validate the params (file, --set's and inputs) and print the stage plan; run nothing")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.chdir(ROOT)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
         overrides = _parse_overrides(args.set) or None
+        if args.check:
+            print("\n".join(check(args.params_file, overrides)))
+            return
+        start_temporary_server()
         state = pipeline(params_file=args.params_file, overrides=overrides, push=args.push, wait_for_lock=args.wait,
                          return_state=True)
     except LowgradError as err:

@@ -19,8 +19,10 @@ def _stage_name() -> str:
     return spec.name.rsplit(".", 1)[-1] if spec is not None else Path(sys.argv[0]).stem
 
 
-def run_stage(func: Callable, description: str, per_dataset: bool = False, record_timing: bool = True) -> None:
-    """``record_timing``: write ``artifacts/timings/<stage>.json`` (score and report put theirs in their outputs)."""
+def run_stage(func: Callable, description: str, per_dataset: bool = False, record_timing: bool = True,
+              scoring: bool = False) -> None:
+    """``record_timing``: write ``artifacts/timings/<stage>.json`` (score and report put theirs in their outputs);
+    ``scoring``: validate the ``scoring`` section's schema too (only the stages that read it load that code)."""
     parser = argparse.ArgumentParser(description=description)
     if per_dataset:
         parser.add_argument("dataset", help="dataset name from params.yaml (data.datasets)")
@@ -30,7 +32,7 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False, recor
     stage = _stage_name()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, scoring=scoring)
         if per_dataset:
             if args.dataset not in params.data.datasets:
                 raise LowgradError(f"unknown dataset '{args.dataset}' (data.datasets has {sorted(params.data.datasets)})")

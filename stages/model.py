@@ -1,7 +1,7 @@
 """DVC stage 'model': Import the configured checkpoint or train the classifier."""
 
-from lowgrad.stages.model import build_classifier
+from lowgrad.stages.model import model
 from stages._run import run_stage
 
 if __name__ == "__main__":
-    run_stage(build_classifier, "Import the configured checkpoint or train the classifier.", per_dataset=False)
+    run_stage(model, "Import the configured checkpoint or train the classifier.", per_dataset=False)

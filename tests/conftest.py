@@ -1,12 +1,28 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWGRAD_SHARED", ROOT.parent / "shared"))
+DIGITS = str(ROOT / "data/embedded/digits.npz")  # the embedded default's inputs, as absolute paths
+PHOTOS = str(ROOT / "data/embedded/photos")
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist each worker, and every stage process it starts, gets its share of the cores: torch's
+    default of one thread per core in every worker oversubscribes them (measured: a 18 s test took 81 s)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
+
+
+_share_the_cores()  # before torch is imported (the environment is also what stage subprocesses inherit)
 
 
 def shared_file(relative: str) -> Path:
@@ -23,3 +39,37 @@ def _prefect_isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "results"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_finished(tmp_path_factory) -> Path:
+    """The tiny project (``tests.test_pipeline.TINY``) run to the end once per session, shared by the pytest-xdist
+    workers (the first to need it builds it under a file lock). Tests take a copy (:func:`tiny_project`)."""
+    from filelock import FileLock
+
+    from tests.test_pipeline import TINY, dvc, make_project
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the directory all workers' temporary roots sit in
+    root, done = shared / "tiny-finished", shared / "tiny-finished.done"
+    with FileLock(str(shared / "tiny-finished.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a half-built one from an interrupted build
+            root.mkdir()
+            dvc(make_project(root, TINY), "repro")
+            done.touch()
+    return root
+
+
+@pytest.fixture
+def tiny_project(tiny_finished, tmp_path) -> Path:
+    """A copy of the finished tiny project (outputs, dvc.lock and DVC cache) for one test to change."""
+    return Path(shutil.copytree(tiny_finished, tmp_path / "tiny", symlinks=True))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest first: files holding ``slow`` tests go to the workers before the others, which then fill the gaps (a
+    slow file handed out last would run alone at the end). Files move as a whole; the order within one is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order otherwise kept

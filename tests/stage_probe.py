@@ -1,11 +1,13 @@
-"""Run one DVC stage's command the way ``dvc repro`` does (``python -m stages.<name> [set]``), recording which
-params it reads and which project modules it imports; print them as JSON on the last line.
+"""Run DVC stages' commands in one process, in order, the way ``dvc repro`` runs each
+(``python -m stages.<name> [set]``), recording which params each reads; print them as JSON on the last line.
 
-    python tests/stage_probe.py extract@id_train      # in a project directory (lowgrad from its src/)
+    python tests/stage_probe.py prepare@id_train train ... report   # in a project directory (lowgrad from src/)
 
-Reads are recorded from the moment the stage's params are loaded (validation itself reads every key, so it
-is left out): every access to a field of the params models, as a dotted path (``subspace.method``,
-``data.datasets.id_train.source``). ``tests/test_dvc_yaml.py`` compares both lists with ``dvc.yaml``.
+Reads are recorded from the moment a stage's params are loaded (validation itself reads every key, so it is left
+out): every access to a field of the params models, as a dotted path (``subspace.method``,
+``data.datasets.id_train.source``). Each stage also lists the project modules first imported while it ran (a
+lower bound of what it imports: the test checks the static import graph covers it). ``tests/test_dvc_yaml.py``
+compares both with ``dvc.yaml``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ def _paths(obj, prefix: str, out: dict[int, str]) -> None:
             _paths(value, f"{prefix}.{key}", out)
 
 
+def _project_modules(root: Path) -> set[str]:
+    """Project files (outside ``tests/``) among the loaded modules, relative to ``root``."""
+    files = set()
+    for mod in list(sys.modules.values()):
+        file = getattr(mod, "__file__", None)
+        path = Path(file).resolve() if file else None
+        if path and path.is_file() and path.is_relative_to(root) and path.relative_to(root).parts[0] != "tests":
+            files.add(str(path.relative_to(root)))
+    return files
+
+
 def main() -> None:
-    stage = sys.argv[1]
-    module, _, dataset = stage.partition("@")
     root = Path.cwd().resolve()
     sys.path.insert(0, str(root))
     import lowgrad.config as config
@@ -55,19 +66,32 @@ def main() -> None:
             reads.add(f"{path}.{name}" if path else name)
         return value
 
+    original_schema = config.scored_params_schema
+
+    def scored_schema_spied():  # the scoring section's models: spied once a stage loads them (score does first)
+        schema = original_schema()
+        import lowgrad.options as options
+
+        options._Strict.__getattribute__ = spy
+        return schema
+
     entry.load_params = load_and_record
     config._Strict.__getattribute__ = spy
-    sys.argv = [f"stages/{module}.py", *([dataset] if dataset else [])]
-    try:
-        runpy.run_module(f"stages.{module}", run_name="__main__", alter_sys=True)
-    finally:
-        files = set()
-        for mod in list(sys.modules.values()):
-            file = getattr(mod, "__file__", None)
-            path = Path(file).resolve() if file else None
-            if path and path.is_file() and path.is_relative_to(root) and path.relative_to(root).parts[0] != "tests":
-                files.add(str(path.relative_to(root)))
-        print(json.dumps({"stage": stage, "params": sorted(reads), "modules": sorted(files)}))
+    config.scored_params_schema = scored_schema_spied
+    out = []
+    for stage in sys.argv[1:]:
+        module, _, dataset = stage.partition("@")
+        reads.clear()
+        where.clear()
+        before = _project_modules(root)
+        sys.argv = [f"stages/{module}.py", *([dataset] if dataset else [])]
+        try:
+            runpy.run_module(f"stages.{module}", run_name="__main__", alter_sys=True)
+        except SystemExit as stop:
+            if stop.code:
+                raise SystemExit(f"stage {stage} exited with {stop.code}") from None
+        out.append({"stage": stage, "params": sorted(reads), "first_imported": sorted(_project_modules(root) - before)})
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -91,3 +91,49 @@ def test_mean_over_sets_and_stream_independence():
     assert np.mean((reps["a"]["auroc"] >= lo) & (reps["a"]["auroc"] <= hi)) == pytest.approx(0.9, abs=0.02)
     other_seed = Bootstrap.draw(sizes, ["a"], 200, seed=1, level=0.9)
     assert not np.array_equal(other_seed.ood_counts["a"], only_a.ood_counts["a"])
+
+
+def _evaluate_params(min_ood_samples: int):
+    from tests.conftest import DIGITS
+    from lowgrad.config import parse_params
+
+    return parse_params({
+        "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1]},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1]},
+            "big": {"source": "npz", "path": DIGITS, "classes": [7]},
+            "tiny": {"source": "npz", "path": DIGITS, "classes": [8]}}},
+        "model": {"arch": "small_cnn", "num_classes": 2},
+        "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {}}, "min_ood_samples": min_ood_samples,
+                    "bootstrap": {"replicates": 200}},
+    })
+
+
+def test_a_set_below_the_minimum_is_reported_alone_and_left_out_of_the_mean():
+    """A 1-image OOD set: its own column stays, but the mean (point, replicates, verdicts) is the big set's."""
+    from lowgrad.comparison import evaluate
+
+    rng = np.random.default_rng(5)
+    scores = {row: {"id_test": rng.normal(1, 1, 150), "big": rng.normal(shift, 1, 120), "tiny": np.array([5.0])}
+              for row, shift in (("msp", 0.0), ("grad_knn", -1.0))}
+    out = evaluate(scores, _evaluate_params(50))
+    assert out["mean_over"] == ["big"] and out["small_sets"] == {"tiny": 1}
+    for row in scores:
+        table = out["methods"][row]
+        assert "tiny" in table  # reported on its own
+        assert table["mean"]["fpr95"] == table["big"]["fpr95"] and table["mean"]["ci"] == table["big"]["ci"]
+    mean_delta = out["deltas"]["grad_knn"]["best_forward_only"]["mean"]["auroc"]
+    assert mean_delta["ci"] == out["deltas"]["grad_knn"]["best_forward_only"]["big"]["auroc"]["ci"]
+    # negative control: with the minimum at 1 the tiny set enters the mean, and the mean moves
+    with_tiny = evaluate(scores, _evaluate_params(1))
+    assert with_tiny["mean_over"] == ["big", "tiny"] and with_tiny["small_sets"] == {}
+    assert with_tiny["methods"]["msp"]["mean"]["auroc"] != out["methods"]["msp"]["mean"]["auroc"]
+
+
+def test_every_set_below_the_minimum_is_one_config_error():
+    from lowgrad.comparison import evaluate
+    from lowgrad.errors import ConfigError
+
+    scores = {"msp": {"id_test": np.arange(60.0), "big": np.arange(10.0), "tiny": np.array([1.0])}}
+    with pytest.raises(ConfigError, match=r"min_ood_samples = 50: every OOD set is smaller \(big: 10, tiny: 1\)"):
+        evaluate(scores, _evaluate_params(50))

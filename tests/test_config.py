@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,8 +64,41 @@ def test_required_sets_and_paths():
         parse_params(raw)
     raw = _default()
     raw["data"]["datasets"]["cifar"] = {"source": "npz_jpeg"}
-    with pytest.raises(ConfigError, match="needs a 'path'"):
+    with pytest.raises(ConfigError, match="data.datasets.cifar.path: Field required"):
         parse_params(raw)
+
+
+def test_every_input_is_a_file_dvc_can_track():
+    """Every set names its input (the bundled scikit-learn sources became committed files) and the checkpoint is
+    a file: null no longer means 'train', which DVC could not key a stage by."""
+    raw = _default()
+    raw["data"]["datasets"]["old"] = {"source": "sklearn_digits", "classes": [7]}
+    with pytest.raises(ConfigError, match=r"source 'sklearn_digits' is now a file .* \{source: npz, path: data/embedded/digits.npz\}"):
+        parse_params(raw)
+    raw = _default()
+    raw["model"]["checkpoint"] = None
+    with pytest.raises(ConfigError, match="model.checkpoint must name a file: a state_dict, or models/trained.pt"):
+        parse_params(raw)
+    raw = _default()
+    raw["data"]["datasets"]["o"] = {"source": "npz", "path": "x.npz", "n": 5}
+    with pytest.raises(ConfigError, match="'n' .* applies to source 'photo_patches' only"):
+        parse_params(raw)
+    params = parse_params(_default())
+    assert params.model.trains and all(spec.path for spec in params.data.datasets.values())
+    raw = _default()
+    raw["model"]["checkpoint"] = "./models/trained.pt"
+    assert parse_params(raw).model.trains
+    raw["model"]["checkpoint"] = "ckpt/latest.pt"
+    assert not parse_params(raw).model.trains
+
+
+def test_pipeline_stages_validate_without_the_scoring_schema():
+    """The stages before score validate everything but the scoring section, without importing its schema."""
+    code = ("import sys; from lowgrad.config import load_params; p = load_params('params.yaml', scoring=False); "
+            "assert isinstance(p.scoring, dict); assert 'lowgrad.options' not in sys.modules, 'options imported'; "
+            "q = load_params('params.yaml'); assert type(q.scoring).__name__ == 'DetectorsConfig'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_overrides_and_missing_file(tmp_path):

@@ -14,11 +14,11 @@ from lowgrad.config import DataConfig
 from lowgrad.data import load_dataset, resize_center_crop, to_tensor_batch
 from lowgrad.errors import DataError
 
-from tests.conftest import shared_file
+from tests.conftest import DIGITS, PHOTOS, shared_file
 
 
 def _data(datasets: dict, size: int = 8, channels: int = 1) -> DataConfig:
-    base = {"id_train": {"source": "sklearn_digits"}, "id_test": {"source": "sklearn_digits"}, "o": {"source": "sklearn_digits"}}
+    base = {"id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS}, "o": {"source": "npz", "path": DIGITS}}
     base.update(datasets)
     return DataConfig(image_size=size, channels=channels, mean=[0.5] * channels, std=[0.5] * channels, datasets=base)
 
@@ -31,8 +31,8 @@ def _jpeg_bytes(array: np.ndarray) -> bytes:
 
 def test_digits_split_is_stratified_disjoint_and_complete():
     cfg = _data({
-        "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "train", "test_fraction": 0.3},
-        "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "test", "test_fraction": 0.3},
+        "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "split": "train", "test_fraction": 0.3},
+        "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "split": "test", "test_fraction": 0.3},
     })
     train, test = load_dataset("id_train", cfg, 0), load_dataset("id_test", cfg, 0)
     assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
@@ -50,13 +50,13 @@ def test_digits_split_is_stratified_disjoint_and_complete():
 
 
 def test_max_samples_subsample_is_random_not_a_slice():
-    cfg = _data({"o": {"source": "sklearn_digits", "max_samples": 100}})
+    cfg = _data({"o": {"source": "npz", "path": DIGITS, "max_samples": 100}})
     sub = load_dataset("o", cfg, 0)
     assert len(sub) == 100 and len(np.unique(sub.labels)) == 10
 
 
 def test_photo_patches_shape_and_channels():
-    cfg = _data({"o": {"source": "sklearn_photos", "n": 20}}, size=16, channels=3)
+    cfg = _data({"o": {"source": "photo_patches", "path": PHOTOS, "n": 20}}, size=16, channels=3)
     patches = load_dataset("o", cfg, 0)
     assert patches.images.shape == (20, 16, 16, 3) and (patches.labels == -1).all()
 

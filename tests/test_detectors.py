@@ -61,6 +61,8 @@ from lowgrad.detectors import BATS, ODIN, GradNorm, Head, ReAct, ViM, make_detec
 from lowgrad.fusion import ScoreCalibrator, fuse  # noqa: E402
 from lowgrad.probe import train_probe  # noqa: E402
 
+from tests.conftest import DIGITS
+
 
 def _head(rng, d=6, c=3, bn=False) -> Head:
     head = Head(weight=rng.standard_normal((c, d)), bias=rng.standard_normal(c))
@@ -237,10 +239,11 @@ def test_fusion_of_three_members_against_explicit_formulas():
         fuse(cals, xs, "pvalue")
 
 
-@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "bats", "vim", "odin"])
+@pytest.mark.parametrize("name", ["msp", "energy", "gradnorm", "react", "bats", "vim", "odin", "fdbd", "rmds", "gen", "ash"])
 def test_forward_head_detectors_rank_far_ood_below_id(name):
     """Sign check: features far from the ID bank (large-norm noise) score lower for every head-based score
-    that is supposed to catch them; ID = samples confidently on one class."""
+    that is supposed to catch them; ID = samples confidently on one class. (Not SCALE: with 6 features its
+    sharpening ratio s1 / s2 is largest for flat activations, so this toy inverts it; its formula test pins it.)"""
     rng = np.random.default_rng(9)
     y = rng.integers(0, 3, 300)
     bank = np.abs(rng.normal(0, 0.2, (300, 6))) + 2.0 * np.eye(3, 6)[y]
@@ -276,9 +279,9 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
                       "labels": np.arange(len(x)) % 3, "g_low": rng.standard_normal((len(x), 4))}
     params = parse_params({
         "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2]},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2]},
-            "ood": {"source": "sklearn_digits", "classes": [7]}}},
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2]},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2]},
+            "ood": {"source": "npz", "path": DIGITS, "classes": [7]}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "scoring": {"forward": {"bats": {"lam": 0.5, "typical": "batchnorm"}}, "gradient": {"knn": {"k": 3}},
                     "fusion": {"groups": [{"name": "bats_grad_knn", "members": ["bats", "grad_knn"]}]}},
@@ -293,7 +296,7 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
 
 
 def test_fusion_plan_shares_identical_forward_only_baselines():
-    from lowgrad.config import FusionGroup
+    from lowgrad.options import FusionGroup
     from lowgrad.scoring import fusion_plan
 
     plan = fusion_plan([
@@ -302,14 +305,16 @@ def test_fusion_plan_shares_identical_forward_only_baselines():
         FusionGroup(name="c", members=["vim", "knn", "grad_residual"], rule="fisher"),
         FusionGroup(name="d", members=["grad_knn", "grad_residual"]),
     ])
-    assert plan == {
-        "fused_a_forward_only": (["vim", "knn"], "zscore", None),
-        "fused_a": (["vim", "knn", "grad_knn"], "zscore", "fused_a_forward_only"),
-        "fused_b": (["vim", "knn", "grad_residual"], "zscore", "fused_a_forward_only"),  # same baseline, scored once
-        "fused_c_forward_only": (["vim", "knn"], "fisher", None),  # another rule: another baseline
-        "fused_c": (["vim", "knn", "grad_residual"], "fisher", "fused_c_forward_only"),
-        "fused_d": (["grad_knn", "grad_residual"], "zscore", None),  # gradient only: no forward-only twin
+    summary = {name: (list(row.members), rule, row.twin, row.kind) for name, (row, rule) in plan.items()}
+    assert summary == {
+        "fused_a_forward_only": (["vim", "knn"], "zscore", None, "forward_only"),
+        "fused_a": (["vim", "knn", "grad_knn"], "zscore", "fused_a_forward_only", "fused"),
+        "fused_b": (["vim", "knn", "grad_residual"], "zscore", "fused_a_forward_only", "fused"),  # same baseline, once
+        "fused_c_forward_only": (["vim", "knn"], "fisher", None, "forward_only"),  # another rule: another baseline
+        "fused_c": (["vim", "knn", "grad_residual"], "fisher", "fused_c_forward_only", "fused"),
+        "fused_d": (["grad_knn", "grad_residual"], "zscore", None, "fused"),  # gradient only: no forward-only twin
     }
+    assert [row.gradient for row, _ in plan.values()] == [False, True, True, False, True, True]
 
 
 def test_option_models_match_the_detector_classes():
@@ -325,3 +330,162 @@ def test_option_models_match_the_detector_classes():
         for name, cls in detectors.items():
             accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head", "args", "kwargs"}
             assert set(options[name].model_fields) == accepted, name
+
+
+# -- OpenOOD v1.5's strongest post-hoc detectors, each against its paper's formula written as loops --------------
+from lowgrad.detectors import ASH, FDBD, GEN, RMDS, SCALE  # noqa: E402
+
+
+def test_gen_against_the_generalised_entropy_loop():
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 3, (7, 5))
+    for gamma, m in ((0.1, 100), (0.5, 3)):
+        expected = []
+        for row in logits:
+            p = sorted(np.exp(row) / np.exp(row).sum())[-m:]
+            expected.append(-sum(pi**gamma * (1 - pi) ** gamma for pi in p))
+        np.testing.assert_allclose(GEN(gamma=gamma, M=m).score_samples(logits), expected, rtol=1e-12)
+    # negative control: M = 3 keeps only the three largest probabilities, so it differs from M = all
+    assert not np.allclose(GEN(M=3).score_samples(logits), GEN().score_samples(logits))
+    confident, flat = np.array([[20.0, 0, 0, 0, 0]]), np.zeros((1, 5))
+    assert GEN().score_samples(confident)[0] > GEN().score_samples(flat)[0]  # higher = in-distribution
+
+
+def test_rmds_against_the_relative_mahalanobis_formula():
+    rng = np.random.default_rng(12)
+    y = np.repeat([0, 1, 2], 30)
+    x = rng.standard_normal((90, 3)) * [1.0, 2.0, 0.5] + 3 * np.eye(3)[y]
+    q = rng.standard_normal((6, 3)) * 2
+    means = [x[y == c].mean(0) for c in range(3)]
+    centred = np.concatenate([x[y == c] - means[c] for c in range(3)])
+    prec = np.linalg.inv(np.cov(centred.T, bias=True))
+    mu0 = x.mean(0)
+    prec0 = np.linalg.inv(np.cov(x.T, bias=True))
+    expected = []
+    for u in q:
+        d0 = (u - mu0) @ prec0 @ (u - mu0)
+        expected.append(max(-((u - m) @ prec @ (u - m) - d0) for m in means))
+    ours = RMDS().fit(x, y).score_samples(q)
+    np.testing.assert_allclose(ours, expected, rtol=1e-9)
+    assert not np.allclose(ours, Mahalanobis().fit(x, y).score_samples(q))  # the background term matters
+
+
+def test_fdbd_against_the_boundary_distance_loop():
+    rng = np.random.default_rng(13)
+    head = _head(rng, d=5, c=4)
+    bank, q = rng.standard_normal((40, 5)), rng.standard_normal((6, 5))
+    mean = bank.mean(0)
+    w, b = head.weight, head.bias
+    expected = []
+    for u in q:
+        logits = w @ u + b
+        c = int(np.argmax(logits))
+        # distance from u to the hyperplane {v: (w_i - w_c) v + b_i - b_c = 0}
+        dists = [abs((w[i] - w[c]) @ u + b[i] - b[c]) / np.linalg.norm(w[i] - w[c]) for i in range(4) if i != c]
+        expected.append(np.mean(dists) / np.linalg.norm(u - mean))
+    np.testing.assert_allclose(FDBD(head).fit(bank).score_samples(q), expected, rtol=1e-10)
+    # negative control: normalising by ||u|| instead of ||u - mean|| gives other values
+    plain = np.array(expected) * np.linalg.norm(q - mean, axis=1) / np.linalg.norm(q, axis=1)
+    assert not np.allclose(FDBD(head).fit(bank).score_samples(q), plain)
+
+
+def _ash_loop(u: np.ndarray, percentile: float, variant: str) -> np.ndarray:
+    n = len(u)
+    k = n - int(np.round(n * percentile / 100.0))
+    keep = sorted(range(n), key=lambda j: (-u[j], j))[:k]
+    out = np.zeros(n)
+    for j in keep:
+        out[j] = {"b": u.sum() / k, "p": u[j]}.get(variant, u[j])
+    if variant == "s":
+        out = out * np.exp(u.sum() / out.sum())
+    return out
+
+
+def test_ash_variants_against_the_pruning_loop():
+    rng = np.random.default_rng(14)
+    head = _head(rng, d=20, c=3)
+    q = np.abs(rng.standard_normal((5, 20)))  # post-ReLU activations
+    for variant in ("b", "p", "s"):
+        for percentile in (90.0, 65.0):
+            det = ASH(head, percentile=percentile, variant=variant)
+            shaped = np.stack([_ash_loop(u, percentile, variant) for u in q])
+            np.testing.assert_allclose(det.shape(q), shaped, rtol=1e-12)
+            energy = np.log(np.exp(shaped @ head.weight.T + head.bias).sum(1))
+            np.testing.assert_allclose(det.score_samples(q), energy, rtol=1e-10)
+    assert (ASH(head, percentile=90).shape(q) > 0).sum(axis=1).tolist() == [2] * 5  # 20 - round(18) kept
+
+
+def test_scale_against_the_sharpening_formula():
+    rng = np.random.default_rng(15)
+    head = _head(rng, d=20, c=3)
+    q = np.abs(rng.standard_normal((5, 20)))
+    expected = []
+    for u in q:
+        top = np.sort(u)[::-1][: 20 - int(np.round(20 * 0.85))]
+        scaled = u * np.exp(u.sum() / top.sum())  # every activation kept, only scaled
+        expected.append(np.log(np.exp(head.weight @ scaled + head.bias).sum()))
+    np.testing.assert_allclose(SCALE(head, percentile=85).score_samples(q), expected, rtol=1e-10)
+    # negative control: SCALE is not ASH-S (which also prunes)
+    assert not np.allclose(SCALE(head, 85).score_samples(q), ASH(head, 85, "s").score_samples(q))
+
+
+def test_openood_defaults_of_the_new_detectors():
+    """The hyper-parameters are OpenOOD v1.5's postprocessor settings, fixed before any run."""
+    head = _head(np.random.default_rng(0))
+    assert vars(make_detector("gen", {}, False)) == {"gamma": 0.1, "M": 100}
+    assert (make_detector("ash", {}, False, head).percentile, make_detector("ash", {}, False, head).variant) == (90.0, "b")
+    assert make_detector("scale", {}, False, head).percentile == 85.0
+
+
+def test_odin_step_is_epsilon_over_the_channel_std():
+    """ODIN's epsilon is a pixel-space step: in normalised input space each channel moves by eps / std."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 2 * 4)
+    seen = []
+
+    def forward(x):
+        seen.append(x.detach().clone())
+        return x.flatten(1) @ weight.T
+
+    x = torch.randn(5, 2, 2, 2)
+    det = ODIN(temperature=1000.0, epsilon=0.0014)
+    det.input_std = (0.2470, 0.1)
+    det.score_inputs(forward, x)
+    step = (x - seen[1]).abs()
+    torch.testing.assert_close(step[:, 0], torch.full_like(step[:, 0], 0.0014 / 0.2470))
+    torch.testing.assert_close(step[:, 1], torch.full_like(step[:, 1], 0.0014 / 0.1))
+    # negative control: without the std (G_low through the probe) the step is eps itself
+    seen.clear()
+    det.input_std = None
+    det.score_inputs(forward, x)
+    torch.testing.assert_close((x - seen[1]).abs(), torch.full_like(x, 0.0014))
+
+
+def test_the_scorer_gives_forward_odin_the_normalisation_std():
+    from lowgrad.scoring import ScoringContext, score_detector
+
+    torch.manual_seed(0)
+    weight = torch.randn(3, 4)
+    seen = []
+
+    def forward(x):
+        seen.append(x.detach().clone())
+        return x.flatten(1) @ weight.T
+
+    x = torch.randn(4, 1, 2, 2)
+    ctx = ScoringContext(forward_head=Head(weight.double().numpy(), np.zeros(3)), num_classes=3, model_forward=forward,
+                         input_std=(0.5,))
+    data = {"name": "s", "images": x, "labels": np.zeros(4, int)}
+    score_detector("odin", {"epsilon": 0.01}, False, data, {"s": data}, ctx)
+    torch.testing.assert_close((x - seen[1]).abs(), torch.full_like(x, 0.02))
+
+
+def test_fdbd_boundary_norms_at_imagenet_size_against_direct_norms():
+    """1,000 classes x 2,048 features (ResNet-50 on ImageNet): the pairwise ||w_i - w_c|| come from the Gram matrix
+    (a C x C x D difference tensor would be 16 GB); a few entries against the direct norm."""
+    rng = np.random.default_rng(16)
+    head = Head(weight=rng.standard_normal((1000, 2048)), bias=np.zeros(1000))
+    det = FDBD(head).fit(rng.standard_normal((4, 2048)))
+    for i, c in ((0, 1), (999, 3), (500, 501)):
+        assert det.boundary_norms_[i, c] == pytest.approx(np.linalg.norm(head.weight[i] - head.weight[c]), rel=1e-10)
+    assert np.all(np.diag(det.boundary_norms_) == 1.0)

@@ -23,6 +23,8 @@ from lowgrad.config import ConfigError, load_params, parse_params, parse_yaml
 from lowgrad.runlock import RunLock, RunLockedError
 from tests.test_pipeline import TINY, _env, dvc, make_project, set_param
 
+from tests.conftest import DIGITS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -190,14 +192,14 @@ def test_split_of_an_empty_selection_and_yaml_errors(tmp_path):
     _one_error(_stage(root, "stages.prepare", "one"), "dataset 'one': cannot split 1 images")
     (root / "params.yaml").write_text(raw + "\nseed: [1,\n")
     _one_error(_stage(root, "stages.prepare", "id_train"), "params.yaml: not valid YAML (line")
-    (root / "params.yaml").write_text(raw.replace("  datasets:\n", "  datasets:\n    digits_7to9: {source: sklearn_digits}\n", 1))
+    (root / "params.yaml").write_text(raw.replace("  datasets:\n", "  datasets:\n    digits_7to9: {source: npz, path: data/embedded/digits.npz}\n", 1))
     _one_error(_stage(root, "stages.prepare", "id_train"), "duplicate key 'digits_7to9'")
 
 
 def test_read_only_artifacts_give_one_error_line(tmp_path):
     if os.geteuid() == 0:  # root ignores file permissions: make the target path a file instead of a directory
         root = _tiny(tmp_path)
-        (root / "data").mkdir()
+        (root / "data").mkdir(exist_ok=True)  # data/embedded is there already
         (root / "data/prepared").write_text("not a directory")
     else:
         root = _tiny(tmp_path)
@@ -214,7 +216,7 @@ def test_read_only_artifacts_give_one_error_line(tmp_path):
     ({"scoring.forward.odin": {"temperature": 0}}, "scoring.forward.odin.temperature: Input should be greater than 0"),
     ({"subspace.k": True}, "subspace.k: Input should be a valid integer"),
     ({"subspace.k": "40"}, "subspace.k: Input should be a valid integer"),
-    ({"data.datasets.mean": {"source": "sklearn_digits"}}, "dataset name 'mean' is reserved"),
+    ({"data.datasets.mean": {"source": "npz", "path": DIGITS}}, "dataset name 'mean' is reserved"),
 ])
 def test_bad_options_and_reserved_names_are_config_errors(change, fragment):
     with pytest.raises(ConfigError) as err:
@@ -237,6 +239,7 @@ def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path):
     line = _one_error(proc, "stage 'prepare@bad' failed", "truncated.npz", "truncated or corrupt")
     assert "AwaitingRetry" not in proc.stdout + proc.stderr and "Retrying" not in proc.stdout + proc.stderr
     assert (proc.stdout + proc.stderr).count("[prepare@bad") >= 1  # the stage's own lines were streamed
+    assert "Starting temporary server" not in proc.stdout + proc.stderr  # the flow used the server started quietly
     assert line.count("error:") == 1
     # K larger than the bank: refused once id_train is prepared, before the model and any extraction
     set_param(root, "data.datasets", {k: v for k, v in TINY["data"]["datasets"].items()})
@@ -244,6 +247,28 @@ def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path):
     proc = _flow(root)
     _one_error(proc, "scoring.forward.knn.k = 100000 exceeds the bank size: id_train has 150 samples")
     assert not (root / "artifacts/extract").exists() and "[extract@" not in proc.stdout + proc.stderr
+
+
+def test_the_temporary_server_writes_to_its_log_and_not_to_the_terminal(tmp_path):
+    """Prefect's server output (a shutdown race can print a sqlalchemy traceback) goes to a log file; the
+    flow's own stdout/stderr stay the terminal's."""
+    code = ("import os, psutil\n"
+            "from prefect.server.api.server import SubprocessASGIServer\n"
+            "from flows.pipeline import start_temporary_server\n"
+            "log = start_temporary_server()\n"
+            "server = psutil.Process(SubprocessASGIServer().server_process.pid)\n"
+            "print(log, [f.path for f in server.open_files() if f.fd in (1, 2)],\n"
+            "      [f.path for f in psutil.Process().open_files() if f.fd in (1, 2)], sep='|', flush=True)\n")
+    env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log, server_fds, own_fds = proc.stdout.strip().splitlines()[-1].split("|")
+    assert log == str(tmp_path / "prefect/temporary-server.log")
+    assert server_fds == str([log, log])  # the server's stdout and stderr are the log file
+    assert own_fds == "[]"  # ours are still the pipes pytest reads
+    assert "Starting temporary server" in Path(log).read_text()  # Prefect's own line went there too
 
 
 # -- 7 / 8: signals and live progress --------------------------------------------------------------------------
@@ -256,7 +281,7 @@ def test_output_pieces_split_lines_and_progress_updates():
 
 
 def test_sigterm_stops_the_stage_and_the_temporary_server(tmp_path):
-    root = _tiny(tmp_path, **{"train.epochs": 400})  # a model stage long enough to be caught running
+    root = _tiny(tmp_path, **{"train.epochs": 400})  # a train stage long enough to be caught running
     env = {**_env(), "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "LOWGRAD_PROGRESS_SECONDS": "1"}
     env.pop("PREFECT_API_URL", None)
@@ -264,11 +289,11 @@ def test_sigterm_stops_the_stage_and_the_temporary_server(tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
-        for line in flow.stdout:  # live: the model stage's progress arrives while it runs
+        for line in flow.stdout:  # live: the train stage's progress arrives while it runs
             seen.append(line)
-            if "[model" in line and "train:" in line:
+            if "[train" in line and "train:" in line:
                 break
-        assert any("[model" in ln for ln in seen), "".join(seen)
+        assert any("[train" in ln for ln in seen), "".join(seen)
         tree = psutil.Process(flow.pid).children(recursive=True)
         assert tree  # the temporary Prefect server and the running stage
         flow.send_signal(signal.SIGTERM)
@@ -280,7 +305,7 @@ def test_sigterm_stops_the_stage_and_the_temporary_server(tmp_path):
     assert "error: interrupted" in rest
     _, alive = psutil.wait_procs(tree, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
-    assert not (root / "models/model.pt").exists()
+    assert not (root / "models/trained.pt").exists()
     assert (root / ".dvc/tmp/lowgrad-run.lock").read_text() == ""  # the run lock was released
-    status = dvc(root, "status")  # DVC is usable and still sees the model stage as to be run
-    assert "model" in status.stdout
+    status = dvc(root, "status")  # DVC is usable and still sees the train stage as to be run
+    assert "train:" in status.stdout

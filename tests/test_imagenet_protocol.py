@@ -60,6 +60,7 @@ def test_imagenet_protocol_on_a_tiny_image_folder(tmp_path, monkeypatch):
         "gradient.batch_size": 8,
         "gradient.chunk_rows": 8,
         "scoring.probe.epochs": 2,
+        "scoring.min_ood_samples": 4,  # the tiny OOD folders hold 4 images each (a real run keeps the default 50)
     }
     params = load_params(ROOT / "configs/imagenet_resnet50.yaml", overrides)
     assert params.model.arch == "torchvision_resnet50" and params.subspace.basis == "average_gradient"
@@ -90,6 +91,7 @@ def test_imagenet_protocol_on_a_tiny_image_folder(tmp_path, monkeypatch):
     assert g_low.shape == (6, 3) and np.isfinite(g_low).all()  # one average-gradient direction per bank class
     metrics = json.loads(Path(paths.METRICS).read_text())
     assert {"knn", "grad_knn", "mahalanobis", "grad_mahalanobis", "vim", "fused_react_grad_knn"} <= set(metrics["methods"])
+    assert metrics["mean_over"] == ["inaturalist", "textures"] and metrics["small_sets"] == {}
     for table in metrics["methods"].values():
         assert set(table) == {"inaturalist", "textures", "mean"}
         assert all(np.isfinite(v) for key, v in table["mean"].items() if key != "ci")

@@ -66,3 +66,26 @@ def test_shared_is_referred_to_only_by_tests_configs_and_benchmarks():
             if path.is_file() and path.suffix in (".py", ".md", ".yaml"):
                 assert "shared/METHOD" not in path.read_text(), path
     assert "shared/METHOD" not in (ROOT / "README.md").read_text()
+
+
+def _misordered(plan: list[str], graph) -> list[str]:
+    """Edges of DVC's stage graph (a stage -> a stage it depends on) that ``plan`` runs the wrong way round."""
+    position = {name: i for i, name in enumerate(plan)}
+    return [f"{a.name} before {b.name}" for a, b in graph.edges
+            if getattr(a, "cmd", None) and getattr(b, "cmd", None) and position[a.name] < position[b.name]]
+
+
+def test_the_stage_plan_is_dvc_yaml_in_an_order_dvc_can_run():
+    """``stage_plan`` (dvc.yaml's order, foreach expanded) names exactly DVC's stages, each after what it needs."""
+    from dvc.repo import Repo
+
+    from lowgrad.config import load_params
+    from lowgrad.plan import stage_plan
+
+    plan = stage_plan(load_params(ROOT / "params.yaml"), ROOT)
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph
+        assert set(plan) == {stage.name for stage in graph.nodes if getattr(stage, "cmd", None)}
+        assert _misordered(plan, graph) == []
+        # negative control: report moved to the front is caught
+        assert "report before score" in _misordered(["report", *[p for p in plan if p != "report"]], graph)

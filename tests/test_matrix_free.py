@@ -13,6 +13,8 @@ from lowgrad.models import build_model
 from lowgrad.subspace import GradientSubspace, nfk_scale
 from tests.test_gradients import _randomise_bn
 
+from tests.conftest import DIGITS
+
 MEAN, STD = [0.5], [0.5]
 
 
@@ -20,9 +22,9 @@ def _digits(classes, n):
     from lowgrad.config import DataConfig
 
     data = DataConfig(image_size=8, channels=1, mean=MEAN, std=STD, datasets={
-        "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2]},
-        "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2]},
-        "x": {"source": "sklearn_digits", "classes": classes, "max_samples": n},
+        "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2]},
+        "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2]},
+        "x": {"source": "npz", "path": DIGITS, "classes": classes, "max_samples": n},
     })
     return load_dataset("x", data, 0).images
 
@@ -134,9 +136,9 @@ def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
     params = parse_params({
         "seed": 0, "device": "cpu",
         "data": {"image_size": 8, "channels": 1, "mean": MEAN, "std": STD, "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 50},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 20},
-            "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 20}}},
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "max_samples": 50},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "max_samples": 20},
+            "ood": {"source": "npz", "path": DIGITS, "classes": [7], "max_samples": 20}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "gradient": {"chunk_rows": 16, "batch_size": 16},
         "subspace": {"method": "exact_randomized", "k": 5, "oversample": 60, "power_iters": 1},
@@ -167,22 +169,24 @@ def test_route_through_the_pipeline_functions(tmp_path, monkeypatch):
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
-def test_matrix_free_route_refuses_a_sketch():
+def test_matrix_free_route_states_that_it_ignores_a_sketch():
+    """exact_randomized selects the matrix-free route whatever gradient.sketch says (one key switches a route):
+    the sketch is an unused setting, stated, not an error."""
     from lowgrad.config import parse_params
-    from lowgrad.errors import ConfigError
+    from lowgrad.route import Route
 
     raw = {
         "data": {"image_size": 8, "channels": 1, "mean": MEAN, "std": STD, "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1]},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1]},
-            "ood": {"source": "sklearn_digits", "classes": [7]}}},
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1]},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1]},
+            "ood": {"source": "npz", "path": DIGITS, "classes": [7]}}},
         "model": {"arch": "small_cnn", "num_classes": 2},
         "gradient": {"sketch": "kronecker"},
         "subspace": {"method": "exact_randomized"},
         "scoring": {"forward": {}, "gradient": {}},
     }
-    with pytest.raises(ConfigError, match="exact_randomized recomputes exact gradients"):
-        parse_params(raw)
+    route = Route.from_params(parse_params(raw))
+    assert route.name == "matrix_free" and route.unused == ("gradient.sketch",)
 
 
 def test_bench_routes_exact_against_stored_gradients(tmp_path):

@@ -64,3 +64,28 @@ def test_report_roc_points_equal_a_threshold_loop():
     np.testing.assert_array_equal(tpr, np.r_[0.0, [(id_s >= t).mean() for t in thresholds]])
     np.testing.assert_array_equal(fpr, np.r_[0.0, [(ood_s >= t).mean() for t in thresholds]])
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(id_s, ood_s), abs=1e-12)  # the curve's area is the AUROC
+
+
+def test_the_published_verdict_is_the_report_s_read_from_metrics_json():
+    """The Prefect artifacts are built from metrics.json: one verdict row per paired comparison of the report's
+    table, each carrying the metrics' own deltas, and the same section text without the plot link."""
+    import json
+    from pathlib import Path
+
+    from lowgrad.report import verdict_rows, verdict_section
+
+    root = Path(__file__).resolve().parents[1]
+    metrics = json.loads((root / "report/metrics.json").read_text())
+    rows = verdict_rows(metrics)
+    report = (root / "report/report.md").read_text()
+    table = [ln for ln in report.split("## Does the gradient help here?")[1].split("\n## ")[0].splitlines()
+             if ln.startswith(("| grad_", "| fused_"))]
+    assert len(rows) == len(table) > 0
+    for row, line in zip(rows, table):
+        assert line.startswith(f"| {row['gradient_row']} | {row['vs']} | {row['baseline']} |")
+        kind = "best_forward_only" if row["vs"] == "best forward-only" else "twin"
+        mean = metrics["deltas"][row["gradient_row"]][kind]["mean"]
+        assert row["delta_fpr95"] == round(mean["fpr95"]["delta"], 2) and row["delta_auroc"] == round(mean["auroc"]["delta"], 2)
+    section = "\n".join(verdict_section(metrics, plot=False))
+    assert "plots/deltas.png" not in section and "plots/deltas.png" in "\n".join(verdict_section(metrics))
+    assert section.strip() in report  # the same text the report holds

@@ -9,7 +9,7 @@ from lowgrad.config import DataConfig
 from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.errors import CheckpointError
 from lowgrad.models import build_model, load_checkpoint
-from tests.conftest import shared_file
+from tests.conftest import DIGITS, shared_file
 
 
 def test_parameter_counts_match_the_papers_models():
@@ -47,9 +47,9 @@ def _cifar_accuracy(arch: str, ckpt: str, mean, std, n: int = 500) -> float:
     cfg = DataConfig(
         image_size=32, channels=3, mean=list(mean), std=list(std),
         datasets={
-            "id_train": {"source": "sklearn_digits"},
+            "id_train": {"source": "npz", "path": DIGITS},
             "id_test": {"source": "npz_jpeg", "path": str(shared_file("data/cifar10_test_jpeg.npz")), "max_samples": n},
-            "o": {"source": "sklearn_digits"},
+            "o": {"source": "npz", "path": DIGITS},
         },
     )
     test = load_dataset("id_test", cfg, 0)

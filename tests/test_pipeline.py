@@ -30,12 +30,12 @@ TINY = {
         "mean": [0.5],
         "std": [0.5],
         "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "train", "max_samples": 150},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "split": "test", "max_samples": 90},
-            "digits_7to9": {"source": "sklearn_digits", "classes": [7, 8, 9], "max_samples": 90},
+            "id_train": {"source": "npz", "path": "data/embedded/digits.npz", "classes": [0, 1, 2], "split": "train", "max_samples": 150},
+            "id_test": {"source": "npz", "path": "data/embedded/digits.npz", "classes": [0, 1, 2], "split": "test", "max_samples": 90},
+            "digits_7to9": {"source": "npz", "path": "data/embedded/digits.npz", "classes": [7, 8, 9], "max_samples": 90},
         },
     },
-    "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": None},
+    "model": {"arch": "small_cnn", "num_classes": 3, "checkpoint": "models/trained.pt"},
     "train": {"epochs": 6, "batch_size": 32, "lr": 0.05},
     "gradient": {"chunk_rows": 64, "batch_size": 32},
     "subspace": {"kernel": "nfk", "basis": "pca", "method": "randomized", "k": 8, "oversample": 6, "power_iters": 2},
@@ -68,10 +68,16 @@ def ran_stages(proc: subprocess.CompletedProcess) -> set[str]:
     return {ln.split("'")[1] for ln in proc.stdout.splitlines() if ln.startswith("Running stage")}
 
 
+def status_stages(root: Path) -> set[str]:
+    """The stages ``dvc status`` lists as changed."""
+    return {ln.rstrip(":").strip() for ln in dvc(root, "status").stdout.splitlines()
+            if ln and not ln[0].isspace() and ln.rstrip().endswith(":")}
+
+
 def make_project(dest: Path, params: dict) -> Path:
     for item in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / item, dest / item)
-    for folder in ("stages", "src", "flows"):
+    for folder in ("stages", "src", "flows", "data/embedded"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -91,10 +97,9 @@ def set_param(root: Path, dotted: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("tiny"), TINY)
-    dvc(root, "repro")
-    return root
+def project(tiny_finished, tmp_path_factory) -> Path:
+    """One copy of the finished tiny project for this module's tests (which run in order and build on each other)."""
+    return Path(shutil.copytree(tiny_finished, tmp_path_factory.mktemp("tiny") / "p", symlinks=True))
 
 
 def test_pipeline_outputs(project):
@@ -142,7 +147,7 @@ def test_pipeline_outputs(project):
     assert set(metrics["k_sweep"]) == {"2", "4"} and set(metrics["k_sweep"]["4"]) == {"grad_knn", "grad_mahalanobis", "grad_energy", "grad_bats", "grad_residual"}
     assert (project / "report/plots/fpr95_vs_k.png").read_bytes()[:4] == b"\x89PNG"
     # per-stage timings of every stage that ran, in the metrics and the report
-    stages = {"model", "factors", "subspace", "score"} | {f"{s}@{d}" for s in ("prepare", "extract", "project")
+    stages = {"train", "model", "factors", "subspace", "score"} | {f"{s}@{d}" for s in ("prepare", "extract", "project")
                                                            for d in ("id_train", "id_test", "digits_7to9")}
     assert set(metrics["timings"]) == stages
     assert all(t["wall_s"] >= 0 and t["peak_rss_mb"] > 50 for t in metrics["timings"].values())
@@ -151,10 +156,11 @@ def test_pipeline_outputs(project):
     assert "grad_knn" in shown
 
 
-def test_ablations_run_as_dvc_experiments(tmp_path):
+def test_ablations_run_as_dvc_experiments(tiny_project):
     """``bench.ablations``: a variant is one ``dvc exp run`` of the base params plus its change; the table and
-    ``dvc exp show`` list it, and the last-block variant extracts only that block's gradients."""
-    root = make_project(tmp_path, TINY)
+    ``dvc exp show`` list it, the last-block variant extracts only that block's gradients, and the stages its
+    change does not reach are reused from the finished base."""
+    root = tiny_project
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "base")
     proc = subprocess.run(
@@ -164,7 +170,8 @@ def test_ablations_run_as_dvc_experiments(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((root / "report/ablations/ablations.json").read_text())
     assert [r["experiment"] for r in results] == ["abl-last_block"]
-    assert {"model", "extract@id_train", "score"} <= set(results[0]["stages_run"])
+    ran = set(results[0]["stages_run"])
+    assert {"extract@id_train", "subspace", "score"} <= ran and not ran & {"prepare@id_train", "train", "model"}
     assert results[0]["overrides"]["gradient.params"] == ["conv3", "bn3", "head"]
     assert "odin" not in results[0]["metrics"]["methods"]  # forward ODIN left out of experiments by default
     store = ChunkedStore.open(root / "artifacts/extract/id_train.zarr")
@@ -208,7 +215,6 @@ def test_prefect_flow_runs_the_stages(project):
     apply_params("params.yaml", None, project)
     assert yaml.safe_load((project / "params.yaml").read_text())["subspace"]["method"] == "randomized"
     assert ran_stages(dvc(project, "repro")) == set()
-    assert ran_stages(dvc(project, "repro")) == set()
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -230,8 +236,14 @@ def test_missing_checkpoint_and_wrong_shape(tmp_path):
     params = json.loads(json.dumps(TINY))
     params["model"]["checkpoint"] = "models/does_not_exist.pt"
     root = make_project(tmp_path, params)
-    proc = dvc(root, "repro", "model", check=False)
-    _one_error_line(proc, "checkpoint not found: models/does_not_exist.pt")
+    proc = dvc(root, "repro", "model", check=False)  # the checkpoint is a DVC dependency: DVC names it
+    assert proc.returncode != 0 and "failed to reproduce 'model'" in proc.stderr and "models/does_not_exist.pt" in proc.stderr
+    from flows.pipeline import apply_params  # the flow names it (and its key) before touching params.yaml
+
+    before = (root / "params.yaml").read_text()
+    with pytest.raises(Exception, match=r"checkpoint not found: models/does_not_exist.pt \(model.checkpoint\)"):
+        apply_params(str(root / "params.yaml"), {"subspace.k": 4}, root)
+    assert (root / "params.yaml").read_text() == before
     assert not (root / "models/model.pt").exists()
     assert "model" in dvc(root, "status").stdout  # DVC still sees the stage as to be run
 
@@ -300,6 +312,29 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _run_deployment(api: str, deployment: dict, tmp_path: Path) -> dict:
+    """Trigger one run of the deployment and wait for it to complete."""
+    # a busy server may answer 503 for a moment after the deployment appears: _wait retries (HTTPError is an OSError)
+    run = _wait(lambda: _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {}), 60, "a created run")
+    final = _wait(
+        lambda: (lambda s: s if s["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(_api(f"{api}/flow_runs/{run['id']}")),
+        300, "the triggered flow run",
+    )
+    assert final["state_type"] == "COMPLETED", (tmp_path / "server.log").read_text()[-3000:]
+    return run
+
+
+def _stages_ran(api: str, run: dict) -> set[str]:
+    """The stages a flow run ran (not skipped), from its 'pipeline done' log line."""
+    def done_line():  # logs reach the server in batches, maybe after the run's final state: poll for it
+        logs = _api(f"{api}/logs/filter", "POST", {"logs": {"flow_run_id": {"any_": [run["id"]]}},
+                                                   "sort": "TIMESTAMP_DESC", "limit": 50})
+        return next((log["message"] for log in logs if log["message"].startswith("pipeline done:")), None)
+
+    listed = _wait(done_line, 60, "the run's 'pipeline done' log line").split("(", 1)[1].split(")", 1)[0]
+    return set() if listed == "none" else set(listed.split(", "))
+
+
 def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
     """Start `prefect server` on 127.0.0.1, serve the flow with a cron schedule, trigger a run through the
     API, see it complete, shut everything down. Without a server, deploying fails loudly."""
@@ -323,18 +358,25 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
         deployment = _wait(lambda: _api(f"{api}/deployments/name/lowgrad-pipeline/lowgrad-scheduled"), 90, "the deployment")
         crons = [s["schedule"].get("cron") for s in deployment.get("schedules", [])]
         assert "0 3 * * *" in crons
-        # a busy server may answer 503 for a moment after the deployment appears: _wait retries (HTTPError is an OSError)
-        run = _wait(lambda: _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST", {}), 60, "a created run")
-        final = _wait(
-            lambda: (lambda s: s if s["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(_api(f"{api}/flow_runs/{run['id']}")),
-            300, "the triggered flow run",
-        )
-        assert final["state_type"] == "COMPLETED", (tmp_path / "server.log").read_text()[-3000:]
-        # the report as Prefect artifacts of that run: the verdict / results Markdown and the mean-metrics table
+        # the model a scheduled run re-validates: a checkpoint saved again at the path the params name
+        import torch
+
+        state = torch.load(project / "models/trained.pt", weights_only=True)
+        state["head.bias"] = state["head.bias"] + 0.5
+        torch.save(state, project / "ckpt.pt")
+        set_param(project, "model.checkpoint", "ckpt.pt")
+        run = _run_deployment(api, deployment, tmp_path)
+        ran = _stages_ran(api, run)  # model and everything after it reran (unchanged stages are skipped by the
+        # same flow: test_prefect_flow_runs_the_stages, without a server)
+        assert {"model", "extract@id_train", "subspace", "score", "report"} <= ran and not any(s.startswith("prepare") for s in ran)
+        # the report as Prefect artifacts of that run, from metrics.json: the verdict (Markdown and a table) and
+        # the mean-metrics table
         artifacts = {a["key"]: a for a in _api(f"{api}/artifacts/filter", "POST", {})
                      if a.get("flow_run_id") == run["id"]}
         assert artifacts["lowgrad-report"]["type"] == "markdown"
         assert "## Does the gradient help here?" in artifacts["lowgrad-report"]["data"]
+        verdict = json.dumps(artifacts["lowgrad-verdict"]["data"])
+        assert artifacts["lowgrad-verdict"]["type"] == "table" and "grad_knn" in verdict and "fpr95_ci" in verdict
         table = artifacts["lowgrad-mean-metrics"]
         assert table["type"] == "table" and "grad_knn" in json.dumps(table["data"]) and "fpr95_ci" in json.dumps(table["data"])
     finally:

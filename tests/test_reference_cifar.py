@@ -19,7 +19,7 @@ from lowgrad.metrics import ood_metrics
 from lowgrad.models import build_model, load_checkpoint
 from tests.conftest import shared_file
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.shared, pytest.mark.slow]  # a minute of real-data forward passes
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 

@@ -1,4 +1,4 @@
-"""The route: decided once from params, settings it ignores refused, what each stage does on it."""
+"""The route: decided once from params, settings it does not read stated (never refused), what each stage does on it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def _params(**sections):
     ({}, {"method": "exact_randomized"}, "matrix_free", False, False, "nfk"),
     ({"sketch": "kronecker"}, {}, "kronecker", True, True, "center"),
     ({"sketch": "dense"}, {}, "dense", True, True, "center"),
+    ({"sketch": "exact_nfk"}, {}, "exact_nfk", True, True, "ntk"),  # rows already exact NFK rows: taken as read
     ({"sketch": "kronecker"}, {"kernel": "ntk"}, "kronecker", True, False, "ntk"),
 ])
 def test_route_decides_each_stage(gradient, subspace, name, stores, factors, kernel):
@@ -32,19 +33,32 @@ def test_route_decides_each_stage(gradient, subspace, name, stores, factors, ker
     assert route.recomputes_gradients == (name == "matrix_free")
 
 
-@pytest.mark.parametrize("gradient, subspace, message", [
-    ({"sketch_rank": 8}, {}, "gradient.sketch_rank: not used by the exact route"),
-    ({"sketch": "kronecker", "sketch_dim": 4096}, {}, "gradient.sketch_dim: not used by the kronecker route"),
-    ({"sketch": "dense", "sketch_rank": 8}, {}, "gradient.sketch_rank: not used by the dense route"),
-    ({"max_params": 10}, {"method": "exact_randomized"}, "gradient.max_params: not used by the matrix_free route"),
-    ({"factor_samples": 64}, {}, "gradient.factor_samples: not used by the exact route"),
-    ({}, {"basis": "average_gradient", "k": 8}, "subspace.k: not used by the exact route with the average-gradient basis"),
-    ({}, {"method": "incremental", "power_iters": 2}, "subspace.power_iters: not used by the exact route (incremental PCA)"),
-    ({"sketch": "kronecker"}, {"method": "exact_randomized"}, "exact_randomized recomputes exact gradients: set gradient.sketch: none"),
+@pytest.mark.parametrize("gradient, subspace, name, message", [
+    ({"sketch_rank": 8}, {}, "exact", "gradient.sketch_rank = 8: not used by the exact route"),
+    ({"sketch": "kronecker", "sketch_dim": 4096}, {}, "kronecker", "gradient.sketch_dim = 4096: not used by the kronecker route"),
+    ({"sketch": "dense", "sketch_rank": 8}, {}, "dense", "gradient.sketch_rank = 8: not used by the dense route"),
+    ({"max_params": 10}, {"method": "exact_randomized"}, "matrix_free", "gradient.max_params = 10: not used by the matrix_free route"),
+    ({"factor_samples": 64}, {}, "exact", "gradient.factor_samples = 64: not used by the exact route"),
+    ({}, {"basis": "average_gradient", "k": 8}, "exact", "subspace.k = 8: not used by the exact route with the average-gradient basis"),
+    ({}, {"method": "incremental", "power_iters": 2}, "exact", "subspace.power_iters = 2: not used by the exact route (incremental PCA)"),
+    ({"sketch": "kronecker"}, {"method": "exact_randomized"}, "matrix_free", "gradient.sketch = 'kronecker': not used by the matrix_free route"),
 ])
-def test_settings_a_route_ignores_are_refused(gradient, subspace, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _params(gradient=gradient, subspace=subspace)
+def test_settings_a_route_does_not_read_are_stated_once_never_refused(gradient, subspace, name, message, caplog):
+    import lowgrad.route
+
+    lowgrad.route._warned.clear()
+    with caplog.at_level("WARNING", logger="lowgrad.route"):
+        params = _params(gradient=gradient, subspace=subspace)
+        route = Route.from_params(params)  # parsed twice: stated once
+    assert route.name == name
+    stated = [r.getMessage() for r in caplog.records if r.name == "lowgrad.route"]
+    assert len(stated) == 1 and stated[0].startswith(message), stated
+    assert route.unused_lines(params) == stated
+
+
+def test_a_real_contradiction_is_still_an_error():
+    with pytest.raises(ConfigError, match="exact_randomized computes the PCA basis: set subspace.basis: pca"):
+        _params(gradient={}, subspace={"method": "exact_randomized", "basis": "average_gradient"})
 
 
 def test_defaults_are_never_refused_and_raw_helpers_drop_what_a_route_ignores():
@@ -73,3 +87,44 @@ def test_subspace_load_refuses_a_basis_fitted_for_other_rows(tmp_path):
         GradientSubspace.load(tmp_path / "s.npz", dim=30)
     with pytest.raises(StoreError, match="kernel nfk \\(expected center\\)"):
         GradientSubspace.load(tmp_path / "s.npz", kernel="center")
+
+
+PROFILES = ["params.yaml", "configs/cifar10_resnet18_cpu.yaml", "configs/cifar10_resnet18_gpu.yaml",
+            "configs/imagenet_resnet50.yaml"]
+SWITCHES = [({"gradient.sketch": "none"}, "exact"), ({"gradient.sketch": "kronecker"}, "kronecker"),
+            ({"gradient.sketch": "dense"}, "dense"), ({"gradient.sketch": "exact_nfk"}, "exact_nfk"),
+            ({"subspace.method": "exact_randomized"}, "matrix_free")]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("switch, name", SWITCHES, ids=[r for _, r in SWITCHES])
+def test_one_key_switches_the_route_of_every_profile(profile, switch, name):
+    """`dvc exp run -S gradient.sketch=<route>` (or `--set subspace.method=exact_randomized`) from the default and
+    every profile validates and plans every stage; nothing heavy runs. The ImageNet protocol's average-gradient
+    basis is not a PCA, so the matrix-free PCA is a real contradiction there (one error naming the fix)."""
+    from lowgrad.config import load_params
+    from lowgrad.plan import stage_plan
+
+    if profile.startswith("configs/imagenet") and name == "matrix_free":
+        with pytest.raises(ConfigError, match="set subspace.basis: pca"):
+            load_params(ROOT / profile, switch)
+        return
+    params = load_params(ROOT / profile, switch)
+    assert Route.from_params(params).name == name
+    plan = stage_plan(params, ROOT)
+    assert {"train", "model", "factors", "subspace", "score", "report"} <= set(plan)
+    assert {f"extract@{s}" for s in ["id_train", "id_test", *params.data.ood_names]} <= set(plan)
+
+
+def test_the_documented_gpu_command_validates():
+    """docs/routes.md: the gpu profile switched to the matrix-free exact route with four --set's."""
+    from lowgrad.config import load_params
+
+    text = (ROOT / "docs/routes.md").read_text()
+    assert "--set gradient.sketch=none --set subspace.method=exact_randomized" in text
+    params = load_params(ROOT / "configs/cifar10_resnet18_gpu.yaml", {
+        "gradient.sketch": "none", "subspace.method": "exact_randomized", "subspace.power_iters": 1,
+        "subspace.oversample": 50, "gradient.batch_size": 128})
+    route = Route.from_params(params)
+    assert route.name == "matrix_free"
+    assert set(route.unused) == {"gradient.sketch_rank", "gradient.factor_samples", "gradient.dtype"}

@@ -16,6 +16,8 @@ from lowgrad.paths import EXTRACTED, MODEL, PREPARED
 from lowgrad.stages.extract import extract
 from lowgrad.store import ChunkedStore
 
+from tests.conftest import DIGITS
+
 pytest.importorskip("distributed")
 
 
@@ -23,9 +25,9 @@ def _params(scheduler):
     return parse_params({
         "seed": 0, "device": "cpu",
         "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2]},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 50},
-            "ood": {"source": "sklearn_digits", "classes": [7]}}},
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2]},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "max_samples": 50},
+            "ood": {"source": "npz", "path": DIGITS, "classes": [7]}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "gradient": {"chunk_rows": 48, "batch_size": 16},
         "subspace": {"k": 8},
@@ -59,13 +61,13 @@ def test_dask_sharded_extraction_equals_single_process(tmp_path, monkeypatch):
     # summation order differs from the single-process pass)
     from lowgrad.paths import SUBSPACE
     from lowgrad.stages.project import project
-    from lowgrad.stages.subspace import fit_subspace
+    from lowgrad.stages.subspace import subspace
     from lowgrad.subspace import GradientSubspace
 
     params_local, params_dask = _params(None), _params("local")
-    fit_subspace(params_local)
+    subspace(params_local)
     local = GradientSubspace.load(SUBSPACE)
-    fit_subspace(params_dask)
+    subspace(params_dask)
     dask = GradientSubspace.load(SUBSPACE)
     np.testing.assert_allclose(dask.normalizer_.scale_, local.normalizer_.scale_, rtol=1e-10)
     np.testing.assert_allclose(dask.singular_values_, local.singular_values_, rtol=1e-8)

@@ -11,6 +11,8 @@ from lowgrad.models import build_model
 from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
 from tests.test_gradients import _randomise_bn
 
+from tests.conftest import DIGITS
+
 
 def _exact_by_name(model, x):
     names = select_parameters(model, "all")
@@ -227,7 +229,7 @@ def test_dense_sketch_preserves_inner_products():
     assert not torch.allclose(s, other)
 
 
-@pytest.mark.parametrize("route", ["kronecker", "dense"])
+@pytest.mark.parametrize("route", ["kronecker", "exact_nfk", "dense"])
 def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, route):
     """factors -> extract (sketch) -> subspace (centring only) -> project, and the store's sketch metadata
     (seed, rank, layer list) is checked on reopen."""
@@ -244,9 +246,9 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
     params = parse_params({
         "seed": 0, "device": "cpu",
         "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
-            "id_train": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 120},
-            "id_test": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_samples": 40},
-            "ood": {"source": "sklearn_digits", "classes": [7], "max_samples": 40}}},
+            "id_train": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "max_samples": 120},
+            "id_test": {"source": "npz", "path": DIGITS, "classes": [0, 1, 2], "max_samples": 40},
+            "ood": {"source": "npz", "path": DIGITS, "classes": [7], "max_samples": 40}}},
         "model": {"arch": "small_cnn", "num_classes": 3},
         "gradient": {"sketch": route, **({"sketch_rank": 4} if route == "kronecker" else {"sketch_dim": 96}),
                      "factor_samples": 64, "chunk_rows": 32,
@@ -271,8 +273,11 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
         extract(params, name)
     store = ChunkedStore.open(EXTRACTED.format(name="id_train"))
     meta = store.meta
-    assert meta["gradients"] == f"{route}_sketch" and meta["sketch_seed"] == 0
-    if route == "kronecker":
+    label = {"exact_nfk": "exact_nfk_countsketch"}.get(route, f"{route}_sketch")
+    assert meta["gradients"] == label and meta["sketch_seed"] == 0
+    if route == "exact_nfk":
+        assert store.columns["grads"][0] == 96 + 2 * (16 + 32 + 32) + 3  # buckets + BatchNorm weights and biases + head bias
+    elif route == "kronecker":
         assert meta["sketch_rank"] == 4 and [layer[0] for layer in meta["sketch_layers"]][:3] == ["conv1", "bn1", "conv2"]
         assert store.columns["grads"][0] < meta["n_params"] == 14_227  # a sketch, not the 14,227 exact entries
     else:
@@ -285,9 +290,100 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
     from lowgrad.subspace import GradientSubspace
 
     sub = GradientSubspace.load("artifacts/subspace/subspace.npz")
-    phi = sub.normalizer_.transform(ChunkedStore.open(EXTRACTED.format(name="ood")).read("grads"))
-    np.testing.assert_allclose(np.load("artifacts/projected/ood.sqnorm.npy"), (phi**2).sum(1), rtol=1e-10)
+    ood_store = ChunkedStore.open(EXTRACTED.format(name="ood"))
+    phi = sub.normalizer_.transform(ood_store.read("grads"))
+    sqnorm = np.load("artifacts/projected/ood.sqnorm.npy")
+    if route == "exact_nfk":  # rows taken as they are; ||phi||^2 is the exact value extract stored
+        assert sub.kernel == "ntk" and "phi_sqnorm" in ood_store.columns
+        np.testing.assert_allclose(phi, ood_store.read("grads"))
+        np.testing.assert_array_equal(sqnorm, ood_store.read("phi_sqnorm")[:, 0])
+        assert not np.allclose(sqnorm, (phi**2).sum(1), rtol=1e-3)  # not the sketched rows' norm
+    else:
+        np.testing.assert_allclose(sqnorm, (phi**2).sum(1), rtol=1e-10)
 
     other_seed = {**meta, "sketch_seed": 1}
     with pytest.raises(StoreError, match="meta.sketch_seed: stored 0, requested 1"):
         ChunkedStore.create_or_resume(store.path, store.n_rows, {k: tuple(v) for k, v in store.columns.items()}, store.chunk_rows, other_seed)
+
+
+# -- the exact-NFK route: exact NFK scale and exact ||phi|| inside a CountSketch --------------------------------------
+from lowgrad.sketch import ExactNFKSketch, fit_exact_nfk  # noqa: E402
+
+
+def _exact_phi_reference(model, x_kernel, x):
+    """float64 reference: full per-sample gradients (torch.func), w = var^(-1/2) and z = mean over the kernel rows
+    (zero-variance entries take the largest w), phi = w * (g - z), per parameter name."""
+    kernel, rows = _exact_by_name(model, x_kernel), _exact_by_name(model, x)
+    phi = {}
+    for name, g in kernel.items():
+        var = g.var(dim=0, unbiased=False)
+        w = torch.zeros_like(var)
+        w[var > 0] = var[var > 0].rsqrt()
+        w[var <= 0] = w[var > 0].max() if (var > 0).any() else 1.0
+        phi[name] = (rows[name] - g.mean(dim=0)) * w
+    return phi
+
+
+def _countsketch_loop(sketch: ExactNFKSketch, phi: dict, b: int) -> torch.Tensor:
+    """The CountSketch written out: every weight coordinate j adds sign_j * phi_j to bucket h(j) (read back from the
+    sketch's sparse matrix, one nonzero per column), then the exact biases / BatchNorm parameters."""
+    hashed = torch.zeros(b, sketch.sketch_dim, dtype=torch.float64)
+    small = []
+    for layer in sketch.layers:
+        if layer.kind == "bn":
+            small += [phi[f"{layer.name}.weight"], phi[f"{layer.name}.bias"]]
+            continue
+        coo = sketch.hashes[layer.name].to_sparse_coo().coalesce()
+        bucket, column = coo.indices()
+        assert torch.equal(torch.sort(column).values, torch.arange(layer.module.weight.numel()))  # one bucket each
+        values = phi[f"{layer.name}.weight"]
+        for j_bucket, j, sign in zip(bucket.tolist(), column.tolist(), coo.values().tolist()):
+            hashed[:, j_bucket] += sign * values[:, j]
+        if layer.module.bias is not None:
+            small.append(phi[f"{layer.name}.bias"])
+    return torch.cat([hashed, *small], dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 5e-3)])  # w, z stored as float32
+def test_exact_nfk_sketch_is_the_countsketch_of_the_exact_nfk_rows(dtype, tol):
+    """The output is the CountSketch of w * (G - z) of the exact gradient (biases / BatchNorm exact), and the fourth
+    output is the exact ||phi||^2 over all parameters (not the sketched row's norm). float32: g - z cancels where
+    the kernel variance is tiny, so the tolerance is looser."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 6, 1).eval()
+    _randomise_bn(model)
+    model = model.to(dtype)
+    x_kernel, x = torch.randn(24, 1, 8, 8, dtype=dtype), torch.randn(5, 1, 8, 8, dtype=dtype)
+    sketch = ExactNFKSketch(model, dim=64, seed=3, normalisation=fit_exact_nfk(model, [x_kernel[:10], x_kernel[10:]]))
+    sketch.max_block_floats = 3 * 32 * 288  # force sub-batches (the bounded-memory path)
+    got, logits, _, sqnorm = sketch(x)
+    phi = _exact_phi_reference(model, x_kernel, x)
+    expected = _countsketch_loop(sketch, phi, 5)
+    assert got.shape == (5, sketch.dim)
+    rel = ((got.double() - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert rel < tol, rel
+    exact_sq = sum((v**2).sum(dim=1) for v in phi.values())
+    torch.testing.assert_close(sqnorm, exact_sq, rtol=tol, atol=0)
+    torch.testing.assert_close(logits, model(x))
+    # negative controls: 64 buckets cannot keep the norm (so the exact one is not the sketch's), and another seed
+    # hashes elsewhere
+    assert not torch.allclose((got.double() ** 2).sum(1), exact_sq, rtol=1e-2)
+    other = ExactNFKSketch(model, dim=64, seed=4, normalisation=fit_exact_nfk(model, [x_kernel]))(x)[0]
+    assert not torch.allclose(other, got)
+
+
+def test_exact_nfk_sketch_keeps_the_gram_matrix_of_resnet20_rows():
+    """ResNet-20 at 32x32 (as the fidelity benchmark, smaller): with 8,192 buckets the CountSketch keeps the Gram
+    matrix of exact NFK rows, off-diagonal correlation > 0.99, and the fourth output is the exact squared norm."""
+    torch.manual_seed(1)
+    model = build_model("resnet20_cifar", 10, 3).eval()
+    _randomise_bn(model)
+    x_kernel, x = torch.randn(32, 3, 16, 16), torch.randn(12, 3, 16, 16)
+    sketch = ExactNFKSketch(model, dim=8192, seed=2, normalisation=fit_exact_nfk(model, [x_kernel]))
+    got, _, _, sqnorm = sketch(x)
+    phi = torch.cat(list(_exact_phi_reference(model, x_kernel, x).values()), dim=1)
+    gram, gram_s = phi @ phi.T, got.double() @ got.double().T
+    off = ~torch.eye(12, dtype=torch.bool)
+    corr = np.corrcoef(gram[off].numpy(), gram_s[off].numpy())[0, 1]
+    assert corr > 0.99, corr
+    torch.testing.assert_close(sqnorm, (phi**2).sum(1), rtol=5e-3, atol=0)

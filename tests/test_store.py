@@ -75,6 +75,72 @@ def test_foreign_settings_are_refused_or_overwritten(tmp_path):
         ChunkedStore.create_or_resume(tmp_path / "junk", 23, COLUMNS, 8, {})
 
 
+def _finished(path: Path) -> ChunkedStore:
+    store = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1, "dataset": "toy"})
+    _fill(store)
+    store.finalize()
+    return ChunkedStore.open(path)
+
+
+def _flip_byte(file: Path, offset: int = 7) -> None:
+    """Flip one byte in place, keeping the file's modification time (what DVC cannot see)."""
+    stat = file.stat()
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_chunk_is_named_on_read_and_repaired_exactly(tmp_path, damage):
+    path = tmp_path / "s.zarr"
+    store = _finished(path)
+    intact = {name: store.read(name) for name in COLUMNS}
+    assert store.damaged() == []  # negative control: an untouched store verifies
+    chunk_file = path / "a" / "c" / "1" / "0"
+    _flip_byte(chunk_file) if damage == "flip" else chunk_file.unlink()
+    damaged = ChunkedStore.open(path)
+    assert damaged.damaged() == [1]
+    why = "does not match its checksum" if damage == "flip" else "is missing"
+    with pytest.raises(StoreError, match=rf"chunk 1 \(rows 8-15\) of 'a' file a/c/1/0 {why}.*dvc repro -f -s extract@toy"):
+        damaged.read("a")
+    with pytest.raises(StoreError, match="chunk 1"):
+        list(damaged.iter_chunks("a"))
+    np.testing.assert_array_equal(damaged.read("b"), intact["b"])  # the other array's chunk 1 is fine
+    others = lambda: {f: f.stat().st_mtime_ns for f in path.glob("*/c/*/0") if f.parent.name != "1"}  # noqa: E731
+    untouched = others()
+    repair = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1, "dataset": "toy"})
+    repair.discard(repair.damaged())
+    assert not ChunkedStore.open_for_filling(path).complete, "a repair in progress never looks finished"
+    assert repair.pending() == [1]
+    _fill(repair)
+    repair.finalize()
+    assert others() == untouched, "only chunk 1 was rewritten"
+    for name in COLUMNS:
+        np.testing.assert_array_equal(ChunkedStore.open(path).read(name), intact[name])
+
+
+def test_marker_without_checksum_is_not_trusted(tmp_path):
+    path = tmp_path / "s.zarr"
+    _finished(path)
+    (path / "_progress" / "2").write_text("done\n")  # the pre-checksum marker format
+    store = ChunkedStore.open(path)
+    assert store.damaged() == [2]
+    with pytest.raises(StoreError, match="chunk 2 .* has no checksum record"):
+        store.read("b")
+
+
+def test_stored_dtype_is_what_is_checked(tmp_path):
+    """float64 values written into a float16 column are checked as the float16 values the store keeps."""
+    store = ChunkedStore.create_or_resume(tmp_path / "h.zarr", 10, {"g": (3, "float16")}, 4, {})
+    rng = np.random.default_rng(0)
+    for i in store.pending():
+        rows = store.chunk_slice(i)
+        store.write_chunk(i, {"g": rng.normal(size=(rows.stop - rows.start, 3))})
+    store.finalize()
+    assert store.damaged() == [] and ChunkedStore.open(tmp_path / "h.zarr").read("g").dtype == np.float16
+
+
 _CHILD = textwrap.dedent(
     """
     import sys, numpy as np, torch

@@ -127,19 +127,22 @@ class Bootstrap:
     id_counts: np.ndarray
     ood_counts: dict[str, np.ndarray]
     level: float
+    mean_over: tuple[str, ...] = ()  # the OOD sets averaged into ``mean`` (all of them when empty)
 
     @classmethod
-    def draw(cls, sizes: dict[str, int], ood_names: list[str], replicates: int, seed: int, level: float) -> "Bootstrap":
-        """``sizes``: samples per set (``id_test`` and every OOD set)."""
+    def draw(cls, sizes: dict[str, int], ood_names: list[str], replicates: int, seed: int, level: float,
+             mean_over: list[str] | None = None) -> "Bootstrap":
+        """``sizes``: samples per set (``id_test`` and every OOD set); ``mean_over``: the sets the mean averages."""
         counts = {n: counts_from_indices(draw_indices(sizes[n], replicates, seed, n)) for n in ["id_test", *ood_names]}
-        return cls(counts.pop("id_test"), counts, level)
+        return cls(counts.pop("id_test"), counts, level, tuple(mean_over if mean_over is not None else ood_names))
 
     def replicate_metrics(self, scores: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         """Per OOD set and ``mean``: each metric's value in every replicate for one row's ``scores[set]``."""
         per_set = {
             s: metrics_from_counts(scores["id_test"], scores[s], self.id_counts, c) for s, c in self.ood_counts.items()
         }
-        per_set["mean"] = {m: np.mean([per_set[s][m] for s in self.ood_counts], axis=0) for m in METRICS}
+        mean_over = self.mean_over or tuple(self.ood_counts)
+        per_set["mean"] = {m: np.mean([per_set[s][m] for s in mean_over], axis=0) for m in METRICS}
         return per_set
 
     def interval(self, values: np.ndarray) -> list[float]:

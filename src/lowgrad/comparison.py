@@ -10,6 +10,10 @@ Each gradient row is compared with
 - the **best forward-only row** of the run, chosen by mean FPR95 (the lowest point estimate). Choosing it on
   the test sets favours the baseline, so a gain over it is conservative.
 
+The mean is over the OOD sets with at least ``scoring.min_ood_samples`` images (:func:`sets_in_mean`); smaller
+sets keep their own columns, intervals and per-set differences in ``metrics.json`` but enter neither the mean nor
+the report's verdicts (which read the mean).
+
 Differences are ``row - baseline`` per replicate (paired: the same resampled images), in metric points; for
 FPR95 negative is better, for AUROC / AUPR positive is better.
 """
@@ -22,23 +26,23 @@ from typing import Any
 import numpy as np
 
 from lowgrad.bootstrap import METRICS, Bootstrap, verdict
-from lowgrad.config import Params, member_detector
+from lowgrad.config import Params
+from lowgrad.errors import ConfigError
 from lowgrad.metrics import mean_metrics, ood_metrics
-from lowgrad.scoring import fusion_plan
+from lowgrad.rows import Row
+from lowgrad.scoring import configured_rows
 
 Scores = dict[str, dict[str, np.ndarray]]  # row -> set -> scores
 
 
-def row_roles(rows: list[str], params: Params) -> dict[str, tuple[bool, str | None]]:
-    """Per row: ``(uses the gradient, its twin row or None)``."""
-    roles: dict[str, tuple[bool, str | None]] = {}
-    for row in rows:
-        if not row.startswith("fused_"):
-            base, gradient = member_detector(row)
-            roles[row] = (gradient, base if gradient and base in rows else None)
-    for label, (members, _, twin) in fusion_plan(params.scoring.fusion.groups).items():
-        roles[label] = (any(member_detector(m)[1] for m in members), twin)
-    return roles
+def sets_in_mean(sizes: dict[str, int], ood: list[str], minimum: int) -> list[str]:
+    """The OOD sets with at least ``minimum`` images (``scoring.min_ood_samples``): the mean over sets and every
+    verdict use only these; smaller sets are reported on their own. None left is a :class:`ConfigError`."""
+    kept = [s for s in ood if sizes[s] >= minimum]
+    if not kept:
+        raise ConfigError(f"scoring.min_ood_samples = {minimum}: every OOD set is smaller "
+                          f"({', '.join(f'{s}: {sizes[s]}' for s in ood)}); add images or lower the minimum")
+    return kept
 
 
 def _paired(reps: dict[str, dict[str, dict[str, np.ndarray]]], methods: dict[str, Any], row: str, base: str,
@@ -60,30 +64,33 @@ def evaluate(scores: Scores, params: Params) -> dict[str, Any]:
     cfg = params.scoring.bootstrap
     started = time.perf_counter()
     sizes = {s: len(v) for s, v in next(iter(scores.values())).items()}
-    boot = Bootstrap.draw(sizes, ood, cfg.replicates, cfg.seed, cfg.level)
+    mean_over = sets_in_mean(sizes, ood, params.scoring.min_ood_samples)
+    boot = Bootstrap.draw(sizes, ood, cfg.replicates, cfg.seed, cfg.level, mean_over)
     methods: dict[str, Any] = {}
     reps: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for row, per_set in scores.items():
         table = {s: ood_metrics(per_set["id_test"], per_set[s]) for s in ood}
-        table["mean"] = mean_metrics(table)
+        table["mean"] = mean_metrics({s: table[s] for s in mean_over})
         reps[row] = boot.replicate_metrics(per_set)
         for s, values in table.items():
             values["ci"] = {m: boot.interval(reps[row][s][m]) for m in METRICS}
         methods[row] = table
-    roles = row_roles(list(scores), params)
-    forward_only = [r for r in scores if not roles[r][0]]
+    rows: dict[str, Row] = {name: row for name, row in configured_rows(params.scoring).items() if name in scores}
+    forward_only = [r for r in scores if not rows[r].gradient]
     best = min(forward_only, key=lambda r: methods[r]["mean"]["fpr95"]) if forward_only else None
     deltas: dict[str, Any] = {}
-    for row, (uses_gradient, twin) in roles.items():
-        if not uses_gradient:
+    for name, row in rows.items():
+        if not row.gradient:
             continue
-        deltas[row] = {}
-        if twin is not None:
-            deltas[row]["twin"] = _paired(reps, methods, row, twin, boot)
+        deltas[name] = {}
+        if row.twin is not None:
+            deltas[name]["twin"] = _paired(reps, methods, name, row.twin, boot)
         if best is not None:
-            deltas[row]["best_forward_only"] = _paired(reps, methods, row, best, boot)
+            deltas[name]["best_forward_only"] = _paired(reps, methods, name, best, boot)
     return {
-        "methods": methods, "deltas": deltas, "best_forward_only": best,
+        "rows": {name: row.as_dict() for name, row in rows.items()},
+        "methods": methods, "deltas": deltas, "best_forward_only": best, "mean_over": mean_over,
+        "small_sets": {s: sizes[s] for s in ood if s not in mean_over},
         "bootstrap": {**cfg.model_dump(), "interval": "percentile", "resampling": "ID test and each OOD set "
                       "independently, with replacement; paired across rows", "wall_s": round(time.perf_counter() - started, 2)},
     }

@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must never silently fall back to a default).
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,36 +24,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-SourceKind = Literal["sklearn_digits", "sklearn_photos", "npz", "npz_jpeg", "image_folder", "torchvision"]
+SourceKind = Literal["npz", "npz_jpeg", "image_folder", "photo_patches", "torchvision"]
+# the embedded default's raw inputs, committed in the repository (data/embedded/README.md)
+EMBEDDED_DIGITS = "data/embedded/digits.npz"
+EMBEDDED_PHOTOS = "data/embedded/photos"
+TRAINED_CHECKPOINT = "models/trained.pt"  # model.checkpoint that means: train model.arch on id_train (stage train)
+_REPLACED_SOURCES = {  # earlier source kinds that read scikit-learn's bundled copies: now files DVC can track
+    "sklearn_digits": f"{{source: npz, path: {EMBEDDED_DIGITS}}}",
+    "sklearn_photos": f"{{source: photo_patches, path: {EMBEDDED_PHOTOS}, n: ...}}",
+}
 
 
 class DatasetConfig(_Strict):
-    """One image set. ``id_train`` and ``id_test`` are required names; every other name is an OOD set."""
+    """One image set, read from ``path`` (a file or a folder, relative to the project or absolute): ``prepare@<set>``
+    lists it as a DVC dependency, so replacing its content reruns the set and everything downstream of it.
+    ``id_train`` and ``id_test`` are required names; every other name is an OOD set."""
 
     source: SourceKind
-    path: str | None = None
+    path: str = Field(min_length=1, description="the input: an .npz file, an image folder, a torchvision root")
     classes: list[Int] | None = None
     split: Literal["all", "train", "test"] = "all"
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     max_samples: Int | None = Field(None, gt=0)
-    n: Int = Field(1000, gt=0, description="number of patches (sklearn_photos only)")
+    n: Int | None = Field(None, gt=0, description="photo_patches only: number of patches (default 1000)")
     resize: bool = False
     dataset: str | None = Field(None, description="torchvision only: a torchvision.datasets class, e.g. SVHN")
     subset: str = Field("test", description="torchvision only: train | test | a split name the class accepts")
     download: bool = Field(False, description="torchvision only: download into 'path' when missing")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_source(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("source") in _REPLACED_SOURCES:
+            raise ValueError(f"source '{value['source']}' is now a file in the repository that DVC tracks: write "
+                             f"{_REPLACED_SOURCES[value['source']]} (data/embedded/README.md)")
+        return value
+
     @model_validator(mode="after")
-    def _check_path(self) -> "DatasetConfig":
-        needs_path = self.source in ("npz", "npz_jpeg", "image_folder", "torchvision")
-        if needs_path and not self.path:
-            raise ValueError(f"source '{self.source}' needs a 'path'")
-        if not needs_path and self.path:
-            raise ValueError(f"source '{self.source}' takes no 'path'")
+    def _check_source_options(self) -> "DatasetConfig":
         if (self.source == "torchvision") != (self.dataset is not None):
             raise ValueError("'dataset' (a torchvision.datasets class name) goes with source 'torchvision' only")
         if self.download and self.source != "torchvision":
             raise ValueError("'download' applies to source 'torchvision' only")
+        if self.n is not None and self.source != "photo_patches":
+            raise ValueError("'n' (the number of patches) applies to source 'photo_patches' only")
         return self
+
+    @property
+    def n_patches(self) -> int:
+        return self.n if self.n is not None else 1000
 
 
 class DataConfig(_Strict):
@@ -89,9 +109,28 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """``checkpoint``: a state_dict file (relative to the project or absolute), a DVC dependency of stage ``model``,
+    so a checkpoint replaced in place reruns ``model`` and everything after it; ``models/trained.pt`` (the default)
+    is the ``train`` stage's model of ``arch`` trained on ``id_train``."""
+
     arch: Literal["small_cnn", "resnet18_cifar", "resnet20_cifar", "torchvision_resnet50"]
     num_classes: Int = Field(gt=1)
-    checkpoint: str | None = None
+    checkpoint: str = Field(TRAINED_CHECKPOINT, min_length=1)
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _a_file(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError(f"model.checkpoint must name a file: a state_dict, or {TRAINED_CHECKPOINT} to train "
+                             "model.arch on id_train (null no longer means 'train': DVC tracks the file)")
+        return value
+
+    @property
+    def trains(self) -> bool:
+        """The checkpoint is the ``train`` stage's model."""
+        import os.path
+
+        return os.path.normpath(self.checkpoint) == TRAINED_CHECKPOINT
 
 
 class TrainConfig(_Strict):
@@ -102,9 +141,9 @@ class TrainConfig(_Strict):
 
 
 class GradientConfig(_Strict):
-    sketch: Literal["none", "kronecker", "dense"] = "none"
+    sketch: Literal["none", "kronecker", "exact_nfk", "dense"] = "none"
     sketch_rank: Int = Field(16, gt=0)
-    sketch_dim: Int = Field(8192, gt=0, description="dense: columns of the Gaussian projection")
+    sketch_dim: Int = Field(8192, gt=0, description="dense: columns of the Gaussian projection; exact_nfk: CountSketch buckets")
     factor_samples: Int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")
     params: Literal["all"] | list[str] = "all"
     max_params: Int = Field(2_000_000, gt=0)
@@ -125,85 +164,6 @@ class SubspaceConfig(_Strict):
     power_iters: Int = Field(4, ge=0)
 
 
-def member_detector(member: str) -> tuple[str, bool]:
-    """A row or fusion member's ``(detector name, is gradient)``: ``grad_knn`` -> ``("knn", True)``."""
-    return (member.removeprefix("grad_"), True) if member.startswith("grad_") else (member, False)
-
-
-class FusionGroup(_Strict):
-    """Detectors fused with equal weights. Members name forward detectors as in ``scoring.forward`` and
-    gradient ones with the ``grad_`` prefix (``[vim, knn, grad_residual]``)."""
-
-    name: str
-    members: list[str] = Field(min_length=2)
-    rule: Literal["zscore", "fisher"] = "zscore"
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not value.replace("_", "").isalnum():
-            raise ValueError(f"fusion group name '{value}' may only hold letters, digits and '_'")
-        return value
-
-    @field_validator("members")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"fusion group members must be distinct, got {value}")
-        return value
-
-
-class FusionConfig(_Strict):
-    """Groups of detectors, each member fitted on the rest of ``id_train`` and calibrated on a held-out random
-    part of it. A group with gradient members is also scored without them (``fused_<name>_forward_only``)."""
-
-    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    groups: list[FusionGroup] = []
-
-
-class BootstrapConfig(_Strict):
-    """Paired bootstrap of every metric: ID test and each OOD set resampled with replacement, independently."""
-
-    replicates: Int = Field(1000, ge=100)
-    seed: Int = 0
-    level: float = Field(0.95, gt=0.5, lt=1.0)
-
-
-class ProbeConfig(_Strict):
-    """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (docs/method.md section 5)."""
-
-    epochs: Int = Field(10, gt=0)
-    batch_size: Int = Field(16, gt=1)
-    lr: float = Field(0.1, gt=0)
-
-
-class DetectorsConfig(_Strict):
-    """Detector name -> its hyper-parameters (an empty mapping takes the defaults)."""
-
-    forward: dict[str, dict[str, Any]]
-    gradient: dict[str, dict[str, Any]]
-    probe: ProbeConfig = ProbeConfig()
-    fusion: FusionConfig = FusionConfig()
-    bootstrap: BootstrapConfig = BootstrapConfig()
-    k_sweep: list[Annotated[Int, Field(gt=0)]] = Field(
-        [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
-        "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
-    )
-
-    @model_validator(mode="after")
-    def _groups_refer_to_configured_detectors(self) -> "DetectorsConfig":
-        names = [g.name for g in self.fusion.groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"scoring.fusion.groups: names must be distinct, got {names}")
-        for group in self.fusion.groups:
-            for member in group.members:
-                name, gradient = member_detector(member)
-                side = "gradient" if gradient else "forward"
-                if name not in (self.gradient if gradient else self.forward):
-                    raise ValueError(f"fusion group '{group.name}': member '{member}' is not in scoring.{side}")
-        return self
-
-
 class ClusterConfig(_Strict):
     """Where extraction runs. ``scheduler: null``: in this process; ``local``: a ``dask.distributed``
     LocalCluster of ``n_workers`` processes; ``tcp://host:8786``: an existing Dask scheduler (workers must see
@@ -216,6 +176,11 @@ class ClusterConfig(_Strict):
 
 
 class Params(_Strict):
+    """The whole params file. ``scoring`` is only a mapping here: its schema (detector options, fusion groups, the
+    bootstrap) lives in :mod:`lowgrad.options`, which only the score and report stages load, so editing a detector
+    never changes the code that the expensive stages depend on. ``parse_params`` validates everything unless asked
+    for the pipeline part only (``scoring=False``, what the other stages do)."""
+
     seed: Int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
@@ -223,7 +188,7 @@ class Params(_Strict):
     train: TrainConfig = TrainConfig()
     gradient: GradientConfig = GradientConfig()
     subspace: SubspaceConfig = SubspaceConfig()
-    scoring: DetectorsConfig
+    scoring: dict[str, Any] = Field(description="its schema: lowgrad.options (see scored_params_schema)")
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -236,17 +201,8 @@ class Params(_Strict):
             raise ValueError(str(err)) from None
         return self
 
-    @field_validator("scoring")
-    @classmethod
-    def _known_detectors(cls, value: DetectorsConfig) -> DetectorsConfig:
-        from lowgrad.options import check_detector_config
 
-        check_detector_config(value.forward, "scoring.forward")
-        check_detector_config(value.gradient, "scoring.gradient")
-        return value
-
-
-def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:  # noqa: D103
     """Names of the fields that are valid at ``loc`` (for 'did you mean' hints)."""
     current: Any = model
     for part in loc[:-1]:
@@ -261,13 +217,13 @@ def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {})) if current is not None else []
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, schema: type[BaseModel] | None = None) -> str:
     """One line per problem: ``params.yaml: subspace.kk: unknown key (did you mean 'k'?)``."""
     lines = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            valid = _model_fields(Params, item["loc"])
+            valid = _model_fields(schema or Params, item["loc"])
             hint = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1)
             msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         else:
@@ -278,12 +234,31 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
-def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a raw mapping into :class:`Params`, raising :class:`ConfigError` with one clear line."""
+@functools.cache
+def scored_params_schema() -> type[Params]:
+    """:class:`Params` with the ``scoring`` section validated by :mod:`lowgrad.options` (imported only here)."""
+    from lowgrad.options import DetectorsConfig, check_scoring
+
+    class ScoredParams(Params):
+        scoring: DetectorsConfig
+
+        @field_validator("scoring")
+        @classmethod
+        def _known_detectors(cls, value: DetectorsConfig) -> DetectorsConfig:
+            return check_scoring(value)
+
+    return ScoredParams
+
+
+def parse_params(raw: dict[str, Any], source: str = "params", scoring: bool = True) -> Params:
+    """Validate a raw mapping, raising :class:`ConfigError` with one clear line. ``scoring=True``: the whole file,
+    ``scoring`` included (:func:`scored_params_schema`); ``False``: all but the ``scoring`` section's
+    schema, without importing it (the stages before ``score``)."""
+    schema = scored_params_schema() if scoring else Params
     try:
-        return Params.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, schema)) from None
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -354,9 +329,9 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read, apply dotted ``overrides`` and validate a params file."""
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, scoring: bool = True) -> Params:
+    """Read, apply dotted ``overrides`` and validate a params file (``scoring``: as in :func:`parse_params`)."""
     raw = read_raw(path)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), scoring)

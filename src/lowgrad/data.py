@@ -1,9 +1,10 @@
 """Image sources -> uint8 arrays ``(N, H, W, C)`` with int64 labels (-1 where unlabelled).
 
-Sources: scikit-learn's bundled digits and photos (the embedded default, nothing downloaded), the
-``.npz`` layouts of ``../shared`` (decoded and JPEG-encoded), an ImageFolder tree and any
-``torchvision.datasets`` class (``download`` off unless asked). File-backed sources decode an image only
-when it is selected, so sub-sampling a large set decodes the sample only.
+Every source reads ``path`` (which ``prepare@<set>`` lists as a DVC dependency): the ``.npz`` layouts of
+``../shared`` (decoded and JPEG-encoded), an ImageFolder tree, random patches of the photos in a folder (the
+embedded default's OOD photos, ``data/embedded/photos``) and any ``torchvision.datasets`` class (``download`` off
+unless asked). File-backed sources decode an image only when it is selected, so sub-sampling a large set
+decodes the sample only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from lowgrad.config import DataConfig, DatasetConfig
 from lowgrad.errors import DataError
@@ -36,20 +36,22 @@ class ImageSet:
         return len(self.labels)
 
 
-def _digits() -> ImageSet:
-    from sklearn.datasets import load_digits
+def _photos(root: Path) -> list[np.ndarray]:
+    """The RGB photos of a folder, in sorted file order."""
+    if not root.is_dir():
+        raise DataError(f"photo folder not found: {root}")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{root}: no photos found (suffixes {sorted(IMAGE_SUFFIXES)})")
+    return [_decode(f.read_bytes(), str(f)) for f in files]
 
-    bunch = load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return ImageSet(images, bunch.target.astype(np.int64))
 
-
-def _photo_patches(n: int, size: int, channels: int, rng: np.random.Generator) -> ImageSet:
-    """Random square patches of scikit-learn's two bundled photos, each resized to ``size``."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
+def _photo_patches(photos: list[np.ndarray], n: int, size: int, channels: int, rng: np.random.Generator) -> ImageSet:
+    """``n`` random square patches (side ``4 * size``) of the photos, each resized to ``size``."""
     patch = 4 * size
+    small = [f"{p.shape[1]}x{p.shape[0]}" for p in photos if min(p.shape[:2]) < patch]
+    if small:
+        raise DataError(f"photo_patches: photos of {', '.join(small)} are smaller than a {patch}x{patch} patch")
     out = np.empty((n, size, size, channels), dtype=np.uint8)
     for i in range(n):
         photo = photos[rng.integers(len(photos))]
@@ -230,6 +232,8 @@ def _subsample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of a random subset of size ``n``, stratified by label when labels exist."""
     if n >= len(labels):
         return np.arange(len(labels))
+    from sklearn.model_selection import train_test_split  # here, not at the top: only prepare splits (0.8 s import)
+
     stratify = labels if (labels >= 0).all() and len(np.unique(labels)) > 1 else None
     idx, _ = train_test_split(np.arange(len(labels)), train_size=n, random_state=seed, stratify=stratify)
     return np.sort(idx)
@@ -239,11 +243,8 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
     """Load, filter, split and subsample one configured dataset into the configured image shape."""
     spec = data.datasets[name]
     rng = np.random.default_rng(seed)
-    if spec.source == "sklearn_digits":
-        raw = _digits()
-        images, labels = list(raw.images), raw.labels
-    elif spec.source == "sklearn_photos":
-        raw = _photo_patches(spec.n, data.image_size, data.channels, rng)
+    if spec.source == "photo_patches":
+        raw = _photo_patches(_photos(Path(spec.path)), spec.n_patches, data.image_size, data.channels, rng)
         images, labels = list(raw.images), raw.labels
     elif spec.source == "npz":
         raw = _npz_decoded(Path(spec.path))
@@ -259,13 +260,15 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
         labels = images.labels
 
     if len(labels) == 0:
-        raise DataError(f"dataset '{name}': the {spec.source} source{' at ' + spec.path if spec.path else ''} holds no images")
+        raise DataError(f"dataset '{name}': the {spec.source} source at {spec.path} holds no images")
     keep = np.arange(len(labels))
     if spec.classes is not None:
         keep = np.flatnonzero(np.isin(labels, spec.classes))
         if len(keep) == 0:
             raise DataError(f"dataset '{name}': no images of classes {spec.classes}")
     if spec.split != "all":
+        from sklearn.model_selection import train_test_split  # (see _subsample)
+
         try:
             train_idx, test_idx = train_test_split(
                 keep, test_size=spec.test_fraction, random_state=seed, stratify=labels[keep]

@@ -276,6 +276,111 @@ class ViM(_HeadDetector):
         return _energy(self.head.logits(X)) - self.alpha_ * residual
 
 
+class GEN(Detector):
+    """Generalised entropy (Liu et al. CVPR 2023): ``-sum_{top M} p^gamma (1 - p)^gamma`` over the ``M`` largest
+    softmax probabilities (all of them when ``M`` >= the number of classes)."""
+
+    input = "logits"
+
+    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
+        self.gamma, self.M = gamma, M
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        p = np.sort(softmax(np.asarray(X, dtype=np.float64), axis=1), axis=1)[:, -self.M :]
+        return -(p**self.gamma * (1.0 - p) ** self.gamma).sum(axis=1)
+
+
+class RMDS(Mahalanobis):
+    """Relative Mahalanobis distance (Ren et al. 2021): the class-conditional Mahalanobis score minus that of one
+    background Gaussian fitted on the whole bank, ``max_c -(d_c(u) - d_0(u))``."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "RMDS":
+        super().fit(X, y)
+        X = np.asarray(X, dtype=np.float64)
+        self.background_mean_ = X.mean(axis=0)
+        self.background_precision_ = EmpiricalCovariance().fit(X).precision_
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        diff = np.asarray(X, dtype=np.float64) - self.background_mean_
+        background = np.einsum("nd,nd->n", diff @ self.background_precision_, diff)
+        return super().score_samples(X) + background
+
+
+class FDBD(_HeadDetector):
+    """Feature distance to the decision boundaries (Liu & Qin, ICML 2024): the mean over classes ``i != c`` of the
+    distance ``|l_i - l_c| / ||w_i - w_c||`` of the feature to the boundary between the predicted class ``c`` and
+    ``i``, divided by the feature's distance to the mean of the bank's features."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "FDBD":
+        self.mean_ = np.asarray(X, dtype=np.float64).mean(axis=0)
+        w = self.head.weight
+        sq = np.einsum("cd,cd->c", w, w)  # ||w_i - w_c||^2 from the Gram matrix: C x C memory, not C x C x D
+        self.boundary_norms_ = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (w @ w.T), 0.0))
+        np.fill_diagonal(self.boundary_norms_, 1.0)  # the predicted class's own term is 0 / 1
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        logits = self.head.logits(X)
+        pred = logits.argmax(axis=1)
+        gaps = np.abs(logits - logits[np.arange(len(X)), pred][:, None])
+        distance = (gaps / self.boundary_norms_[pred]).sum(axis=1) / (logits.shape[1] - 1)
+        return distance / np.maximum(np.linalg.norm(X - self.mean_, axis=1), 1e-12)
+
+
+def _top_k_mask(X: np.ndarray, percentile: float) -> np.ndarray:
+    """Per row, the ``n - round(n * percentile / 100)`` largest entries (ties: the lower index first)."""
+    n = X.shape[1]
+    k = n - int(np.round(n * percentile / 100.0))
+    mask = np.zeros(X.shape, dtype=bool)
+    np.put_along_axis(mask, np.argsort(-X, axis=1, kind="stable")[:, :k], True, axis=1)
+    return mask
+
+
+def _sharpening(X: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``exp(s1 / s2)`` per row (N x 1): ``s1`` the sum of all activations, ``s2`` of those in ``mask`` (ASH-S and
+    SCALE); 1 where ``s2`` is 0."""
+    total = X.sum(axis=1, keepdims=True)
+    kept = np.where(mask, X, 0.0).sum(axis=1, keepdims=True)
+    return np.exp(np.divide(total, kept, out=np.ones_like(kept), where=kept != 0))
+
+
+class ASH(_HeadDetector):
+    """Activation shaping (Djurisic et al. ICLR 2023) of the penultimate features, then Energy. Per sample the
+    ``percentile`` % smallest activations are zeroed and the rest are ``variant``: ``b`` binarised (each set to the
+    sum of all activations over the number kept, OpenOOD's setting), ``p`` kept as they are, ``s`` scaled by
+    ``exp(s1 / s2)`` (sums before / after pruning)."""
+
+    def __init__(self, head: Head, percentile: float = 90.0, variant: str = "b") -> None:
+        super().__init__(head)
+        self.percentile, self.variant = percentile, variant
+
+    def shape(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        mask = _top_k_mask(X, self.percentile)
+        if self.variant == "b":
+            return np.where(mask, X.sum(axis=1, keepdims=True) / mask.sum(axis=1, keepdims=True), 0.0)
+        pruned = np.where(mask, X, 0.0)
+        return pruned if self.variant == "p" else pruned * _sharpening(X, mask)
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return _energy(self.head.logits_from_normalised(self.shape(X)))
+
+
+class SCALE(_HeadDetector):
+    """SCALE (Xu et al. ICLR 2024): ASH-S's sharpening without its pruning, Energy of the features scaled by
+    ``exp(s1 / s2)`` (``s1`` the sum of all activations, ``s2`` of the ``100 - percentile`` % largest)."""
+
+    def __init__(self, head: Head, percentile: float = 85.0) -> None:
+        super().__init__(head)
+        self.percentile = percentile
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return _energy(self.head.logits_from_normalised(X * _sharpening(X, _top_k_mask(X, self.percentile))))
+
+
 class ODIN(Detector):
     """Temperature-scaled MSP after a small input step that raises the max softmax (Liang et al. 2018).
 
@@ -287,6 +392,19 @@ class ODIN(Detector):
 
     def __init__(self, head: Head | None = None, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
         self.head, self.temperature, self.epsilon = head, temperature, epsilon
+        self.input_std: Any = None  # per-channel std of the input normalisation (set by the scorer on images)
+
+    def step(self, grad):
+        """The input perturbation ``epsilon * sign(grad) / std``: ``epsilon`` is a step in pixel space ([0, 1]
+        scale) as in the ODIN paper, so in normalised input space it is divided by each channel's std (the
+        authors', OpenOOD's and pytorch-ood's code). Without ``input_std`` (G_low through the probe) no division."""
+        step = self.epsilon * grad.sign()
+        if self.input_std is None:
+            return step
+        import torch
+
+        std = torch.as_tensor(self.input_std, dtype=grad.dtype, device=grad.device)
+        return step / std.view(1, -1, *([1] * (grad.dim() - 2)))
 
     def score_inputs(self, forward, x, batch_size: int = 256) -> np.ndarray:
         import torch
@@ -299,7 +417,7 @@ class ODIN(Detector):
             loss = F.cross_entropy(logits, logits.argmax(dim=1))
             (grad,) = torch.autograd.grad(loss, xb)
             with torch.no_grad():
-                shifted = forward(xb - self.epsilon * grad.sign()) / self.temperature
+                shifted = forward(xb - self.step(grad)) / self.temperature
                 out.append(torch.softmax(shifted, dim=1).max(dim=1).values.double().cpu().numpy())
         return np.concatenate(out)
 
@@ -338,7 +456,9 @@ class _WithGradientNorm(Detector):
 class Residual(_WithGradientNorm):
     """Fraction of the normalised gradient inside the ID subspace, ``||V^T phi||^2 / ||phi||^2`` (as GradOrth,
     Behpour et al. NeurIPS 2023): the part of ``phi`` that PCA discards is what makes a sample look OOD.
-    On an orthonormal (PCA) basis the value lies in [0, 1]; a zero gradient scores 1 (nothing outside)."""
+    On an orthonormal (PCA) basis of the rows themselves the value lies in [0, 1]; a zero gradient scores 1 (nothing
+    outside). On the ``exact_nfk`` route the numerator comes from the sketched row and the denominator is the exact
+    ``||phi||^2``, so values slightly above 1 occur (the ranking is what counts)."""
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         g_low, sqnorm = self.split(X)
@@ -356,13 +476,15 @@ class PhiNorm(_WithGradientNorm):
 FORWARD_DETECTORS: dict[str, type[Detector]] = {
     "msp": MSP, "energy": Energy, "odin": ODIN, "mahalanobis": Mahalanobis, "knn": KNN,
     "react": ReAct, "bats": BATS, "gradnorm": GradNorm, "vim": ViM,
+    "fdbd": FDBD, "rmds": RMDS, "gen": GEN, "ash": ASH, "scale": SCALE,
 }
 GRADIENT_DETECTORS: dict[str, type[Detector]] = {
     "knn": KNN, "mahalanobis": Mahalanobis, "msp": MSP, "energy": Energy, "odin": ODIN,
     "gradnorm": GradNorm, "react": ReAct, "bats": BATS, "residual": Residual, "gradnorm_phi": PhiNorm,
+    "rmds": RMDS, "gen": GEN,
 }
 # gradient-side detectors that read probe logits rather than G_low itself
-PROBE_LOGIT_DETECTORS = {"msp", "energy"}
+PROBE_LOGIT_DETECTORS = {"msp", "energy", "gen"}
 
 
 def uses_probe(name: str) -> bool:

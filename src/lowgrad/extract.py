@@ -65,6 +65,8 @@ class Extractor:
             x = to_tensor_batch(self.images.images[:1], self.mean, self.std).to(self.device)
             logits, feats = self.model(x, return_features=True)
         grads = {} if self.gradients is None else {"grads": (self.gradients.dim, self.dtype)}
+        if getattr(self.gradients, "exact_sqnorm", False):
+            grads["phi_sqnorm"] = (1, "float64")  # the exact ||phi||^2 of each sketched row
         return {
             **grads,
             "logits": (logits.shape[1], "float32"),
@@ -81,8 +83,10 @@ class Extractor:
                 with torch.no_grad():
                     lo, f = self.model(x, return_features=True)
             else:
-                g, lo, f = self.gradients(x)
+                g, lo, f, *sqnorm = self.gradients(x)
                 parts.setdefault("grads", []).append(g.cpu().numpy().astype(self.dtype, copy=False))
+                if sqnorm:
+                    parts.setdefault("phi_sqnorm", []).append(sqnorm[0].cpu().numpy()[:, None])
             parts["logits"].append(lo.cpu().numpy())
             parts["features"].append(f.cpu().numpy())
         out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -114,6 +118,10 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> Extrac
         from lowgrad.sketch import KroneckerSketch
 
         sketch = KroneckerSketch(model.to(device), g.sketch_rank, params.seed, factors, param_names)
+    elif route.sketch == "exact_nfk":
+        from lowgrad.sketch import ExactNFKSketch
+
+        sketch = ExactNFKSketch(model.to(device), g.sketch_dim, params.seed, factors or None, param_names)
     elif route.sketch == "dense":
         from lowgrad.dense_sketch import DenseSketch
 
@@ -162,6 +170,7 @@ def extract_to_store(
         model, param_names, images, mean, std, batch_size=batch_size, dtype=dtype, max_params=max_params, device=device
     )
     store = open_store(extractor, path, chunk_rows, meta, on_mismatch)
+    store.discard(store.damaged())
     pending = store.pending()
     log.info("extracting %d samples (%d params each) into %s: %d chunks to go", len(images), extractor.n_params, path, len(pending))
     fill_chunks(store, extractor, pending, desc=f"extract {Path(path).stem}")

@@ -198,6 +198,20 @@ def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassi
     return model
 
 
+def save_state_dict(model: nn.Module, path: str | Path) -> None:
+    """The model's float tensors on the CPU, written atomically and byte-for-byte reproducibly: torch names the
+    archive inside the file after the file, so it is serialised in memory first and the same weights always give
+    the same bytes (and DVC sees an unchanged model as unchanged)."""
+    import io
+
+    from lowgrad.paths import atomic_path
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
 def fresh_model(params: "Params") -> FeatureClassifier:
     """The configured architecture, randomly initialised (seed torch first for reproducible weights)."""
     return build_model(params.model.arch, params.model.num_classes, params.data.channels)

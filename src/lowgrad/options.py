@@ -1,12 +1,24 @@
-"""Every detector's hyper-parameters: one pydantic model per detector, checked with the config (types and
-ranges), before any stage runs. :mod:`lowgrad.detectors` builds the detectors from the validated values; this
-module holds no detection code, so validating a params file never loads it."""
+"""The ``scoring`` section's schema: one pydantic model per detector's hyper-parameters, the fusion groups, the
+probe and the bootstrap (:func:`lowgrad.config.scored_params_schema` adds it to the params). The flow validates the whole
+file before any stage runs; of the stages only ``score`` and ``report`` load this module, so editing a detector's
+options (or adding one) reruns those two and nothing upstream. :mod:`lowgrad.detectors` builds the detectors
+from the validated values; this module holds no detection code."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+
+from lowgrad.rows import check_group_name, member_detector
+
+Int = StrictInt  # counts: `true` and "40" are refused, as everywhere in the params
+
+
+class _Strict(BaseModel):
+    """The scoring section's models: unknown keys are errors, values are frozen (as :mod:`lowgrad.config`'s)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NoOptions(BaseModel):
@@ -40,14 +52,35 @@ class ODINOptions(NoOptions):
     epsilon: float = Field(0.0014, ge=0)
 
 
+class GENOptions(NoOptions):
+    """OpenOOD v1.5's gen.yml (the paper's ImageNet setting; M caps at the number of classes)."""
+
+    gamma: float = Field(0.1, gt=0)
+    M: StrictInt = Field(100, ge=1)
+
+
+class ASHOptions(NoOptions):
+    """OpenOOD v1.5's ash.yml: ASH-B, 90th percentile."""
+
+    percentile: float = Field(90.0, ge=0, lt=100)
+    variant: Literal["b", "p", "s"] = "b"
+
+
+class SCALEOptions(NoOptions):
+    """OpenOOD v1.5's scale.yml: 85th percentile."""
+
+    percentile: float = Field(85.0, ge=0, lt=100)
+
+
 FORWARD_OPTIONS: dict[str, type[NoOptions]] = {  # "without gradient": on logits / penultimate features
     "msp": NoOptions, "energy": TemperatureOptions, "odin": ODINOptions, "mahalanobis": NoOptions,
     "knn": KNNOptions, "react": ReActOptions, "bats": BATSOptions, "gradnorm": TemperatureOptions, "vim": ViMOptions,
+    "fdbd": NoOptions, "rmds": NoOptions, "gen": GENOptions, "ash": ASHOptions, "scale": SCALEOptions,
 }
 GRADIENT_OPTIONS: dict[str, type[NoOptions]] = {  # on G_low (and ||phi||^2)
     "knn": KNNOptions, "mahalanobis": NoOptions, "msp": NoOptions, "energy": TemperatureOptions, "odin": ODINOptions,
     "gradnorm": TemperatureOptions, "react": ReActOptions, "bats": BATSOptions, "residual": NoOptions,
-    "gradnorm_phi": NoOptions,
+    "gradnorm_phi": NoOptions, "rmds": NoOptions, "gen": GENOptions,
 }
 # docs/method.md section 5-6 defaults that differ between the two sides
 GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -80,3 +113,86 @@ def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None
             detector_options(name, kwargs, where.endswith("gradient"))
         except ValueError as err:
             raise ValueError(f"{where}.{err}") from None
+
+
+class FusionGroup(_Strict):
+    """Detectors fused with equal weights. Members name forward detectors as in ``scoring.forward`` and
+    gradient ones with the ``grad_`` prefix (``[vim, knn, grad_residual]``)."""
+
+    name: str
+    members: list[str] = Field(min_length=2)
+    rule: Literal["zscore", "fisher"] = "zscore"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_group_name(value)
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"fusion group members must be distinct, got {value}")
+        return value
+
+
+class FusionConfig(_Strict):
+    """Groups of detectors, each member fitted on the rest of ``id_train`` and calibrated on a held-out random
+    part of it. A group with gradient members is also scored without them (``fused_<name>_forward_only``)."""
+
+    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    groups: list[FusionGroup] = []
+
+
+class BootstrapConfig(_Strict):
+    """Paired bootstrap of every metric: ID test and each OOD set resampled with replacement, independently."""
+
+    replicates: Int = Field(1000, ge=100)
+    seed: Int = 0
+    level: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class ProbeConfig(_Strict):
+    """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (docs/method.md section 5)."""
+
+    epochs: Int = Field(10, gt=0)
+    batch_size: Int = Field(16, gt=1)
+    lr: float = Field(0.1, gt=0)
+
+
+class DetectorsConfig(_Strict):
+    """Detector name -> its hyper-parameters (an empty mapping takes the defaults)."""
+
+    forward: dict[str, dict[str, Any]]
+    gradient: dict[str, dict[str, Any]]
+    probe: ProbeConfig = ProbeConfig()
+    fusion: FusionConfig = FusionConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    min_ood_samples: Int = Field(
+        50, ge=1, description="OOD sets with fewer images are reported on their own and left out of the mean over "
+        "sets and of the verdicts (a resample of a tiny set is nearly the set itself, so its interval says little)"
+    )
+    k_sweep: list[Annotated[Int, Field(gt=0)]] = Field(
+        [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
+        "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
+    )
+
+    @model_validator(mode="after")
+    def _groups_refer_to_configured_detectors(self) -> "DetectorsConfig":
+        names = [g.name for g in self.fusion.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scoring.fusion.groups: names must be distinct, got {names}")
+        for group in self.fusion.groups:
+            for member in group.members:
+                name, gradient = member_detector(member)
+                side = "gradient" if gradient else "forward"
+                if name not in (self.gradient if gradient else self.forward):
+                    raise ValueError(f"fusion group '{group.name}': member '{member}' is not in scoring.{side}")
+        return self
+
+
+def check_scoring(value: DetectorsConfig) -> DetectorsConfig:
+    """Unknown detectors and bad hyper-parameters on either side are errors (``ValueError`` naming the key)."""
+    check_detector_config(value.forward, "scoring.forward")
+    check_detector_config(value.gradient, "scoring.gradient")
+    return value

@@ -1,7 +1,8 @@
 """The artifact layout (paths relative to the project root) and the one way files are written: atomically.
 
     data/prepared/<set>.npz               prepare    uint8 images + labels
-    models/model.pt, model.json           model      float32 state_dict (trained or imported) + metadata
+    models/trained.pt                     train      the trained state_dict (a marker when a checkpoint is given)
+    models/model.pt, model.json           model      float32 state_dict (imported checkpoint) + metadata
     artifacts/sketch/factors.npz, .json   factors    NFK Kronecker / dense scale factors (a marker otherwise)
     artifacts/extract/<set>.zarr          extract    grads / logits / features / labels (chunked zarr)
     artifacts/subspace/subspace.npz       subspace   kernel normaliser + spectrum

@@ -15,29 +15,16 @@ import numpy as np  # noqa: E402
 
 from lowgrad.config import Params  # noqa: E402
 from lowgrad.paths import write_text  # noqa: E402
+from lowgrad.route import Route  # noqa: E402
+from lowgrad.rows import Row, report_order, rows_from_metrics  # noqa: E402
 
 
-def _row_order(methods: list[str]) -> list[str]:
-    """Each base method's forward row, then its ``grad_`` row; gradient-only methods, then fusion groups
-    (each group's forward-only baseline right after it)."""
-    fused = [m for m in methods if m.startswith("fused_")]
-    bases = [m for m in methods if not m.startswith(("grad_", "fused_"))]
-    bases += [m[5:] for m in methods if m.startswith("grad_") and m[5:] not in bases]
-    order = []
-    for base in bases:
-        order += [m for m in (base, f"grad_{base}") if m in methods]
-    return order + fused
+def _row_order(metrics: dict[str, Any], names: Any = None) -> list[str]:
+    """The metrics' rows (or just ``names``) in the report's order (:func:`lowgrad.rows.report_order`)."""
+    return report_order(rows_from_metrics(metrics), list(metrics["methods"] if names is None else names))
 
 
-def _gradient_column(method: str) -> tuple[str, str]:
-    if method.startswith("fused_"):
-        name = method.removeprefix("fused_")
-        if name.endswith("_forward_only"):
-            return name, "no (fused)"
-        return name, "fused"
-    if method.startswith("grad_"):
-        return method.removeprefix("grad_"), "yes"
-    return method, "no"
+GRADIENT_COLUMN = {"forward": "no", "gradient": "yes", "fused": "fused", "forward_only": "no (fused)"}
 
 
 def _with_interval(value: float, ci: list[float] | None) -> str:
@@ -47,8 +34,8 @@ def _with_interval(value: float, ci: list[float] | None) -> str:
 def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
     """Rows = methods (without / with low-dim gradient), columns = FPR95 / AUROC per OOD set and the mean,
     each with its bootstrap interval in brackets. The best value of each column is bold."""
-    methods = metrics["methods"]
-    rows = _row_order(list(methods))
+    methods, kinds = metrics["methods"], rows_from_metrics(metrics)
+    rows = _row_order(metrics)
     header = ["method", "gradient"] + [f"{c} {m}" for c in columns for m in ("FPR95↓", "AUROC↑")]
     best = {}
     for c in columns:
@@ -56,7 +43,7 @@ def results_table(metrics: dict[str, Any], columns: list[str]) -> str:
         best[(c, "auroc")] = max(methods[r][c]["auroc"] for r in rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = list(_gradient_column(r))
+        cells = [kinds[r].label, GRADIENT_COLUMN[kinds[r].kind]]
         for c in columns:
             for m in ("fpr95", "auroc"):
                 v = methods[r][c][m]
@@ -74,7 +61,7 @@ def _comparisons(metrics: dict[str, Any]) -> list[tuple[str, str, str, dict[str,
     """``(gradient row, kind, baseline row, comparison)`` for every paired comparison in the metrics (one line
     when the twin is the best forward-only row)."""
     out = []
-    for row in _row_order(list(metrics["deltas"])):
+    for row in _row_order(metrics, metrics["deltas"]):
         comps = metrics["deltas"][row]
         twin, best = comps.get("twin"), comps.get("best_forward_only")
         if twin is not None:
@@ -95,8 +82,21 @@ def _sentence(row: str, base: str, comp: dict[str, Any]) -> str:
     return (f"{row} is {words[fpr['verdict']]} {base} on mean FPR95 and {words[auc['verdict']]} it on mean AUROC.")
 
 
-def verdict_section(metrics: dict[str, Any]) -> list[str]:
-    """"Does the gradient help here?": the headline comparison, then one line per paired comparison."""
+def verdict_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The verdict table as data: one row per paired comparison (mean Δ FPR95 / Δ AUROC, intervals, readings)."""
+    rows = []
+    for row, kind, base, comp in _comparisons(metrics):
+        fpr, auc = comp["mean"]["fpr95"], comp["mean"]["auroc"]
+        rows.append({"gradient_row": row, "vs": kind, "baseline": base,
+                     "delta_fpr95": round(fpr["delta"], 2), "fpr95_ci": "[{:+.2f}, {:+.2f}]".format(*fpr["ci"]),
+                     "delta_auroc": round(auc["delta"], 2), "auroc_ci": "[{:+.2f}, {:+.2f}]".format(*auc["ci"]),
+                     "reading": _sentence(row, base, comp)})
+    return rows
+
+
+def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
+    """"Does the gradient help here?": the headline comparison, then one line per paired comparison (``plot``: and
+    the link to the forest plot beside the report)."""
     level = 100 * metrics["bootstrap"]["level"]
     methods, deltas = metrics["methods"], metrics["deltas"]
     best_fwd = metrics.get("best_forward_only")
@@ -130,14 +130,13 @@ def verdict_section(metrics: dict[str, Any]) -> list[str]:
     for row, kind, base, comp in _comparisons(metrics):
         lines.append(f"| {row} | {kind} | {base} | {_delta_text(comp['mean']['fpr95'])} | "
                      f"{_delta_text(comp['mean']['auroc'])} | {_sentence(row, base, comp)} |")
-    lines += ["", "![paired differences](plots/deltas.png)", ""]
-    return lines
+    return lines + (["", "![paired differences](plots/deltas.png)", ""] if plot else [""])
 
 
 def _plot_deltas(metrics: dict[str, Any], path: Path) -> None:
     """Forest plot: Δ mean FPR95 with its paired interval, one line per gradient row (vs twin and vs the best
     forward-only row)."""
-    rows = _row_order(list(metrics["deltas"]))
+    rows = _row_order(metrics, metrics["deltas"])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
     styles = {"twin": ("o", "C0", -0.15), "best_forward_only": ("s", "C3", 0.15)}
     for kind, (marker, color, offset) in styles.items():
@@ -189,9 +188,10 @@ def _roc_points(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _roc_pairs(methods: list[str], deltas: dict[str, Any]) -> list[tuple[str | None, str]]:
-    """(forward baseline or None, gradient row) per panel row: each gradient row with its twin."""
+    """(forward baseline or None, gradient row) per panel row: each gradient row with its twin (``methods``: in the
+    report's order)."""
     pairs = []
-    for row in _row_order(methods):
+    for row in methods:
         if row in deltas:
             pairs.append((deltas[row].get("twin", {}).get("against"), row))
     return pairs
@@ -234,7 +234,8 @@ def _plot_spectrum(ratio: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_k_sweep(sweep: dict[str, dict[str, dict[str, float]]], full_k: int, full: dict[str, Any], path: Path) -> None:
+def _plot_k_sweep(sweep: dict[str, dict[str, dict[str, float]]], full_k: int, full: dict[str, Any], rows: dict[str, Row],
+                  path: Path) -> None:
     """Mean FPR95 over the OOD sets against k, one line per gradient detector (the full-k point from the main
     table), with each detector's forward counterpart as a dashed horizontal line."""
     ks = sorted({int(k) for k in sweep} | {full_k})
@@ -244,8 +245,8 @@ def _plot_k_sweep(sweep: dict[str, dict[str, dict[str, float]]], full_k: int, fu
         values = [full[det]["mean"]["fpr95"] if k == full_k else sweep[str(k)][det]["fpr95"] for k in ks]
         color = f"C{i % 10}"
         ax.plot(ks, values, marker="o", color=color, label=det)
-        base = det.removeprefix("grad_")
-        if base in full:
+        base = rows[det].twin
+        if base is not None:
             ax.axhline(full[base]["mean"]["fpr95"], color=color, ls="--", lw=0.8)
     ax.set(xscale="log", xlabel="k (PCA components of the gradient)", ylabel="mean FPR95 (%) ↓",
            title="Mean FPR95 vs k (dashed: the same detector without gradient)")
@@ -266,19 +267,58 @@ def timings_table(timings: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _short(md5: str | None) -> str:
+    return md5[:12] if md5 else "not recorded"
+
+
+def provenance_line(provenance: dict[str, Any] | None) -> list[str]:
+    """One line under the title: the inputs' hashes and the code, so two reports compare at a glance."""
+    if not provenance:
+        return []
+    users: dict[tuple[str, str], list[str]] = {}  # (path, md5) -> the keys that read it
+    for key, v in provenance["inputs"].items():
+        users.setdefault((v["path"], _short(v["md5"])), []).append(key.split(".")[2] if key.startswith("data.") else key)
+    inputs = "; ".join(f"`{path}` {md5} ({', '.join(keys)})" for (path, md5), keys in users.items())
+    commit = provenance["git_commit"][:10] + (" + uncommitted changes" if provenance["git_dirty"] else "") \
+        if provenance["git_commit"] else "no git commit"
+    return [f"Computed from (md5, {provenance['hashes_from']}): {inputs}. Code: lowgrad {provenance['lowgrad']}, "
+            f"{commit}. `dvc status` lists nothing while this report is current.", ""]
+
+
+def provenance_section(provenance: dict[str, Any] | None) -> list[str]:
+    """Every input and main artifact with the md5 DVC recorded."""
+    if not provenance:
+        return []
+    rows = [f"| {key} | `{v['path']}` | `{v['md5'] or 'not recorded'}` |" for key, v in provenance["inputs"].items()]
+    rows += [f"| artifact | `{path}` | `{md5 or 'not recorded'}` |" for path, md5 in provenance["artifacts"].items()]
+    return ["## Provenance", "", f"Content hashes from {provenance['hashes_from']} (never recomputed); lowgrad "
+            f"{provenance['lowgrad']}, commit `{provenance['git_commit']}`"
+            + (" with uncommitted changes" if provenance["git_dirty"] else "") + ".", "",
+            "| what | path | md5 |", "|---|---|---|", *rows, ""]
+
+
+def small_sets_note(metrics: dict[str, Any]) -> list[str]:
+    """The line that says which OOD sets were too small for the mean (``scoring.min_ood_samples``)."""
+    small = metrics.get("small_sets") or {}
+    if not small:
+        return []
+    listed = ", ".join(f"`{s}` ({n} images)" for s, n in small.items())
+    return [f"**Left out of the mean and of every verdict (fewer than `scoring.min_ood_samples` images): {listed}.** "
+            f"Their columns are shown on their own; the mean is over {', '.join(f'`{s}`' for s in metrics['mean_over'])}.", ""]
+
+
 def write_report(
     params: Params,
     metrics: dict[str, Any],
     scores: dict[str, np.ndarray],
     explained_variance_ratio: np.ndarray,
     run: dict[str, Any],
-    hashes: dict[str, str],
     report_path: str,
     plots_dir: str,
 ) -> None:
     """Write ``report.md`` and its plots; the previous report is replaced only once the new one is complete."""
     ood = params.data.ood_names
-    methods = _row_order(list(metrics["methods"]))
+    methods = _row_order(metrics)
     plots = Path(plots_dir)
     staging = plots.with_name(plots.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -291,7 +331,7 @@ def write_report(
     _plot_spectrum(explained_variance_ratio, staging / "spectrum.png")
     sweep = metrics.get("k_sweep") or {}
     if sweep:
-        _plot_k_sweep(sweep, params.subspace.k, metrics["methods"], staging / "fpr95_vs_k.png")
+        _plot_k_sweep(sweep, params.subspace.k, metrics["methods"], rows_from_metrics(metrics), staging / "fpr95_vs_k.png")
 
     s, g = params.subspace, params.gradient
     text = [
@@ -303,11 +343,13 @@ def write_report(
         f"**ID test accuracy of the classifier: {metrics['id_accuracy']:.2f} %**"
         + (f"; of the linear probe on G_low: {metrics['probe_accuracy']:.2f} %" if "probe_accuracy" in metrics else ""),
         "",
+        *provenance_line(metrics.get("provenance")),
         *verdict_section(metrics),
         "## Results",
         "",
         results_table(metrics, [*ood, "mean"]),
         "",
+        *small_sets_note(metrics),
         "gradient = yes: the detector on the low-dimensional gradient G_low (probe-based scores use the linear "
         "probe trained on the bank's G_low); fused: a fusion group, its members calibrated on held-out ID data "
         "and added with equal weights (see run settings); no (fused): the same group without its gradient "
@@ -326,6 +368,7 @@ def write_report(
         f"- kernel: {s.kernel}; gradient parameters: {g.params}; basis: {s.basis}"
         + (f" ({s.method}, k = {s.k}, oversampling {s.oversample}, power iterations {s.power_iters})" if s.basis == "pca" else ""),
         f"- explained variance of the kept components: {100 * explained_variance_ratio.sum():.1f} %",
+        *[f"- unused setting: {line}" for line in Route.from_params(params).unused_lines(params)],
         f"- detectors (forward): {json.dumps(params.scoring.forward)}",
         f"- detectors (gradient): {json.dumps(params.scoring.gradient)}; probe: {params.scoring.probe.model_dump()}",
         f"- fusion: {params.scoring.fusion.model_dump()}",
@@ -336,10 +379,7 @@ def write_report(
         json.dumps(run, indent=2),
         "```",
         "",
-        "## Artifact hashes (sha256, first 12 hex digits)",
-        "",
-        *[f"- `{p}`: `{h}`" for p, h in hashes.items()],
-        "",
+        *provenance_section(metrics.get("provenance")),
         "## Plots",
         "",
         "![score histograms](plots/score_histograms.png)",

@@ -6,23 +6,32 @@ A route is how the normalised per-sample gradients ``phi`` reach the PCA and the
 - ``matrix_free``: nothing is stored; every pass over a set recomputes its exact gradients on the device
   (``subspace.method: exact_randomized``);
 - ``kronecker`` / ``dense``: a sketch of the gradients is stored (``gradient.sketch``); with the NFK kernel the
-  sketch already carries the NFK scale (fitted by the ``factors`` stage), so the subspace only centres it.
+  sketch already carries the NFK scale (fitted by the ``factors`` stage), so the subspace only centres it;
+- ``exact_nfk``: a CountSketch of the exactly normalised gradient ``w * (g - z)`` (``w`` and ``z`` of the
+  ``factors`` stage's kernel sample) and its exact ``||phi||^2``, both stored; the subspace takes the rows as
+  they are.
 
-Stage bodies and benchmarks ask the route (:meth:`Route.from_params`) instead of testing params. A setting
-that the chosen route ignores, given explicitly, is an error naming the key and the route: it would change
-nothing but still invalidate DVC's caches.
+Stage bodies and benchmarks ask the route (:meth:`Route.from_params`) instead of testing params. One key switches
+a route: a params file is a superset shared across routes (``dvc exp run -S gradient.sketch=kronecker``), so a
+setting the chosen route does not read is stated (one warning line each, listed in the report as
+:attr:`Route.unused`), never an error. ``subspace.method: exact_randomized`` selects the matrix-free route whatever
+``gradient.sketch`` says (it recomputes exact gradients, so a sketch setting is then one of the unused ones).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from lowgrad.errors import ConfigError
 
 Params = Any  # lowgrad.config.Params, which validates itself through this module (so no import back)
 
-ROUTES = ("exact", "matrix_free", "kronecker", "dense")
+ROUTES = ("exact", "matrix_free", "kronecker", "exact_nfk", "dense")
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # each unused setting is stated once per process, however often params are parsed
 
 
 @dataclass(frozen=True)
@@ -31,27 +40,40 @@ class Route:
     kernel: str  # nfk | ntk (the configured kernel)
     basis: str  # pca | average_gradient
     method: str  # randomized | incremental | exact_randomized
+    unused: tuple[str, ...] = field(default=(), compare=False)  # explicit settings this route does not read
 
     @classmethod
     def from_params(cls, params: Params) -> "Route":
-        """The route of ``params``; raises :class:`ConfigError` on a combination it cannot run or on an explicit
-        setting it would ignore."""
+        """The route of ``params``; raises :class:`ConfigError` on a combination it cannot run, and states (one
+        warning each) the explicit settings it does not read."""
         g, s = params.gradient, params.subspace
+        unused: list[str] = []
         if s.method == "exact_randomized":
-            if g.sketch != "none":
-                raise ConfigError("subspace.method exact_randomized recomputes exact gradients: set gradient.sketch: none")
             if s.basis != "pca":
                 raise ConfigError("subspace.method exact_randomized computes the PCA basis: set subspace.basis: pca")
+            if g.sketch != "none":
+                unused.append("gradient.sketch")
             name = "matrix_free"
         else:
             name = "exact" if g.sketch == "none" else g.sketch
         route = cls(name=name, kernel=s.kernel, basis=s.basis, method=s.method)
-        ignored = [key for key in route.ignored_settings() if key.split(".", 1)[1] in
+        unused += [key for key in route.ignored_settings() if key.split(".", 1)[1] in
                    getattr(params, key.split(".", 1)[0]).model_fields_set]
-        if ignored:
-            raise ConfigError(f"{', '.join(ignored)}: not used by the {route.describe()}; remove "
-                              f"{'it' if len(ignored) == 1 else 'them'} from the params file")
+        route = replace(route, unused=tuple(unused))
+        for line in route.unused_lines(params):
+            if line not in _warned:
+                _warned.add(line)
+                log.warning(line)
         return route
+
+    def unused_lines(self, params: Params) -> list[str]:
+        """One sentence per unused setting: ``gradient.sketch_rank = 16: not used by the exact route (...)``."""
+        lines = []
+        for key in self.unused:
+            section, leaf = key.split(".", 1)
+            value = getattr(getattr(params, section), leaf)
+            lines.append(f"{key} = {value!r}: not used by the {self.describe()}")
+        return lines
 
     def describe(self) -> str:
         if self.basis == "average_gradient":
@@ -61,7 +83,7 @@ class Route:
     def ignored_settings(self) -> list[str]:
         """The ``gradient`` / ``subspace`` keys this route never reads."""
         ignored = []
-        if self.name != "dense":
+        if self.name not in ("dense", "exact_nfk"):
             ignored.append("gradient.sketch_dim")
         if self.name != "kronecker":
             ignored.append("gradient.sketch_rank")
@@ -80,8 +102,14 @@ class Route:
     # -- what each stage does on this route --------------------------------------------------------------
     @property
     def sketch(self) -> str | None:
-        """The stored sketch: ``kronecker``, ``dense`` or None (exact gradients or none)."""
-        return self.name if self.name in ("kronecker", "dense") else None
+        """The stored sketch: ``kronecker``, ``exact_nfk``, ``dense`` or None (exact gradients or none)."""
+        return self.name if self.name in ("kronecker", "exact_nfk", "dense") else None
+
+    @property
+    def stores_exact_sqnorm(self) -> bool:
+        """Whether ``extract`` stores the exact ``||phi||^2`` of each row (``phi_sqnorm``), which ``project`` then
+        reports instead of the sketched row's squared norm."""
+        return self.name == "exact_nfk"
 
     @property
     def stores_gradients(self) -> bool:
@@ -101,14 +129,16 @@ class Route:
     @property
     def subspace_kernel(self) -> str:
         """The normalisation the subspace applies to the rows it reads: sketched NFK rows already carry the NFK
-        scale, so they are only centred."""
+        scale, so they are only centred; exact-NFK rows are already centred and scaled (``ntk``: as read)."""
+        if self.name == "exact_nfk":
+            return "ntk"
         return "center" if self.needs_factors else self.kernel
 
     @property
     def gradients_label(self) -> str:
         """What the store's ``grads`` column holds (its metadata; checked on reopen)."""
         return {"exact": "exact", "matrix_free": "not stored (matrix-free route)", "kronecker": "kronecker_sketch",
-                "dense": "dense_sketch"}[self.name]
+                "exact_nfk": "exact_nfk_countsketch", "dense": "dense_sketch"}[self.name]
 
     def store_meta(self, params: Params, layout: Any, factors_sha256: str | None) -> dict[str, Any]:
         """The route's part of a store's metadata: what the rows are and, for sketches, what drew them."""
@@ -124,6 +154,7 @@ class Route:
         "exact": {"gradient.sketch": "none", "subspace.method": "randomized"},
         "matrix_free": {"gradient.sketch": "none", "subspace.method": "exact_randomized"},
         "kronecker": {"gradient.sketch": "kronecker", "subspace.method": "randomized"},
+        "exact_nfk": {"gradient.sketch": "exact_nfk", "subspace.method": "randomized"},
         "dense": {"gradient.sketch": "dense", "subspace.method": "randomized"},
     }
 
@@ -136,6 +167,6 @@ class Route:
         return cls(name=name, kernel=s.get("kernel", "nfk"), basis=s.get("basis", "pca"), method=method)
 
     def present_ignored(self, raw: dict[str, Any]) -> list[str]:
-        """The keys of a raw params mapping that this route would refuse as ignored."""
+        """The keys of a raw params mapping that this route does not read (bench helpers drop them)."""
         return [key for key in self.ignored_settings()
                 if key.split(".", 1)[1] in (raw.get(key.split(".", 1)[0]) or {})]

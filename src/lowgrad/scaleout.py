@@ -38,8 +38,7 @@ def dask_client(params: Params) -> Iterator:
 
 def _shard_pass(path: str, array: str, chunks: list[int], kind: str, arg, shift, scale):
     store = ChunkedStore.open(path)
-    arr = store.array(array)
-    blocks = ((store.chunk_slice(i), arr[store.chunk_slice(i)]) for i in chunks)
+    blocks = ((store.chunk_slice(i), store.read_chunk(array, i)) for i in chunks)
     return partial_pass(kind, blocks, arg, shift, scale)
 
 

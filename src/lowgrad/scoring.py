@@ -8,6 +8,7 @@ detectors, ``images`` (normalised tensors, loaded on demand). Detectors are fitt
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +16,11 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from lowgrad.config import FusionGroup, Params, member_detector
+from lowgrad.config import Params
+from lowgrad.options import FusionGroup
+from lowgrad.rows import Row, detector_row_name, detector_rows, fusion_rows, member_detector
 from lowgrad.errors import ConfigError
-from lowgrad.detectors import PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
+from lowgrad.detectors import ODIN, PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
 
@@ -33,6 +36,7 @@ class ScoringContext:
     forward_head: Head
     num_classes: int
     model_forward: Callable | None = None  # the network: images -> logits, differentiable (forward ODIN, BATS)
+    input_std: tuple[float, ...] | None = None  # per-channel std of the image normalisation (forward ODIN's step)
     load_images: Callable[[str], Any] | None = None  # set name -> normalised image tensor
     seed: int = 0
     probe_options: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +79,8 @@ def score_detector(
         if det.uses_model:
             if ctx.model_forward is None:
                 raise ValueError(f"forward {name} needs the model")
+            if isinstance(det, ODIN):
+                det.input_std = ctx.input_std
             return {t: det.score_inputs(ctx.model_forward, _images(d, ctx)) for t, d in targets.items()}
         view = lambda d: d[det.input]  # noqa: E731
     det.fit(view(bank), bank["labels"])
@@ -95,31 +101,27 @@ def check_bank_size(params: Params, n_bank: int) -> None:
     scoring = params.scoring
     n_fit = n_bank - int(np.ceil(scoring.fusion.calibration_fraction * n_bank))  # train_test_split's rounding
     fused = {m for g in scoring.fusion.groups for m in g.members}
-    for side, detectors, prefix in (("forward", scoring.forward, ""), ("gradient", scoring.gradient, "grad_")):
+    for side, detectors in (("forward", scoring.forward), ("gradient", scoring.gradient)):
         if "knn" not in detectors:
             continue
         k = make_detector("knn", detectors["knn"], side == "gradient").k
         if k > n_bank:
             raise ConfigError(f"scoring.{side}.knn.k = {k} exceeds the bank size: id_train has {n_bank} samples")
-        if f"{prefix}knn" in fused and k > n_fit:
+        if detector_row_name("knn", side == "gradient") in fused and k > n_fit:
             raise ConfigError(f"scoring.{side}.knn.k = {k} exceeds the {n_fit} id_train samples that fusion members "
                               f"are fitted on (scoring.fusion.calibration_fraction = {scoring.fusion.calibration_fraction})")
 
 
-def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[list[str], str, str | None]]:
-    """Every fusion row: ``label -> (members, rule, twin)``. A group is ``fused_<name>``; when it mixes forward and
-    gradient members, its twin is the same group without the gradient members (``fused_<name>_forward_only``:
-    the baseline it must beat), shared by all groups with the same forward members and rule."""
-    plan: dict[str, tuple[list[str], str, str | None]] = {}
-    forward_only: dict[tuple[tuple[str, ...], str], str] = {}
-    for group in groups:
-        forward = [m for m in group.members if not member_detector(m)[1]]
-        twin = None
-        if forward and len(forward) < len(group.members):
-            twin = forward_only.setdefault((tuple(forward), group.rule), f"fused_{group.name}_forward_only")
-            plan.setdefault(twin, (forward, group.rule, None))
-        plan[f"fused_{group.name}"] = (list(group.members), group.rule, twin)
-    return plan
+def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[Row, str]]:
+    """Every fusion row with its rule, forward-only baselines included (:func:`lowgrad.rows.fusion_rows`)."""
+    return fusion_rows([(g.name, list(g.members), g.rule) for g in groups])
+
+
+def configured_rows(scoring) -> dict[str, Row]:
+    """Every row this ``scoring`` configuration produces, in the order they are scored and reported."""
+    rows = {row.name: row for row in detector_rows(list(scoring.forward), list(scoring.gradient))}
+    rows.update({name: row for name, (row, _) in fusion_plan(scoring.fusion.groups).items()})
+    return rows
 
 
 def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
@@ -129,10 +131,14 @@ def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tu
     targets = {n: d for n, d in sets.items() if n != "id_train"}
     scoring = params.scoring
     scores: dict[str, dict[str, np.ndarray]] = {}
-    for name, kwargs in scoring.forward.items():
-        scores[name] = score_detector(name, kwargs, False, bank, targets, ctx)
-    for name, kwargs in scoring.gradient.items():
-        scores[f"grad_{name}"] = score_detector(name, kwargs, True, bank, targets, ctx)
+    rows = [(name, kwargs, False) for name, kwargs in scoring.forward.items()]
+    rows += [(name, kwargs, True) for name, kwargs in scoring.gradient.items()]
+    for i, (name, kwargs, gradient) in enumerate(rows, 1):
+        label = detector_row_name(name, gradient)
+        started = time.perf_counter()
+        scores[label] = score_detector(name, kwargs, gradient, bank, targets, ctx)
+        log.info("[%d/%d] %s fitted on %d bank rows, %d sets scored in %.1f s", i, len(rows), label,
+                 len(bank["labels"]), len(targets), time.perf_counter() - started)
     extras: dict[str, float] = {}
     if any(uses_probe(n) for n in scoring.gradient):
         head = ctx.probe(bank)
@@ -161,12 +167,16 @@ def fused_scores(
         calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]  # model-dependent members score images
     with_cal = {"__calibration__": calibration, **targets}
     member_scores: dict[str, dict[str, np.ndarray]] = {}
-    for member in sorted(members):
+    for i, member in enumerate(sorted(members), 1):
         name, gradient = member_detector(member)
         kwargs = (scoring.gradient if gradient else scoring.forward)[name]
+        started = time.perf_counter()
         member_scores[member] = score_detector(name, kwargs, gradient, fit_bank, with_cal, ctx)
+        log.info("fusion member [%d/%d] %s refitted on the fit part of the bank in %.1f s", i, len(members), member,
+                 time.perf_counter() - started)
     out: dict[str, dict[str, np.ndarray]] = {}
-    for label, (rows, rule, _) in fusion_plan(fusion.groups).items():
+    for label, (row, rule) in fusion_plan(fusion.groups).items():
+        rows = list(row.members)
         cal = [member_scores[m]["__calibration__"] for m in rows]
         out[label] = {t: fuse(cal, [member_scores[m][t] for m in rows], rule) for t in targets}
         log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples", label, " + ".join(rows), rule, len(cal_rows))
@@ -190,7 +200,7 @@ def k_sweep(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> di
         bank = truncated["id_train"]
         targets = {n: d for n, d in truncated.items() if n != "id_train"}
         out[k] = {
-            f"grad_{name}": score_detector(name, kwargs, True, bank, targets, ctx)
+            detector_row_name(name, True): score_detector(name, kwargs, True, bank, targets, ctx)
             for name, kwargs in params.scoring.gradient.items()
         }
         log.info("k-sweep: gradient detectors rescored on the first %d components", k)

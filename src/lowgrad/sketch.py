@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,20 +174,17 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
     return delta[:, :, None] * x[:, None, :]
 
 
-def fit_kronecker_nfk(
-    model: FeatureClassifier, batches, rank_one_iters: int = 100, param_names: list[str] | None = None
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
-    """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
-    sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
-    Conv2d / Linear weight. Returns ``(factors, relative Frobenius error of a b^T per layer)``.
-
-    Moments are accumulated layer by layer, so memory holds one layer's per-sample gradients of one batch.
-    ``param_names`` restricts the fit to the layers the sketch will use."""
+def layer_gradient_moments(
+    model: FeatureClassifier, batches, param_names: list[str] | None = None
+) -> tuple[KroneckerSketch, dict[str, tuple]]:
+    """Running ``(n, mean, M2)`` of the exact per-sample gradients of every sketchable parameter over ``batches``
+    (an iterable of input tensors), keyed ``<layer>.weight`` / ``<layer>.bias``, accumulated layer by layer so that
+    memory holds one layer's per-sample gradients of one batch."""
     sketch = KroneckerSketch(model, rank=1, seed=0, param_names=param_names)
     moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
-        moments[key] = add_block_moments(moments.get(key), values.double())
+        moments[key] = add_block_moments(moments.get(key), values.double().cpu())  # NumPy moments on any device
 
     for x in batches:
         if len(x) == 0:
@@ -202,9 +200,19 @@ def fit_kronecker_nfk(
             update(f"{layer.name}.weight", exact_layer_gradients(layer.kind, m, xin, d))
             if m.bias is not None:
                 update(f"{layer.name}.bias", d.flatten(2).sum(dim=2) if layer.kind == "conv" else d)
-
     if not moments:
         raise GradientError("no kernel samples to estimate the NFK factors from")
+    return sketch, moments
+
+
+def fit_kronecker_nfk(
+    model: FeatureClassifier, batches, rank_one_iters: int = 100, param_names: list[str] | None = None
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Estimate the NFK scale ``w = d^(-1/2)`` per parameter from exact per-sample gradients of a kernel
+    sample (``batches``: an iterable of input tensors), and its best rank-1 approximation ``a b^T`` per
+    Conv2d / Linear weight. Returns ``(factors, relative Frobenius error of a b^T per layer)``.
+    ``param_names`` restricts the fit to the layers the sketch will use."""
+    sketch, moments = layer_gradient_moments(model, batches, param_names)
 
     def scale(key: str, with_mask: bool = False):
         n, _, m2 = moments[key]
@@ -225,6 +233,134 @@ def fit_kronecker_nfk(
         if layer.module.bias is not None:
             factors[layer.name]["bias"] = scale(f"{layer.name}.bias")
     return factors, errors
+
+
+def fit_exact_nfk(
+    model: FeatureClassifier, batches, param_names: list[str] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """The exact NFK normalisation of every sketchable parameter from a kernel sample: per layer and parameter,
+    the scale ``w = d^(-1/2)`` and the centre ``z`` (the mean gradient), as ``{layer: {"weight_w", "weight_z",
+    "bias_w", "bias_z"}}`` (float32; Conv2d / Linear weights as ``C_out x C_in*kh*kw``)."""
+    sketch, moments = layer_gradient_moments(model, batches, param_names)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer in sketch.layers:
+        for part in ("weight", "bias"):
+            key = f"{layer.name}.{part}"
+            if key in moments:
+                n, mean, m2 = moments[key]
+                out.setdefault(layer.name, {})[f"{part}_w"] = nfk_scale((m2 / n).numpy())[0].astype(np.float32)
+                out[layer.name][f"{part}_z"] = mean.numpy().astype(np.float32)
+    return out
+
+
+class ExactNFKSketch(KroneckerSketch):
+    """A CountSketch (sparse Johnson-Lindenstrauss, Clarkson & Woodruff 2013) of the *exactly* normalised gradient.
+
+    Per Conv2d / Linear layer the per-sample weight gradient ``G`` is formed (an unfold and a batched matmul: the
+    cost of a weight gradient, never the whole P-vector), normalised exactly, ``Phi = w * (G - z)`` with the kernel
+    sample's ``w`` and ``z`` (:func:`fit_exact_nfk`), and hashed into ``dim`` shared coordinates: each parameter
+    adds ``+-Phi_j`` to one seeded bucket (a sparse matrix product, ``O(P)`` per sample). Inner products are
+    unbiased with variance at most a dense Gaussian sketch's, and NFK rows, whose mass sits on few coordinates, are
+    kept *better* than by a Gaussian or Kronecker projection (a Kronecker sketch of rank 16 keeps their Gram matrix
+    only to a 0.93 correlation on ResNet-20). Biases and BatchNorm parameters are kept exact. ``||phi||^2`` is summed
+    exactly from the same formed gradients (:meth:`__call__` returns it as a fourth output). Rows are final NFK
+    rows: the subspace neither centres nor scales them again. Without ``normalisation`` (NTK): ``w = 1, z = 0``."""
+
+    exact_sqnorm = True
+    max_block_floats = 2**25  # unfolded patches + weight gradients formed at once per layer (128 MB of float32)
+
+    def __init__(self, model: FeatureClassifier, dim: int, seed: int,
+                 normalisation: dict[str, dict[str, np.ndarray]] | None = None,
+                 param_names: list[str] | None = None) -> None:
+        super().__init__(model, rank=1, seed=seed, factors=None, param_names=param_names)
+        first = next(model.parameters())
+        self.sketch_dim = dim
+        self.normalisation: dict[str, dict[str, torch.Tensor]] = {}
+        self.hashes: dict[str, torch.Tensor] = {}  # layer -> sparse (dim x C_out*C_in*kh*kw) signed bucket matrix
+        small = 0
+        for layer in self.layers:
+            parts = (normalisation or {}).get(layer.name, {})
+            if normalisation is not None and not parts:
+                raise GradientError(f"layer {layer.name}: no exact NFK normalisation in the factors (rerun the factors stage)")
+            norm = {k: torch.as_tensor(v, dtype=first.dtype, device=first.device).reshape(self._shape(layer, k))
+                    for k, v in parts.items()}
+            for part in ("weight", "bias"):
+                if f"{part}_w" in norm:  # phi = g * w - z * w: one in-place pass over the formed gradient
+                    norm[f"{part}_zw"] = norm.pop(f"{part}_z") * norm[f"{part}_w"]
+            self.normalisation[layer.name] = norm
+            if layer.kind == "bn":
+                small += 2 * layer.module.num_features
+                continue
+            size = layer.module.weight.numel()
+            gen = torch.Generator().manual_seed(_layer_seed(seed, f"countsketch:{layer.name}"))
+            bucket = torch.randint(0, dim, (size,), generator=gen)
+            sign = torch.randint(0, 2, (size,), generator=gen).to(first.dtype) * 2 - 1
+            with warnings.catch_warnings():  # torch calls sparse CSR "beta"; its matmul is what this sketch needs
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                self.hashes[layer.name] = torch.sparse_coo_tensor(
+                    torch.stack([bucket, torch.arange(size)]), sign, (dim, size), check_invariants=True,
+                ).coalesce().to_sparse_csr().to(first.device)
+            if layer.module.bias is not None:
+                small += layer.module.weight.shape[0]
+        self.dim = dim + small
+        self.layout = [("countsketch", "weights", dim)] + [
+            (layer.name, "bn" if layer.kind == "bn" else "bias", 2 * layer.module.num_features if layer.kind == "bn"
+             else layer.module.weight.shape[0]) for layer in self.layers if layer.kind == "bn" or layer.module.bias is not None
+        ]
+
+    @staticmethod
+    def _shape(layer: _Layer, key: str) -> tuple[int, ...]:
+        m = layer.module
+        if key.startswith("bias") or layer.kind == "bn":
+            return (-1,)
+        return (m.weight.shape[0], int(np.prod(m.weight.shape[1:])))
+
+    def _normalised(self, layer: _Layer, part: str, g: torch.Tensor) -> torch.Tensor:
+        """``w * (g - z)``, computed in place in ``g`` (a freshly formed gradient)."""
+        norm = self.normalisation[layer.name]
+        if f"{part}_w" not in norm:
+            return g
+        return g.mul_(norm[f"{part}_w"]).sub_(norm[f"{part}_zw"])
+
+    def __call__(self, x: torch.Tensor):
+        inputs, deltas, logits, features = self.capture(x)
+        hashed = torch.zeros(self.sketch_dim, len(x), dtype=logits.dtype, device=x.device)
+        exact_parts, sqnorm = [], torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        for layer in self.layers:
+            sq, small = self._exact_layer(layer, inputs[layer.name], deltas[layer.name], hashed)
+            sqnorm += sq
+            if small is not None:
+                exact_parts.append(small)
+        out = torch.cat([hashed.T, *exact_parts], dim=1)
+        if not (torch.isfinite(out).all() and torch.isfinite(sqnorm).all()):
+            rows = torch.nonzero(~torch.isfinite(out).all(dim=1)).flatten()[:5].tolist()
+            raise GradientError(f"non-finite gradient sketches for batch rows {rows} (check inputs and weights)")
+        return out, logits, features, sqnorm
+
+    def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor,
+                     hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Adds the layer's hashed weight gradient to ``hashed`` (dim x B); returns its exact squared norm (B,) and
+        its exact small parameters (B, n) or None."""
+        m = layer.module
+        if layer.kind == "bn":
+            phi_w = self._normalised(layer, "weight", (delta * _bn_normalised(m, x)).sum(dim=(2, 3)))
+            phi_b = self._normalised(layer, "bias", delta.sum(dim=(2, 3)))
+            block = torch.cat([phi_w, phi_b], dim=1)
+            return (block.double() ** 2).sum(dim=1), block
+        c_out, c_in = self._shape(layer, "weight")
+        positions = delta[0].numel() // c_out  # conv: output positions, each an unfolded patch of c_in values
+        step = max(1, self.max_block_floats // (c_out * c_in + (c_in * positions if layer.kind == "conv" else 0)))
+        sq = []
+        for i in range(0, len(x), step):  # bounded memory: `step` samples' patches and weight gradients at a time
+            phi = self._normalised(layer, "weight", exact_layer_gradients(layer.kind, m, x[i : i + step], delta[i : i + step]))
+            flat = phi.reshape(len(phi), -1)
+            hashed[:, i : i + step] += self.hashes[layer.name] @ flat.T.contiguous()
+            sq.append(torch.einsum("bk,bk->b", flat, flat).double())  # BLAS dot: no squared copy
+        sqnorm = torch.cat(sq)
+        if m.bias is None:
+            return sqnorm, None
+        phi_b = self._normalised(layer, "bias", delta.flatten(2).sum(dim=2) if layer.kind == "conv" else delta)
+        return sqnorm + (phi_b.double() ** 2).sum(dim=1), phi_b
 
 
 def _leading_singular_pair(t: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) -> tuple[np.ndarray, np.ndarray]:

@@ -42,14 +42,12 @@ def snapshot() -> dict[str, Any]:
 def record(stage: str, root: str | Path = ".") -> Path:
     """Write ``artifacts/timings/<stage>.json`` (``stage`` is DVC's name, e.g. ``extract@id_train``)."""
     path = Path(root) / TIMINGS / f"{stage}.json"
-    write_text(path, json.dumps({"stage": stage, **snapshot()}) + "\n")
+    write_text(path, json.dumps({"stage": stage, **snapshot(), "finished_at": round(time.time(), 2)}) + "\n")
     return path
 
 
 def collect(root: str | Path = ".") -> dict[str, dict[str, Any]]:
-    """Every recorded stage's timing, in file-name order (stages that did not run here are absent)."""
-    out = {}
-    for file in sorted((Path(root) / TIMINGS).glob("*.json")):
-        entry = json.loads(file.read_text())
-        out[entry.pop("stage")] = entry
-    return out
+    """Every recorded stage's timing, in the order the stages finished (stages that did not run here are absent)."""
+    entries = [json.loads(file.read_text()) for file in (Path(root) / TIMINGS).glob("*.json")]
+    entries.sort(key=lambda e: (e.get("finished_at", 0.0), e["stage"]))
+    return {e["stage"]: {k: v for k, v in e.items() if k not in ("stage", "finished_at")} for e in entries}

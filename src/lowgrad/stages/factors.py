@@ -1,5 +1,6 @@
 """Stage ``factors``: the NFK scale of a sketched route, estimated on a random kernel sample of ``id_train``
-(per-layer rank-1 Kronecker factors, or the dense route's exact ``w``); a marker file on routes that need none."""
+(per-layer rank-1 Kronecker factors, the dense route's exact ``w``, or the exact-NFK route's exact ``w`` and
+centre ``z`` per layer); a marker file on routes that need none."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lowgrad.route import Route
 log = logging.getLogger(__name__)
 
 
-def fit_factors(params: Params) -> None:
+def factors(params: Params) -> None:
     g = params.gradient
     route = Route.from_params(params)
     info: dict[str, Any] = {"sketch": g.sketch}
@@ -40,11 +41,18 @@ def fit_factors(params: Params) -> None:
 
             arrays = {"dense/w": fit_dense_nfk(model, param_names, batches)}
             log.info("exact NFK scale of %d parameters from %d samples", arrays["dense/w"].size, len(rows))
+        elif route.sketch == "exact_nfk":
+            from lowgrad.sketch import fit_exact_nfk
+
+            exact = fit_exact_nfk(model, batches, param_names=param_names)
+            arrays = {f"{layer}/{part}": v for layer, parts in exact.items() for part, v in parts.items()}
+            log.info("exact NFK scale and centre of %d parameters from %d samples",
+                     sum(v.size for k, v in arrays.items() if k.endswith("_w")), len(rows))
         else:
             from lowgrad.sketch import fit_kronecker_nfk
 
-            factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
-            arrays = {f"{layer}/{part}": v for layer, parts in factors.items() for part, v in parts.items()}
+            layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
+            arrays = {f"{layer}/{part}": v for layer, parts in layer_factors.items() for part, v in parts.items()}
             info.update(rank_one_relative_error=errors)
             log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
                      {k: round(v, 3) for k, v in errors.items()})

@@ -1,5 +1,5 @@
-"""Stage ``model``: import the configured checkpoint, or train ``model.arch`` on ``id_train``; refuse a
-non-finite model; record the ID test accuracy."""
+"""Stage ``model``: import the checkpoint that ``model.checkpoint`` names (the ``train`` stage's model by default);
+refuse a non-finite model; record its content hash and the ID test accuracy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lowgrad.config import Params
 from lowgrad.data import load_image_set, to_tensor_batch
 from lowgrad.errors import CheckpointError
 from lowgrad.metrics import accuracy
-from lowgrad.paths import MODEL, MODEL_INFO, PREPARED, atomic_path, sha256, write_json
+from lowgrad.paths import MODEL, MODEL_INFO, PREPARED, sha256, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -39,28 +39,21 @@ def evaluate(model: "FeatureClassifier", params: Params, name: str, device: "tor
     return accuracy(logits, test.labels)
 
 
-def build_classifier(params: Params) -> None:
-    """Import the configured checkpoint, or train ``model.arch`` on ``id_train`` when none is configured."""
-    import torch
-
-    from lowgrad.models import check_finite_state, fresh_model, load_checkpoint, pick_device
-    from lowgrad.train import train_classifier
+def model(params: Params) -> None:
+    """Import the configured checkpoint (a DVC dependency of this stage: replaced in place, it reruns the stage)."""
+    from lowgrad.models import check_finite_state, fresh_model, load_checkpoint, pick_device, save_state_dict
 
     device = pick_device(params.device)
-    torch.manual_seed(params.seed)  # before building: the initial weights are part of the run
-    model = fresh_model(params)
-    info: dict[str, Any] = {"arch": params.model.arch, "num_classes": params.model.num_classes}
-    if params.model.checkpoint:
-        load_checkpoint(model, params.model.checkpoint)
-        info.update(source=params.model.checkpoint, checkpoint_sha256=sha256(params.model.checkpoint))
-        model.to(device).eval()
-    else:
-        model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, device)
-        info.update(source="trained", train=params.train.model_dump())
-    check_finite_state(model, params.model.checkpoint or "the trained model")
-    info["n_parameters"] = sum(p.numel() for p in model.parameters())
-    info["id_test_accuracy"] = evaluate(model, params, "id_test", device)
+    checkpoint = params.model.checkpoint
+    classifier = load_checkpoint(fresh_model(params), checkpoint).to(device).eval()
+    info: dict[str, Any] = {"arch": params.model.arch, "num_classes": params.model.num_classes,
+                            "source": "trained" if params.model.trains else checkpoint,
+                            "checkpoint": checkpoint, "checkpoint_sha256": sha256(checkpoint)}
+    if params.model.trains:
+        info["train"] = params.train.model_dump()
+    check_finite_state(classifier, checkpoint)
+    info["n_parameters"] = sum(p.numel() for p in classifier.parameters())
+    info["id_test_accuracy"] = evaluate(classifier, params, "id_test", device)
     log.info("model %s: %d parameters, ID test accuracy %.2f %%", info["arch"], info["n_parameters"], info["id_test_accuracy"])
-    with atomic_path(MODEL) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    save_state_dict(classifier, MODEL)
     write_json(MODEL_INFO, info)

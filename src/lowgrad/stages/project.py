@@ -1,5 +1,6 @@
 """Stage ``project@<set>``: ``G_low = phi(g) V`` and ``||phi||^2`` of every sample of one set, in one pass over
-its gradient rows (stored, or recomputed on the matrix-free route)."""
+its gradient rows (stored, or recomputed on the matrix-free route; on the exact-NFK route ``||phi||^2`` is
+the exact value stored by ``extract``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def project(params: Params, name: str) -> None:
         sub = GradientSubspace.load(SUBSPACE, lazy=route.recomputes_gradients, dim=passes.dim,
                                     kernel=route.subspace_kernel, basis=params.subspace.basis)
         g_low, sqnorm = sub.transform_blocks_with_sqnorm(passes)
+    if route.stores_exact_sqnorm:  # the sketched row's norm is a proxy: the exact ||phi||^2 was stored beside it
+        from lowgrad.paths import EXTRACTED
+        from lowgrad.store import ChunkedStore
+
+        sqnorm = ChunkedStore.open(EXTRACTED.format(name=name)).read("phi_sqnorm")[:, 0]
     for template, array in ((PHI_SQNORM, sqnorm.astype(np.float64)), (PROJECTED, g_low.astype(np.float32))):
         with atomic_path(template.format(name=name)) as tmp:
             np.save(tmp, array)

@@ -10,7 +10,7 @@ import numpy as np
 
 from lowgrad import __version__
 from lowgrad.config import Params
-from lowgrad.paths import COMPONENTS, EXTRACTED, METRICS, MODEL, MODEL_INFO, PLOTS, PREPARED, REPORT, SCORES, SUBSPACE, sha256
+from lowgrad.paths import EXTRACTED, METRICS, MODEL_INFO, PLOTS, REPORT, SCORES, SUBSPACE
 from lowgrad.report import write_report
 from lowgrad.store import ChunkedStore
 from lowgrad.subspace import GradientSubspace
@@ -25,8 +25,6 @@ def report(params: Params) -> None:
     sub = GradientSubspace.load(SUBSPACE, lazy=True)
     sizes = {name: ChunkedStore.open(EXTRACTED.format(name=name)).n_rows for name in params.data.datasets}
     n_params = ChunkedStore.open(EXTRACTED.format(name="id_train")).meta["n_params"]
-    hashes = {p: sha256(p)[:12] for p in [MODEL, SUBSPACE, COMPONENTS, METRICS]}
-    hashes.update({PREPARED.format(name=n): sha256(PREPARED.format(name=n))[:12] for n in params.data.datasets})
     run = {
         "lowgrad": __version__,
         "torch": torch.__version__,
@@ -35,4 +33,4 @@ def report(params: Params) -> None:
         "gradient parameters (P)": n_params,
         "samples per set": sizes,
     }
-    write_report(params, metrics, scores, sub.explained_variance_ratio_, run, hashes, REPORT, PLOTS)
+    write_report(params, metrics, scores, sub.explained_variance_ratio_, run, REPORT, PLOTS)

@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 
 from lowgrad import timing
-from lowgrad.comparison import evaluate
+from lowgrad.comparison import evaluate, sets_in_mean
 from lowgrad.config import Params
 from lowgrad.data import load_image_set, to_tensor_batch
 from lowgrad.detectors import Head
 from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
 from lowgrad.models import load_classifier
 from lowgrad.paths import EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_path, write_json
+from lowgrad.provenance import run_provenance
 from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
-from lowgrad.stages import stage_names
 from lowgrad.stages.prepare import prepared_size
 from lowgrad.store import ChunkedStore
 
@@ -37,9 +37,10 @@ def _inputs(name: str) -> dict[str, Any]:
 
 
 def stage_timings(params: Params) -> dict[str, dict[str, Any]]:
-    """Recorded timings of this configuration's stages (files left by stages no longer configured are ignored)."""
-    recorded = timing.collect()
-    return {stage: recorded[stage] for stage in stage_names(params) if stage in recorded}
+    """Recorded timings of this configuration's stages, in the order they finished (files left by data sets no longer
+    configured are ignored)."""
+    configured = ("", *params.data.datasets)
+    return {stage: t for stage, t in timing.collect().items() if stage.partition("@")[2] in configured}
 
 
 def score(params: Params) -> None:
@@ -47,6 +48,8 @@ def score(params: Params) -> None:
 
     check_bank_size(params, prepared_size("id_train"))
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
+    sets_in_mean({n: len(d["labels"]) for n, d in sets.items()}, params.data.ood_names,
+                 params.scoring.min_ood_samples)  # every set too small: one error before any detector runs
     model = load_classifier(params)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -59,6 +62,7 @@ def score(params: Params) -> None:
         forward_head=Head.from_linear(model.head),
         num_classes=params.model.num_classes,
         model_forward=model,
+        input_std=tuple(params.data.std),
         load_images=load_images,
         seed=params.seed,
         probe_options=params.scoring.probe.model_dump(),
@@ -75,7 +79,7 @@ def score(params: Params) -> None:
     if params.subspace.basis == "pca":
         for k, rows in k_sweep(params, sets, ctx).items():
             sweep[str(k)] = {
-                label: mean_metrics({s: ood_metrics(per_set["id_test"], per_set[s]) for s in params.data.ood_names})
+                label: mean_metrics({s: ood_metrics(per_set["id_test"], per_set[s]) for s in evidence["mean_over"]})
                 for label, per_set in rows.items()
             }
     elif params.scoring.k_sweep:
@@ -87,4 +91,5 @@ def score(params: Params) -> None:
         "id_accuracy": id_acc, **extras, **evidence, "k_sweep": sweep,
         "samples": {name: len(d["labels"]) for name, d in sets.items()},
         "timings": {**stage_timings(params), "score": timing.snapshot()},
+        "provenance": run_provenance(params),
     })

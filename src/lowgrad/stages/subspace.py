@@ -14,7 +14,7 @@ from lowgrad.subspace import GradientSubspace
 log = logging.getLogger(__name__)
 
 
-def fit_subspace(params: Params) -> None:
+def subspace(params: Params) -> None:
     s = params.subspace
     route = Route.from_params(params)
     sub = GradientSubspace(kernel=route.subspace_kernel, basis=s.basis, method=s.method, k=s.k,

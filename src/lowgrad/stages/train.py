@@ -1,0 +1,26 @@
+"""Stage ``train``: train ``model.arch`` on ``id_train`` into ``models/trained.pt`` when ``model.checkpoint`` names
+that file (the default); otherwise write a marker there, so that a configuration with its own checkpoint trains
+nothing. Stage ``model`` then imports whichever checkpoint the params name, as a DVC dependency."""
+
+from __future__ import annotations
+
+from lowgrad.config import TRAINED_CHECKPOINT, Params
+from lowgrad.data import load_image_set
+from lowgrad.paths import PREPARED, write_text
+
+
+def train(params: Params) -> None:
+    """Train (seeded: the initial weights are part of the run), refuse a non-finite result, save its state_dict."""
+    if not params.model.trains:
+        write_text(TRAINED_CHECKPOINT, f"not trained: model.checkpoint is {params.model.checkpoint}\n")
+        return
+    import torch
+
+    from lowgrad.models import check_finite_state, fresh_model, pick_device, save_state_dict
+    from lowgrad.train import train_classifier
+
+    torch.manual_seed(params.seed)  # before building: the initial weights are part of the run
+    model = fresh_model(params)
+    model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, pick_device(params.device))
+    check_finite_state(model, "the trained model")
+    save_state_dict(model, TRAINED_CHECKPOINT)
