@@ -317,19 +317,72 @@ def test_fusion_plan_shares_identical_forward_only_baselines():
     assert [row.gradient for row, _ in plan.values()] == [False, True, True, False, True, True]
 
 
-def test_option_models_match_the_detector_classes():
-    """The options registry (validated with the config) and the detector registry name the same detectors, and
-    every option is a parameter of the class's constructor (nothing validated is dropped)."""
-    import inspect
+def test_a_detector_is_one_registered_class(monkeypatch):
+    """Registering a class is all it takes: its name is then valid in the params on the sides it declares, with the
+    options, defaults and gradient-side defaults of its ``Options`` model, and ``make_detector`` builds it."""
+    from pydantic import Field
 
-    from lowgrad.detectors import FORWARD_DETECTORS, GRADIENT_DETECTORS
-    from lowgrad.options import FORWARD_OPTIONS, GRADIENT_OPTIONS
+    from lowgrad import detectors as D
+    from lowgrad.options import check_detector_config
 
-    for detectors, options in ((FORWARD_DETECTORS, FORWARD_OPTIONS), (GRADIENT_DETECTORS, GRADIENT_OPTIONS)):
-        assert set(detectors) == set(options)
-        for name, cls in detectors.items():
-            accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head", "args", "kwargs"}
-            assert set(options[name].model_fields) == accepted, name
+    monkeypatch.setattr(D, "REGISTRY", dict(D.REGISTRY))  # the toy below stays in this test
+
+    @D.register("toy_scale", gradient_defaults={"factor": 3.0})
+    class ToyScale(D.Detector):
+        class Options(D.NoOptions):
+            factor: float = Field(2.0, gt=0)
+
+        def score_samples(self, X):
+            return self.factor * np.asarray(X).sum(axis=1)
+
+    x = np.arange(6.0).reshape(3, 2)
+    assert "toy_scale" in D.detector_names(False) and "toy_scale" in D.detector_names(True)
+    np.testing.assert_allclose(D.make_detector("toy_scale", {}, False).score_samples(x), [2, 10, 18])
+    np.testing.assert_allclose(D.make_detector("toy_scale", {}, True).score_samples(x), [3, 15, 27])
+    assert D.make_detector("toy_scale", {"factor": 0.5}, True).factor == 0.5
+    check_detector_config({"toy_scale": {"factor": 1.0}}, "scoring.forward")
+    with pytest.raises(ValueError, match=r"scoring.forward.toy_scale.factor: Input should be greater than 0"):
+        check_detector_config({"toy_scale": {"factor": -1.0}}, "scoring.forward")
+    with pytest.raises(ValueError, match=r"toy_scale.facto: unknown option \(allowed: \['factor'\]\)"):
+        check_detector_config({"toy_scale": {"facto": 1.0}}, "scoring.forward")
+    assert not D.uses_probe("toy_scale")  # reads G_low itself: no probe
+
+    @D.register("toy_forward_only", gradient=False)
+    class ToyForwardOnly(D.Detector):
+        input = "logits"
+
+    assert "toy_forward_only" in D.detector_names(False) and "toy_forward_only" not in D.detector_names(True)
+    with pytest.raises(ValueError, match="unknown detector 'toy_forward_only'"):
+        check_detector_config({"toy_forward_only": {}}, "scoring.gradient")
+    # refused at registration: a name taken twice, gradient defaults for an option the class does not have
+    with pytest.raises(ValueError, match="registered twice"):
+        D.register("knn")(ToyScale)
+    with pytest.raises(ValueError, match=r"unknown options \['lam'\]"):
+        D.register("toy_other", gradient_defaults={"lam": 1.0})(ToyScale)
+
+
+def test_registered_detectors_and_their_defaults():
+    """The sides and the defaults that differ between them (docs/method.md sections 5-6); a hyper-parameter passed to
+    a class is validated by its options model (the one place a default or a range is written)."""
+    from lowgrad.detectors import KNN, detector_names, uses_probe
+
+    assert detector_names(False) == ["msp", "energy", "knn", "mahalanobis", "react", "bats", "gradnorm", "vim", "gen",
+                                     "rmds", "fdbd", "ash", "scale", "odin"]
+    assert detector_names(True) == ["msp", "energy", "knn", "mahalanobis", "react", "bats", "gradnorm", "gen", "rmds",
+                                    "odin", "residual", "gradnorm_phi"]
+    head = _head(np.random.default_rng(0), bn=True)
+    gradient_odin, forward_odin = make_detector("odin", {}, True, head), make_detector("odin", {}, False)
+    assert (gradient_odin.temperature, gradient_odin.epsilon, gradient_odin.head) == (100.0, 50.0, head)
+    assert vars(forward_odin) == {"head": None, "temperature": 1000.0, "epsilon": 0.0014, "input_std": None}
+    assert (make_detector("react", {}, True, head).start, make_detector("react", {}, False, head).start) == (10, 0)
+    assert [n for n in detector_names(True) if uses_probe(n)] == ["msp", "energy", "react", "bats", "gradnorm", "gen",
+                                                                  "odin"]
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        KNN(k=0)
+    with pytest.raises(ValueError, match="'features' or 'batchnorm'"):
+        BATS(head, typical="bn")
+    with pytest.raises(TypeError, match="KNN takes no head"):
+        KNN(head)
 
 
 # -- OpenOOD v1.5's strongest post-hoc detectors, each against its paper's formula written as loops --------------
@@ -426,7 +479,7 @@ def test_scale_against_the_sharpening_formula():
         expected.append(np.log(np.exp(head.weight @ scaled + head.bias).sum()))
     np.testing.assert_allclose(SCALE(head, percentile=85).score_samples(q), expected, rtol=1e-10)
     # negative control: SCALE is not ASH-S (which also prunes)
-    assert not np.allclose(SCALE(head, 85).score_samples(q), ASH(head, 85, "s").score_samples(q))
+    assert not np.allclose(SCALE(head, percentile=85).score_samples(q), ASH(head, percentile=85, variant="s").score_samples(q))
 
 
 def test_openood_defaults_of_the_new_detectors():

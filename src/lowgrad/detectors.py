@@ -5,22 +5,26 @@ Like pytorch-ood, detectors split into *feature-only* ones (``score_samples`` on
 ``G_low``) and *model-dependent* ones (:class:`ODIN` on images needs the network). Detectors that need the
 classifier's last layer receive it as a :class:`Head` (``Linear``, or the probe ``BatchNorm1d -> Linear``).
 
-Registries map ``params.yaml`` names to classes: :data:`FORWARD_DETECTORS` (penultimate features and
-logits) and :data:`GRADIENT_DETECTORS` (``G_low``; probe-based ones train the linear probe on the bank).
+One registry (OpenOOD's one class per method): each detector class declares, where it is defined, its
+``params.yaml`` name and sides (``@register``: forward on penultimate features / logits, gradient on ``G_low``,
+gradient-side defaults where docs/method.md differs), its hyper-parameters with their defaults (its ``Options``
+model, validated with the params file by :mod:`lowgrad.options`) and what it reads (``input``, ``needs_head``,
+``uses_model``). Adding a detector is one class here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
 from lowgrad.errors import ConfigError
-from lowgrad.options import detector_options
 
 
 @dataclass
@@ -57,12 +61,91 @@ class Head:
         return self.logits_from_normalised(self.normalised(u))
 
 
-class Detector:
-    """Base class. ``input`` is ``"logits"`` or ``"features"`` (penultimate features, or ``G_low``)."""
+class NoOptions(BaseModel):
+    """A detector's hyper-parameters (none here): subclasses declare each with its type, range and default, the one
+    place a default is written. Unknown options are errors; values are frozen."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TemperatureOptions(NoOptions):
+    temperature: float = Field(1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A detector's entry in the registry: its class, the sides it runs on, the gradient side's own defaults."""
+
+    cls: type["Detector"]
+    forward: bool
+    gradient: bool
+    gradient_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, Registration] = {}
+
+
+def register(
+    name: str, *, forward: bool = True, gradient: bool = True, gradient_defaults: Mapping[str, Any] | None = None
+) -> Callable[[type["Detector"]], type["Detector"]]:
+    """Class decorator: ``name`` in ``scoring.forward`` (``forward=True``) and / or ``scoring.gradient``."""
+
+    def add(cls: type["Detector"]) -> type["Detector"]:
+        if name in REGISTRY:
+            raise ValueError(f"detector '{name}' is registered twice ({REGISTRY[name].cls.__name__}, {cls.__name__})")
+        unknown = set(gradient_defaults or {}) - set(cls.Options.model_fields)
+        if unknown:
+            raise ValueError(f"detector '{name}': gradient defaults for unknown options {sorted(unknown)}")
+        REGISTRY[name] = Registration(cls, forward, gradient, dict(gradient_defaults or {}))
+        return cls
+
+    return add
+
+
+def detector_names(gradient: bool) -> list[str]:
+    """The names ``scoring.gradient`` (``gradient=True``) or ``scoring.forward`` accepts, in registry order."""
+    return [name for name, r in REGISTRY.items() if (r.gradient if gradient else r.forward)]
+
+
+def _registration(name: str, gradient: bool) -> Registration:
+    if name not in detector_names(gradient):
+        raise ValueError(f"{name}: unknown detector '{name}' (known: {sorted(detector_names(gradient))})")
+    return REGISTRY[name]
+
+
+def detector_options(name: str, kwargs: dict[str, Any] | None, gradient: bool) -> dict[str, Any]:
+    """Validated hyper-parameters of one configured detector (gradient-side defaults from docs/method.md where they
+    differ); raises ``ValueError`` naming the option, e.g. ``knn.k: Input should be a valid integer``."""
+    registration = _registration(name, gradient)
+    options = registration.cls.Options
+    try:
+        defaults = registration.gradient_defaults if gradient else {}
+        return options.model_validate({**defaults, **(kwargs or {})}).model_dump()
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            key = ".".join(str(p) for p in item["loc"])
+            msg = f"unknown option (allowed: {sorted(options.model_fields)})" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"{name}.{key}: {msg}" if key else f"{name}: {msg}")
+        raise ValueError("; ".join(problems)) from None
+
+
+class Detector:
+    """Base class. ``input`` is ``"logits"``, ``"features"`` (penultimate features, or ``G_low``) or
+    ``"g_low_and_sqnorm"``; ``needs_head``: the constructor takes the :class:`Head` first; the hyper-parameters are
+    keyword arguments, validated by ``Options`` and set as attributes."""
+
+    Options: ClassVar[type[NoOptions]] = NoOptions
     input: ClassVar[str] = "features"
     needs_head: ClassVar[bool] = False
     uses_model: bool = False  # forward side: scored by ``score_inputs(model, images)`` instead
+
+    def __init__(self, head: Head | None = None, **options: Any) -> None:
+        if self.needs_head:
+            self.head = head
+        elif head is not None:
+            raise TypeError(f"{type(self).__name__} takes no head")
+        vars(self).update(self.Options.model_validate(options).model_dump())
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "Detector":
         return self
@@ -75,6 +158,7 @@ def _energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
+@register("msp")
 class MSP(Detector):
     """Maximum softmax probability (Hendrycks & Gimpel 2017)."""
 
@@ -84,26 +168,23 @@ class MSP(Detector):
         return softmax(np.asarray(X, dtype=np.float64), axis=1).max(axis=1)
 
 
+@register("energy")
 class Energy(Detector):
     """Negative free energy ``T * logsumexp(logits / T)`` (Liu et al. 2020)."""
 
+    Options = TemperatureOptions
     input = "logits"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         return _energy(X, self.temperature)
 
 
+@register("knn")
 class KNN(Detector):
     """Minus the distance to the ``k``-th nearest L2-normalised bank row (Sun et al. 2022)."""
 
-
-    def __init__(self, k: int = 5) -> None:
-        if k < 1:
-            raise ValueError("k must be >= 1")
-        self.k = k
+    class Options(NoOptions):
+        k: StrictInt = Field(5, ge=1)
 
     @staticmethod
     def _normalise(X: np.ndarray) -> np.ndarray:
@@ -121,6 +202,7 @@ class KNN(Detector):
         return -dist[:, -1]
 
 
+@register("mahalanobis")
 class Mahalanobis(Detector):
     """Class means plus one tied covariance; score = max_c -(u - mu_c)^T S^-1 (u - mu_c) (Lee et al. 2018)."""
 
@@ -146,19 +228,16 @@ class Mahalanobis(Detector):
 class _HeadDetector(Detector):
     needs_head = True
 
-    def __init__(self, head: Head) -> None:
-        self.head = head
 
-
+@register("react", gradient_defaults={"start": 10})
 class ReAct(_HeadDetector):
     """Clip activations at the ``percentile`` of the ID bank's activations, then Energy (Sun et al. 2021).
     ``start`` leaves the first coordinates unclipped (the paper clips ``G_low`` coordinates j >= 10); with no
     coordinate at or past ``start`` nothing is clipped (plain Energy)."""
 
-
-    def __init__(self, head: Head, percentile: float = 90.0, start: int = 0) -> None:
-        super().__init__(head)
-        self.percentile, self.start = percentile, start
+    class Options(NoOptions):
+        percentile: float = Field(90.0, gt=0, le=100)
+        start: StrictInt = Field(0, ge=0)
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "ReAct":
         tail = np.asarray(X)[:, self.start :]
@@ -174,6 +253,7 @@ class ReAct(_HeadDetector):
         return _energy(self.head.logits(self.clip(X)))
 
 
+@register("bats", gradient_defaults={"lam": 0.1})
 class BATS(_HeadDetector):
     """Truncate features to their typical range, then Energy (Zhu et al. 2022).
 
@@ -184,12 +264,9 @@ class BATS(_HeadDetector):
     the feature dimension has its output clamped to ``beta +- lam * gamma`` at every position, before the
     residual addition, ReLU and pooling that follow it."""
 
-
-    def __init__(self, head: Head, lam: float = 3.25, typical: str = "features") -> None:
-        super().__init__(head)
-        if typical not in ("features", "batchnorm"):
-            raise ConfigError(f"bats: typical must be 'features' or 'batchnorm', got {typical!r}")
-        self.lam, self.typical = lam, typical
+    class Options(NoOptions):
+        lam: float = Field(3.25, gt=0)
+        typical: Literal["features", "batchnorm"] = "features"
 
     @property
     def uses_model(self) -> bool:
@@ -232,14 +309,12 @@ class BATS(_HeadDetector):
         return _energy(np.concatenate(logits))
 
 
+@register("gradnorm")
 class GradNorm(_HeadDetector):
     """L1 norm of the gradient of KL(uniform || softmax) w.r.t. the last weight (Huang et al. 2021), closed
     form: the gradient is ``(p - 1/C) z^T`` so its L1 norm is ``||p - 1/C||_1 * ||z||_1``."""
 
-
-    def __init__(self, head: Head, temperature: float = 1.0) -> None:
-        super().__init__(head)
-        self.temperature = temperature
+    Options = TemperatureOptions
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         z = self.head.normalised(X)
@@ -247,14 +322,13 @@ class GradNorm(_HeadDetector):
         return np.abs(p - 1.0 / p.shape[1]).sum(axis=1) * np.abs(z).sum(axis=1)
 
 
+@register("vim", gradient=False)
 class ViM(_HeadDetector):
     """Virtual-logit matching (Wang et al. 2022): energy minus the scaled norm of the feature's residual
     outside the principal subspace of ID features (origin ``-W^+ b``)."""
 
-
-    def __init__(self, head: Head, dim: int | None = None) -> None:
-        super().__init__(head)
-        self.dim = dim
+    class Options(NoOptions):
+        dim: StrictInt | None = Field(None, ge=1)
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "ViM":
         X = np.asarray(X, dtype=np.float64)
@@ -276,20 +350,23 @@ class ViM(_HeadDetector):
         return _energy(self.head.logits(X)) - self.alpha_ * residual
 
 
+@register("gen")
 class GEN(Detector):
     """Generalised entropy (Liu et al. CVPR 2023): ``-sum_{top M} p^gamma (1 - p)^gamma`` over the ``M`` largest
     softmax probabilities (all of them when ``M`` >= the number of classes)."""
 
-    input = "logits"
+    class Options(NoOptions):  # OpenOOD v1.5's gen.yml (the paper's ImageNet setting; M caps at the number of classes)
+        gamma: float = Field(0.1, gt=0)
+        M: StrictInt = Field(100, ge=1)
 
-    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:
-        self.gamma, self.M = gamma, M
+    input = "logits"
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         p = np.sort(softmax(np.asarray(X, dtype=np.float64), axis=1), axis=1)[:, -self.M :]
         return -(p**self.gamma * (1.0 - p) ** self.gamma).sum(axis=1)
 
 
+@register("rmds")
 class RMDS(Mahalanobis):
     """Relative Mahalanobis distance (Ren et al. 2021): the class-conditional Mahalanobis score minus that of one
     background Gaussian fitted on the whole bank, ``max_c -(d_c(u) - d_0(u))``."""
@@ -307,6 +384,7 @@ class RMDS(Mahalanobis):
         return super().score_samples(X) + background
 
 
+@register("fdbd", gradient=False)
 class FDBD(_HeadDetector):
     """Feature distance to the decision boundaries (Liu & Qin, ICML 2024): the mean over classes ``i != c`` of the
     distance ``|l_i - l_c| / ||w_i - w_c||`` of the feature to the boundary between the predicted class ``c`` and
@@ -346,15 +424,15 @@ def _sharpening(X: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.exp(np.divide(total, kept, out=np.ones_like(kept), where=kept != 0))
 
 
+@register("ash", gradient=False)
 class ASH(_HeadDetector):
     """Activation shaping (Djurisic et al. ICLR 2023) of the penultimate features, then Energy. Per sample the
     ``percentile`` % smallest activations are zeroed and the rest are ``variant``: ``b`` binarised (each set to the
     sum of all activations over the number kept, OpenOOD's setting), ``p`` kept as they are, ``s`` scaled by
     ``exp(s1 / s2)`` (sums before / after pruning)."""
-
-    def __init__(self, head: Head, percentile: float = 90.0, variant: str = "b") -> None:
-        super().__init__(head)
-        self.percentile, self.variant = percentile, variant
+    class Options(NoOptions):  # OpenOOD v1.5's ash.yml: ASH-B, 90th percentile
+        percentile: float = Field(90.0, ge=0, lt=100)
+        variant: Literal["b", "p", "s"] = "b"
 
     def shape(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -368,30 +446,34 @@ class ASH(_HeadDetector):
         return _energy(self.head.logits_from_normalised(self.shape(X)))
 
 
+@register("scale", gradient=False)
 class SCALE(_HeadDetector):
     """SCALE (Xu et al. ICLR 2024): ASH-S's sharpening without its pruning, Energy of the features scaled by
     ``exp(s1 / s2)`` (``s1`` the sum of all activations, ``s2`` of the ``100 - percentile`` % largest)."""
-
-    def __init__(self, head: Head, percentile: float = 85.0) -> None:
-        super().__init__(head)
-        self.percentile = percentile
+    class Options(NoOptions):  # OpenOOD v1.5's scale.yml: 85th percentile
+        percentile: float = Field(85.0, ge=0, lt=100)
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         return _energy(self.head.logits_from_normalised(X * _sharpening(X, _top_k_mask(X, self.percentile))))
 
 
+@register("odin", gradient_defaults={"temperature": 100.0, "epsilon": 50.0})
 class ODIN(Detector):
     """Temperature-scaled MSP after a small input step that raises the max softmax (Liang et al. 2018).
 
     Model-dependent: :meth:`score_inputs` takes a differentiable ``forward`` (images -> logits for the forward
     side; ``G_low`` -> probe logits on the gradient side) and the inputs as a torch tensor."""
 
-    needs_head = True
+    class Options(NoOptions):
+        temperature: float = Field(1000.0, gt=0)
+        epsilon: float = Field(0.0014, ge=0)
+
+    needs_head = True  # optional here: None on images (forward side)
     uses_model = True  # forward side: perturbs the input images
 
-    def __init__(self, head: Head | None = None, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
-        self.head, self.temperature, self.epsilon = head, temperature, epsilon
+    def __init__(self, head: Head | None = None, **options: Any) -> None:
+        super().__init__(head, **options)
         self.input_std: Any = None  # per-channel std of the input normalisation (set by the scorer on images)
 
     def step(self, grad):
@@ -453,6 +535,7 @@ class _WithGradientNorm(Detector):
         return X[:, :-1], X[:, -1]
 
 
+@register("residual", forward=False)
 class Residual(_WithGradientNorm):
     """Fraction of the normalised gradient inside the ID subspace, ``||V^T phi||^2 / ||phi||^2`` (as GradOrth,
     Behpour et al. NeurIPS 2023): the part of ``phi`` that PCA discards is what makes a sample look OOD.
@@ -466,6 +549,7 @@ class Residual(_WithGradientNorm):
         return np.divide(inside, sqnorm, out=np.ones_like(sqnorm), where=sqnorm > 0)
 
 
+@register("gradnorm_phi", forward=False)
 class PhiNorm(_WithGradientNorm):
     """Minus the norm of the whole normalised gradient, ``-||phi||`` (no projection)."""
 
@@ -473,30 +557,22 @@ class PhiNorm(_WithGradientNorm):
         return -np.sqrt(self.split(X)[1])
 
 
-FORWARD_DETECTORS: dict[str, type[Detector]] = {
-    "msp": MSP, "energy": Energy, "odin": ODIN, "mahalanobis": Mahalanobis, "knn": KNN,
-    "react": ReAct, "bats": BATS, "gradnorm": GradNorm, "vim": ViM,
-    "fdbd": FDBD, "rmds": RMDS, "gen": GEN, "ash": ASH, "scale": SCALE,
-}
-GRADIENT_DETECTORS: dict[str, type[Detector]] = {
-    "knn": KNN, "mahalanobis": Mahalanobis, "msp": MSP, "energy": Energy, "odin": ODIN,
-    "gradnorm": GradNorm, "react": ReAct, "bats": BATS, "residual": Residual, "gradnorm_phi": PhiNorm,
-    "rmds": RMDS, "gen": GEN,
-}
-# gradient-side detectors that read probe logits rather than G_low itself
-PROBE_LOGIT_DETECTORS = {"msp", "energy", "gen"}
+def detector_class(name: str, gradient: bool) -> type[Detector]:
+    """The class registered as ``name`` on that side (``ValueError`` naming the known ones)."""
+    return _registration(name, gradient).cls
 
 
 def uses_probe(name: str) -> bool:
-    """Whether gradient detector ``name`` needs the linear probe trained on ``G_low`` (its head or logits)."""
-    return name in PROBE_LOGIT_DETECTORS or GRADIENT_DETECTORS[name].needs_head
+    """Whether gradient detector ``name`` needs the linear probe trained on ``G_low`` (its head or its logits)."""
+    cls = detector_class(name, gradient=True)
+    return cls.input == "logits" or cls.needs_head
 
 
 def make_detector(name: str, kwargs: dict[str, Any] | None, gradient: bool, head: Head | None = None) -> Detector:
-    """Instantiate a configured detector with its validated hyper-parameters (:mod:`lowgrad.options`)."""
+    """Instantiate a configured detector with its validated hyper-parameters (gradient-side defaults included)."""
     try:
         options = detector_options(name, kwargs, gradient)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    cls = (GRADIENT_DETECTORS if gradient else FORWARD_DETECTORS)[name]
+    cls = detector_class(name, gradient)
     return cls(head, **options) if cls.needs_head else cls(**options)

@@ -1,15 +1,16 @@
-"""The ``scoring`` section's schema: one pydantic model per detector's hyper-parameters, the fusion groups, the
-probe and the bootstrap (:func:`lowgrad.config.scored_params_schema` adds it to the params). The flow validates the whole
-file before any stage runs; of the stages only ``score`` and ``report`` load this module, so editing a detector's
-options (or adding one) reruns those two and nothing upstream. :mod:`lowgrad.detectors` builds the detectors
-from the validated values; this module holds no detection code."""
+"""The ``scoring`` section's schema: the detectors on each side (validated through the registry of
+:mod:`lowgrad.detectors`, where each detector declares its options), the fusion groups, the probe and the bootstrap
+(:func:`lowgrad.config.scored_params_schema` adds it to the params). The flow validates the whole file before any
+stage runs; of the stages only ``score`` and ``report`` load this module (and so the detectors' registry), so editing
+a detector or its options, or adding one, reruns those two and nothing upstream."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from lowgrad.detectors import detector_options
 from lowgrad.rows import check_group_name, member_detector
 
 Int = StrictInt  # counts: `true` and "40" are refused, as everywhere in the params
@@ -19,91 +20,6 @@ class _Strict(BaseModel):
     """The scoring section's models: unknown keys are errors, values are frozen (as :mod:`lowgrad.config`'s)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TemperatureOptions(NoOptions):
-    temperature: float = Field(1.0, gt=0)
-
-
-class KNNOptions(NoOptions):
-    k: StrictInt = Field(5, ge=1)
-
-
-class ReActOptions(NoOptions):
-    percentile: float = Field(90.0, gt=0, le=100)
-    start: StrictInt = Field(0, ge=0)
-
-
-class BATSOptions(NoOptions):
-    lam: float = Field(3.25, gt=0)
-    typical: Literal["features", "batchnorm"] = "features"
-
-
-class ViMOptions(NoOptions):
-    dim: StrictInt | None = Field(None, ge=1)
-
-
-class ODINOptions(NoOptions):
-    temperature: float = Field(1000.0, gt=0)
-    epsilon: float = Field(0.0014, ge=0)
-
-
-class GENOptions(NoOptions):
-    """OpenOOD v1.5's gen.yml (the paper's ImageNet setting; M caps at the number of classes)."""
-
-    gamma: float = Field(0.1, gt=0)
-    M: StrictInt = Field(100, ge=1)
-
-
-class ASHOptions(NoOptions):
-    """OpenOOD v1.5's ash.yml: ASH-B, 90th percentile."""
-
-    percentile: float = Field(90.0, ge=0, lt=100)
-    variant: Literal["b", "p", "s"] = "b"
-
-
-class SCALEOptions(NoOptions):
-    """OpenOOD v1.5's scale.yml: 85th percentile."""
-
-    percentile: float = Field(85.0, ge=0, lt=100)
-
-
-FORWARD_OPTIONS: dict[str, type[NoOptions]] = {  # "without gradient": on logits / penultimate features
-    "msp": NoOptions, "energy": TemperatureOptions, "odin": ODINOptions, "mahalanobis": NoOptions,
-    "knn": KNNOptions, "react": ReActOptions, "bats": BATSOptions, "gradnorm": TemperatureOptions, "vim": ViMOptions,
-    "fdbd": NoOptions, "rmds": NoOptions, "gen": GENOptions, "ash": ASHOptions, "scale": SCALEOptions,
-}
-GRADIENT_OPTIONS: dict[str, type[NoOptions]] = {  # on G_low (and ||phi||^2)
-    "knn": KNNOptions, "mahalanobis": NoOptions, "msp": NoOptions, "energy": TemperatureOptions, "odin": ODINOptions,
-    "gradnorm": TemperatureOptions, "react": ReActOptions, "bats": BATSOptions, "residual": NoOptions,
-    "gradnorm_phi": NoOptions, "rmds": NoOptions, "gen": GENOptions,
-}
-# docs/method.md section 5-6 defaults that differ between the two sides
-GRADIENT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "odin": {"temperature": 100.0, "epsilon": 50.0}, "react": {"start": 10}, "bats": {"lam": 0.1},
-}
-
-
-def detector_options(name: str, kwargs: dict[str, Any] | None, gradient: bool) -> dict[str, Any]:
-    """Validated hyper-parameters of one configured detector (gradient-side defaults from docs/method.md where they
-    differ); raises ``ValueError`` naming the option, e.g. ``knn.k: Input should be a valid integer``."""
-    registry = GRADIENT_OPTIONS if gradient else FORWARD_OPTIONS
-    if name not in registry:
-        raise ValueError(f"{name}: unknown detector '{name}' (known: {sorted(registry)})")
-    options = registry[name]
-    try:
-        return options.model_validate({**(GRADIENT_DEFAULTS.get(name, {}) if gradient else {}), **(kwargs or {})}).model_dump()
-    except ValidationError as err:
-        problems = []
-        for item in err.errors():
-            key = ".".join(str(p) for p in item["loc"])
-            msg = f"unknown option (allowed: {sorted(options.model_fields)})" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{name}.{key}: {msg}" if key else f"{name}: {msg}")
-        raise ValueError("; ".join(problems)) from None
 
 
 def check_detector_config(config: dict[str, dict[str, Any]], where: str) -> None:

@@ -20,7 +20,7 @@ from lowgrad.config import Params
 from lowgrad.options import FusionGroup
 from lowgrad.rows import Row, detector_row_name, detector_rows, fusion_rows, member_detector
 from lowgrad.errors import ConfigError
-from lowgrad.detectors import ODIN, PROBE_LOGIT_DETECTORS, Head, make_detector, uses_probe
+from lowgrad.detectors import ODIN, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
 
@@ -68,7 +68,7 @@ def score_detector(
     if gradient:
         head = ctx.probe(bank) if uses_probe(name) else None
         det = make_detector(name, kwargs, True, head)
-        if name in PROBE_LOGIT_DETECTORS:
+        if det.input == "logits":  # the probe's logits on G_low
             view = lambda d: head.logits(d["g_low"])  # noqa: E731
         elif det.input == "g_low_and_sqnorm":
             view = lambda d: np.column_stack([d["g_low"], d["phi_sqnorm"]])  # noqa: E731
