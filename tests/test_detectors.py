@@ -366,17 +366,16 @@ def test_registered_detectors_and_their_defaults():
     a class is validated by its options model (the one place a default or a range is written)."""
     from lowgrad.detectors import KNN, detector_names, uses_probe
 
-    assert detector_names(False) == ["msp", "energy", "knn", "mahalanobis", "react", "bats", "gradnorm", "vim", "gen",
-                                     "rmds", "fdbd", "ash", "scale", "odin"]
-    assert detector_names(True) == ["msp", "energy", "knn", "mahalanobis", "react", "bats", "gradnorm", "gen", "rmds",
-                                    "odin", "residual", "gradnorm_phi"]
+    paper = {"msp", "energy", "odin", "mahalanobis", "knn", "react", "bats", "gradnorm"}  # docs/method.md section 6
+    assert paper <= set(detector_names(False)) & set(detector_names(True))  # each on both sides
+    assert set(detector_names(True)) - set(detector_names(False)) == {"residual", "gradnorm_phi"}  # gradient only
     head = _head(np.random.default_rng(0), bn=True)
     gradient_odin, forward_odin = make_detector("odin", {}, True, head), make_detector("odin", {}, False)
     assert (gradient_odin.temperature, gradient_odin.epsilon, gradient_odin.head) == (100.0, 50.0, head)
     assert vars(forward_odin) == {"head": None, "temperature": 1000.0, "epsilon": 0.0014, "input_std": None}
     assert (make_detector("react", {}, True, head).start, make_detector("react", {}, False, head).start) == (10, 0)
-    assert [n for n in detector_names(True) if uses_probe(n)] == ["msp", "energy", "react", "bats", "gradnorm", "gen",
-                                                                  "odin"]
+    assert {n for n in paper | {"residual", "gradnorm_phi"} if uses_probe(n)} == \
+        {"msp", "energy", "odin", "react", "bats", "gradnorm"}  # on the probe's head or logits; KNN etc. on G_low
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         KNN(k=0)
     with pytest.raises(ValueError, match="'features' or 'batchnorm'"):
@@ -542,3 +541,28 @@ def test_fdbd_boundary_norms_at_imagenet_size_against_direct_norms():
     for i, c in ((0, 1), (999, 3), (500, 501)):
         assert det.boundary_norms_[i, c] == pytest.approx(np.linalg.norm(head.weight[i] - head.weight[c]), rel=1e-10)
     assert np.all(np.diag(det.boundary_norms_) == 1.0)
+
+
+def test_dice_against_the_sparsified_layer_loop():
+    """DICE's energy through the layer that keeps weights whose contribution to the bank's mean feature is above
+    the percentile, written as loops over classes and features."""
+    from lowgrad.detectors import DICE, Energy
+
+    rng = np.random.default_rng(21)
+    bank, q = np.abs(rng.normal(0, 1, (40, 8))), np.abs(rng.normal(0, 1, (6, 8)))
+    head = Head(weight=rng.normal(0, 1, (3, 8)), bias=rng.normal(0, 1, 3))
+    mean = [sum(row[j] for row in bank) / len(bank) for j in range(8)]
+    contribution = [[head.weight[c, j] * mean[j] for j in range(8)] for c in range(3)]
+    threshold = np.percentile(np.array(contribution), 70)
+    expected = []
+    for u in q:
+        logits = [head.bias[c] + sum(u[j] * head.weight[c, j] for j in range(8) if contribution[c][j] > threshold)
+                  for c in range(3)]
+        expected.append(np.log(sum(np.exp(v) for v in logits)))
+    dice = DICE(head, percentile=70).fit(bank)
+    np.testing.assert_allclose(dice.score_samples(q), expected, rtol=1e-10)
+    kept = sum(v > threshold for row in contribution for v in row)
+    assert 0 < kept < 24 and (dice.masked_weight_ != 0).sum() == kept
+    # negative control: with the sparsification it is not the plain energy of the full layer
+    assert not np.allclose(dice.score_samples(q), Energy().score_samples(head.logits(q)))
+    assert make_detector("dice", {}, False, head).percentile == 90.0  # OpenOOD's p

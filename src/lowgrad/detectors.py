@@ -458,6 +458,25 @@ class SCALE(_HeadDetector):
         return _energy(self.head.logits_from_normalised(X * _sharpening(X, _top_k_mask(X, self.percentile))))
 
 
+@register("dice", gradient=False)
+class DICE(_HeadDetector):
+    """Directed sparsification (Sun & Li, ECCV 2022): the last layer keeps only the weights ``w_cj`` whose
+    contribution ``w_cj * mean_j`` to the bank's mean feature is above the ``percentile`` of all C x D
+    contributions; score = Energy of the logits through the sparsified layer."""
+
+    class Options(NoOptions):  # OpenOOD v1.5's dice.yml: p = 90
+        percentile: float = Field(90.0, ge=0, lt=100)
+
+    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "DICE":
+        w = self.head.weight
+        contribution = np.asarray(X, dtype=np.float64).mean(axis=0)[None, :] * w
+        self.masked_weight_ = np.where(contribution > np.percentile(contribution, self.percentile), w, 0.0)
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return _energy(np.asarray(X, dtype=np.float64) @ self.masked_weight_.T + self.head.bias)
+
+
 @register("odin", gradient_defaults={"temperature": 100.0, "epsilon": 50.0})
 class ODIN(Detector):
     """Temperature-scaled MSP after a small input step that raises the max softmax (Liang et al. 2018).
