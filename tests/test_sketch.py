@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowgrad.gradients import PerSampleGradients, select_parameters
-from lowgrad.models import build_model
+from lowgrad.models import FeatureClassifier, build_model
 from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
 from tests.test_gradients import _randomise_bn
 
@@ -387,3 +387,44 @@ def test_exact_nfk_sketch_keeps_the_gram_matrix_of_resnet20_rows():
     corr = np.corrcoef(gram[off].numpy(), gram_s[off].numpy())[0, 1]
     assert corr > 0.99, corr
     torch.testing.assert_close(sqnorm, (phi**2).sum(1), rtol=5e-3, atol=0)
+
+
+class _WithLayerNorm(FeatureClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward_features(self, x):
+        return self.norm(self.conv(x).mean(dim=(2, 3)))
+
+
+class _OnTokens(_WithLayerNorm):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(3, 4)
+
+    def forward_features(self, x):
+        return self.mix(x.flatten(2).transpose(1, 2)).mean(dim=1)  # a Linear layer on (B, tokens, channels)
+
+
+def test_the_kronecker_sketch_refuses_what_it_would_leave_out():
+    """Never a silently missing parameter: a selected layer the sketch cannot take is refused by name, with the
+    routes that take it; without it the same model is sketched."""
+    from lowgrad.errors import GradientError
+
+    torch.manual_seed(0)
+    model = _WithLayerNorm().eval()
+    with pytest.raises(GradientError, match=r"2 selected parameters would be left out \(e.g. 'norm.weight' of a "
+                                            r"LayerNorm\); use a route .*gradient.sketch: none or dense"):
+        KroneckerSketch(model, rank=2, seed=0)
+    sketch = KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
+    assert [layer.name for layer in sketch.layers] == ["conv", "head"]
+    assert sketch(torch.randn(2, 3, 6, 6))[0].shape == (2, sketch.dim)
+    with pytest.raises(GradientError, match="grouped convolutions are not supported"):
+        KroneckerSketch(build_model("torchvision:mobilenet_v3_small", 10).eval(), rank=2, seed=0)
+    tokens = _OnTokens().eval()
+    sketch = KroneckerSketch(tokens, rank=2, seed=0, param_names=[n for n, _ in tokens.named_parameters() if "norm" not in n])
+    with pytest.raises(GradientError, match="layer mix: a Linear layer on 3-D inputs"):
+        sketch(torch.randn(2, 3, 6, 6))

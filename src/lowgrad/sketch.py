@@ -93,7 +93,7 @@ class KroneckerSketch:
                 if module.bias is not None:
                     layer.exact_scale["bias"] = torch.as_tensor(f.get("bias", np.ones(c_out)), dtype=torch.float32).to(device)
                 self.layers.append(layer)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            elif isinstance(module, nn.BatchNorm2d) and module.affine:
                 f = factors.get(name, {})
                 c = module.num_features
                 self.layers.append(_Layer(name, module, "bn", exact_scale={
@@ -102,6 +102,16 @@ class KroneckerSketch:
                 }))
         if not self.layers:
             raise GradientError("the Kronecker sketch has no Conv2d / Linear / BatchNorm layer to sketch (gradient.params)")
+        covered = {f"{layer.name}.{p}" for layer in self.layers for p, _ in layer.module.named_parameters(recurse=False)}
+        wanted = [n for n, _ in model.named_parameters()] if selected is None else sorted(selected)
+        left_out = [n for n in wanted if n not in covered]
+        if left_out:
+            owner = type(model.get_submodule(left_out[0].rpartition(".")[0])).__name__
+            raise GradientError(
+                f"the Kronecker sketch covers Conv2d (not grouped), Linear and BatchNorm2d layers only: {len(left_out)} "
+                f"selected parameters would be left out (e.g. '{left_out[0]}' of a {owner}); use a route that "
+                "differentiates any layer (gradient.sketch: none or dense, or subspace.method: exact_randomized), or "
+                "leave them out with gradient.params")
         self.dim = sum(self._layer_dim(layer) for layer in self.layers)
         self.layout = [(layer.name, layer.kind, self._layer_dim(layer)) for layer in self.layers]
 
@@ -119,7 +129,11 @@ class KroneckerSketch:
         outputs: dict[str, torch.Tensor] = {}
         handles = []
         for layer in self.layers:
-            def hook(mod, args, out, name=layer.name):
+            def hook(mod, args, out, name=layer.name, kind=layer.kind):
+                if kind == "linear" and args[0].dim() != 2:
+                    raise GradientError(f"layer {name}: a Linear layer on {args[0].dim()}-D inputs (tokens) is not "
+                                        "supported by the Kronecker sketch; use gradient.sketch: none or dense, or "
+                                        "subspace.method: exact_randomized")
                 inputs[name] = args[0].detach()
                 outputs[name] = out
             handles.append(layer.module.register_forward_hook(hook))
