@@ -37,7 +37,7 @@ from lowgrad.dense_sketch import DenseSketch, fit_dense_nfk
 from lowgrad.detectors import Head
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
-from lowgrad.models import build_model, load_checkpoint, pick_device
+from lowgrad.models import build_model, head_of, load_checkpoint, pick_device
 from lowgrad.route import Route
 from lowgrad.options import ProbeConfig
 from lowgrad.scoring import ScoringContext, score_detector
@@ -140,7 +140,7 @@ def main() -> None:
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
     table = {}
     for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched)):
-        ctx = ScoringContext(forward_head=Head.from_linear(model.head), num_classes=10, seed=0,
+        ctx = ScoringContext(forward_head=Head.from_linear(head_of(model)), num_classes=10, seed=0,
                              probe_options=ProbeConfig().model_dump())
         sets_low = {}
         for name, r in rows.items():

@@ -83,9 +83,18 @@ def missing_inputs(params, root: Path) -> list[tuple[str, str]]:
     return missing
 
 
+def check_architecture(params) -> None:
+    """``model.arch`` builds as the train and model stages will build it (its name known, its head found), or one
+    :class:`CheckpointError` line naming the problem (with the closest known names)."""
+    from lowgrad.models import build_model
+
+    build_model(params.model.arch, params.model.num_classes, params.data.channels, params.data.image_size)
+
+
 def check_inputs(params, root: Path) -> None:
-    """Every input DVC will hash exists: one ``error:`` line naming the missing one before any stage runs (DVC's
-    own message for a missing dependency is several lines and names no params key)."""
+    """The architecture builds and every input DVC will hash exists: one ``error:`` line naming the problem before
+    any stage runs (DVC's own message for a missing dependency is several lines and names no params key)."""
+    check_architecture(params)
     missing = missing_inputs(params, root)
     if missing:
         key, path = missing[0]

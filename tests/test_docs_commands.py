@@ -46,11 +46,12 @@ def all_documented() -> list[tuple[str, list[str]]]:
 def check_documented(args: list[str], root: Path = ROOT) -> list[str]:
     """``--check`` of one documented command, in this process; missing inputs at placeholder paths (or in an absent
     ../shared) are allowed, any other problem raises."""
-    from flows.pipeline import _parse_overrides, build_parser, missing_inputs, validated_params
+    from flows.pipeline import _parse_overrides, build_parser, check_architecture, missing_inputs, validated_params
     from lowgrad.plan import stage_plan
 
     parsed = build_parser().parse_args(args)
     _, _, params = validated_params(parsed.params_file, _parse_overrides(parsed.set) or None, root)
+    check_architecture(params)
     for key, path in missing_inputs(params, root):
         absent_shared = not SHARED.exists() and (root / path).resolve().is_relative_to(SHARED.resolve())
         assert path.startswith(PLACEHOLDERS) or absent_shared, f"{key}: {path} not found"
@@ -77,10 +78,17 @@ def test_a_rotten_command_is_caught():
     """Negative controls: a misspelt key and a wrong value in a documented command fail the check."""
     from lowgrad.errors import ConfigError
 
-    for doc in ("python -m flows.pipeline --set subspace.kk=3", "python -m flows.pipeline --set gradient.sketch=fast"):
+    from lowgrad.errors import CheckpointError
+
+    for doc in ("python -m flows.pipeline --set subspace.kk=3", "python -m flows.pipeline --set gradient.sketch=fast",
+                "python -m flows.pipeline --set model.arch=tv:resnet50"):
         [args] = documented_commands(f"```\n{doc}\n```")
         with pytest.raises(ConfigError):
             check_documented(args)
+    [args] = documented_commands("```\npython -m flows.pipeline --set model.arch=torchvision:resnet5\n```")
+    with pytest.raises(CheckpointError, match=r"'torchvision:resnet5': not a torchvision classification model "
+                                              r"\(closest: resnet50"):
+        check_documented(args)  # a name is checked too: the model is built as the stages will build it
 
 
 def test_check_runs_nothing_and_changes_nothing(tmp_path):

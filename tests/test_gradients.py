@@ -45,6 +45,7 @@ def _loop_reference(model: torch.nn.Module, x: torch.Tensor, names: list[str]) -
         ("small_cnn", 1, 8, ["conv3", "head"]),
         ("resnet20_cifar", 3, 16, "all"),
         ("resnet18_cifar", 3, 8, ["layer4.1", "fc"]),
+        ("torchvision:mobilenet_v3_small", 3, 32, ["features.11", "classifier"]),  # built by name: its head found
     ],
 )
 def test_per_sample_gradients_match_float64_loop(arch, channels, size, spec):

@@ -113,9 +113,19 @@ class ModelConfig(_Strict):
     so a checkpoint replaced in place reruns ``model`` and everything after it; ``models/trained.pt`` (the default)
     is the ``train`` stage's model of ``arch`` trained on ``id_train``."""
 
-    arch: Literal["small_cnn", "resnet18_cifar", "resnet20_cifar", "torchvision_resnet50"]
+    arch: str = Field(min_length=1)  # a name registered in lowgrad.models, torchvision:<name> or timm:<name>
     num_classes: Int = Field(gt=1)
     checkpoint: str = Field(TRAINED_CHECKPOINT, min_length=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_form(cls, value: str) -> str:
+        """The form only (the names are known once torch is imported: :func:`lowgrad.models.build_model` checks them,
+        and the flow does before any stage runs)."""
+        library, sep, name = value.partition(":")
+        if sep and (library not in ("torchvision", "timm") or not name or ":" in name):
+            raise ValueError(f"'{value}': a built-in architecture name, torchvision:<model> or timm:<model>")
+        return value
 
     @field_validator("checkpoint", mode="before")
     @classmethod

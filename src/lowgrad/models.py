@@ -1,13 +1,19 @@
 """Classifiers with a uniform split: ``forward_features(x)`` (penultimate) and ``head`` (last Linear).
 
-Architectures: a small CNN for the embedded default, the CIFAR ResNet-18 of the paper, the third-party
-CIFAR ResNet-20 ("option A" shortcuts) and torchvision's ResNet-50. Checkpoints load with
-``weights_only=True``; foreign layouts (nested ``state_dict``, ``module.`` prefixes, float16) are normalised
-and any key or shape mismatch is a clear error.
+``model.arch`` is one of the :data:`ARCHITECTURES` registered here (a small CNN for the embedded default, the CIFAR
+ResNet-18 of the paper, the third-party CIFAR ResNet-20 with "option A" shortcuts, torchvision's ResNet-50), or
+``torchvision:<name>`` (any classification model of ``torchvision.models``) or ``timm:<name>`` (when timm is
+installed), built by name with random weights (nothing is downloaded; the weights come from ``model.checkpoint``).
+A model built by name keeps its own parameter names, so its own checkpoints load as they are; its head is the
+``Linear`` layer whose output is the model's output, found on a test batch (:func:`with_head_split`).
+Checkpoints load with ``weights_only=True``; foreign layouts (nested ``state_dict``, ``module.`` prefixes, float16)
+are normalised and any key or shape mismatch is a clear error.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,9 +120,50 @@ class CifarResNet(FeatureClassifier):
         return x.mean(dim=(2, 3))
 
 
-def _torchvision_resnet50(num_classes: int) -> FeatureClassifier:
+Builder = Callable[[int, int], FeatureClassifier]  # (num_classes, in_channels) -> model
+ARCHITECTURES: dict[str, Builder] = {}  # model.arch names: the one list (the error for a bad name and the docs read it)
+BY_NAME = ("torchvision", "timm")  # model.arch prefixes: torchvision:<name>, timm:<name>
+
+
+def architecture(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder ``(num_classes, in_channels) -> FeatureClassifier`` as ``model.arch: name``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in ARCHITECTURES or ":" in name:
+            raise ValueError(f"architecture name '{name}' is taken or has a ':'")
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return add
+
+
+def _rgb_only(arch: str, in_channels: int) -> None:
+    if in_channels != 3:
+        raise CheckpointError(f"model.arch '{arch}' takes 3-channel images (data.channels is {in_channels})")
+
+
+@architecture("small_cnn")
+def _small_cnn(num_classes: int, in_channels: int) -> FeatureClassifier:
+    return SmallCNN(num_classes, in_channels)
+
+
+@architecture("resnet18_cifar")
+def _resnet18_cifar(num_classes: int, in_channels: int) -> FeatureClassifier:
+    _rgb_only("resnet18_cifar", in_channels)
+    return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, "projection", "fc")
+
+
+@architecture("resnet20_cifar")
+def _resnet20_cifar(num_classes: int, in_channels: int) -> FeatureClassifier:
+    _rgb_only("resnet20_cifar", in_channels)
+    return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, "option_a", "linear")
+
+
+@architecture("torchvision_resnet50")
+def _torchvision_resnet50(num_classes: int, in_channels: int) -> FeatureClassifier:
     """torchvision's ResNet-50 (its state_dict keys) with the feature / head split; torchvision is imported
     only here (it costs seconds at start-up)."""
+    _rgb_only("torchvision_resnet50", in_channels)
     import torchvision
 
     class TorchvisionResNet50(torchvision.models.ResNet, FeatureClassifier):
@@ -139,19 +186,111 @@ def _torchvision_resnet50(num_classes: int) -> FeatureClassifier:
     return TorchvisionResNet50(num_classes)
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 3) -> FeatureClassifier:
-    """Instantiate an architecture by its ``params.yaml`` name."""
-    if arch == "small_cnn":
-        return SmallCNN(num_classes, in_channels)
-    if in_channels != 3:
-        raise CheckpointError(f"model.arch '{arch}' takes 3-channel images (data.channels is {in_channels})")
-    if arch == "resnet18_cifar":
-        return CifarResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, "projection", "fc")
-    if arch == "resnet20_cifar":
-        return CifarResNet([3, 3, 3], [16, 32, 64], num_classes, "option_a", "linear")
-    if arch == "torchvision_resnet50":
-        return _torchvision_resnet50(num_classes)
-    raise CheckpointError(f"unknown model.arch '{arch}'")
+class _HeadSplit(nn.Module):
+    """Mixed into the class of a model built by name, in front of it: ``forward(x, return_features=True)`` gives the
+    model's own logits and the input of its head (:func:`head_of`). It adds nothing else, so no name of the model's
+    own (its ``forward_features``, a ``head`` module) is shadowed, and the parameters keep their names."""
+
+    _lowgrad_head_path: str
+    _lowgrad_model_forward: Callable[..., torch.Tensor]  # the model class's own forward
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        head = head_of(self)
+        captured: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            logits = type(self)._lowgrad_model_forward(self, x)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise CheckpointError(f"the head '{self._lowgrad_head_path}' ran {len(captured)} times in one forward pass")
+        return (logits, captured[0]) if return_features else logits
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The last ``Linear`` layer of a classifier: ``model.head`` of a :class:`FeatureClassifier`, or the head found
+    for a model built by name."""
+    path = getattr(model, "_lowgrad_head_path", None)
+    return model.get_submodule(path) if path is not None else model.head
+
+
+def with_head_split(model: nn.Module, num_classes: int, arch: str, in_channels: int, image_size: int) -> nn.Module:
+    """``model`` (an ``nn.Module`` from images to logits) with the classifier interface the pipeline uses:
+    ``model(x, return_features=True) -> (logits, features)`` and :func:`head_of`. Its head is the one
+    ``Linear`` layer with ``num_classes`` outputs whose output, on a test batch of two images, is the model's output
+    (so nothing may follow it, not even a softmax); the features are that layer's 2-D input. Anything else is one
+    :class:`CheckpointError` naming what was found."""
+    if isinstance(model, (FeatureClassifier, _HeadSplit)):
+        return model
+    candidates = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not candidates:
+        raise CheckpointError(f"model.arch '{arch}': no Linear layer with {num_classes} outputs (model.num_classes) "
+                              "to use as the head")
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in candidates}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, args, out, name=name: outputs[name].append((args[0], out))) for name in candidates]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.randn(2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0)))
+    except Exception as err:
+        raise CheckpointError(f"model.arch '{arch}': a test batch of 2 x {in_channels} x {image_size} x {image_size} "
+                              f"images fails ({type(err).__name__}: {err}); check data.image_size / data.channels") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        raise CheckpointError(f"model.arch '{arch}': the model's output is not a (batch, {num_classes}) tensor of logits")
+    heads = [name for name, calls in outputs.items()
+             if len(calls) == 1 and calls[0][0].dim() == 2 and torch.equal(calls[0][1], logits)]
+    if len(heads) != 1:
+        raise CheckpointError(f"model.arch '{arch}': cannot tell its head: of the Linear layers with {num_classes} "
+                              f"outputs ({', '.join(candidates)}), {len(heads)} produce the model's output from 2-D "
+                              "features (the output must be that layer's, with nothing after it)")
+    cls = type(model)
+    model.__class__ = type(f"{cls.__name__}WithHeadSplit", (_HeadSplit, cls), {"_lowgrad_model_forward": cls.forward})
+    model._lowgrad_head_path = heads[0]
+    return model
+
+
+def _closest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return f" (closest: {', '.join(close)})" if close else ""
+
+
+def _by_name(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """The ``torchvision:<name>`` / ``timm:<name>`` model with random weights (nothing downloaded)."""
+    library, _, name = arch.partition(":")
+    if library == "torchvision":
+        import torchvision
+
+        known = sorted(torchvision.models.list_models(module=torchvision.models))  # the classification models
+        if name not in known:
+            raise CheckpointError(f"model.arch '{arch}': not a torchvision classification model{_closest(name, known)}")
+        _rgb_only(arch, in_channels)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    try:
+        import timm
+    except ImportError:
+        raise CheckpointError(f"model.arch '{arch}' needs timm, which is not installed: pip install 'lowgrad[timm]'") from None
+    known = sorted(timm.list_models())
+    if name not in known:
+        raise CheckpointError(f"model.arch '{arch}': not a timm model{_closest(name, known)}")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """Instantiate an architecture by its ``params.yaml`` name: a :class:`FeatureClassifier`, or a model built by name
+    with the same interface (``model(x, return_features=True)``, :func:`head_of`); ``image_size``: the test batch
+    that finds the head of a model built by name."""
+    library, sep, _ = arch.partition(":")
+    if sep and library in BY_NAME:
+        return with_head_split(_by_name(arch, num_classes, in_channels), num_classes, arch, in_channels, image_size)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown model.arch '{arch}'{_closest(arch, list(ARCHITECTURES))}: one of "
+                              f"{', '.join(ARCHITECTURES)}, or torchvision:<name> / timm:<name>")
+    return ARCHITECTURES[arch](num_classes, in_channels)
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -166,7 +305,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(model: FeatureClassifier, path: str | Path) -> FeatureClassifier:
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights (``weights_only=True``) into ``model``; raise :class:`CheckpointError` on any mismatch."""
     path = Path(path)
     if not path.is_file():
@@ -212,12 +351,12 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def fresh_model(params: "Params") -> FeatureClassifier:
+def fresh_model(params: "Params") -> nn.Module:
     """The configured architecture, randomly initialised (seed torch first for reproducible weights)."""
-    return build_model(params.model.arch, params.model.num_classes, params.data.channels)
+    return build_model(params.model.arch, params.model.num_classes, params.data.channels, params.data.image_size)
 
 
-def load_classifier(params: "Params", root: str | Path = ".") -> FeatureClassifier:
+def load_classifier(params: "Params", root: str | Path = ".") -> nn.Module:
     """The ``model`` stage's weights (``models/model.pt``) in the configured architecture, ``eval()``, on the CPU."""
     from lowgrad.paths import MODEL
 

@@ -14,7 +14,7 @@ from lowgrad.config import Params
 from lowgrad.data import load_image_set, to_tensor_batch
 from lowgrad.detectors import Head
 from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
-from lowgrad.models import load_classifier
+from lowgrad.models import head_of, load_classifier
 from lowgrad.paths import EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_path, write_json
 from lowgrad.provenance import run_provenance
 from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
@@ -59,7 +59,7 @@ def score(params: Params) -> None:
         return to_tensor_batch(images, params.data.mean, params.data.std)
 
     ctx = ScoringContext(
-        forward_head=Head.from_linear(model.head),
+        forward_head=Head.from_linear(head_of(model)),
         num_classes=params.model.num_classes,
         model_forward=model,
         input_std=tuple(params.data.std),
