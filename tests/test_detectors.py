@@ -382,6 +382,10 @@ def test_registered_detectors_and_their_defaults():
         BATS(head, typical="bn")
     with pytest.raises(TypeError, match="KNN takes no head"):
         KNN(head)
+    with pytest.raises(TypeError, match="ReAct needs the classifier head"):
+        ReAct()
+    no_bias = Head.from_linear(torch.nn.Linear(4, 3, bias=False))  # a head without a bias: a zero bias
+    assert no_bias.bias.tolist() == [0.0, 0.0, 0.0] and no_bias.weight.shape == (3, 4)
 
 
 # -- OpenOOD v1.5's strongest post-hoc detectors, each against its paper's formula written as loops --------------

@@ -235,7 +235,11 @@ def test_editing_detector_options_or_report_code_reruns_only_score_and_report(ti
     root = tiny_project
     assert status_stages(root) == set()  # the copy is up to date (DVC rehashes it, nothing to run)
     with open(root / "src/lowgrad/options.py", "a") as fh:
-        fh.write("\n# an edit to the detectors' option models\n")
+        fh.write("\n# an edit to the scoring schema\n")
+    assert status_stages(root) == {"score", "report"}
+    assert ran_stages(dvc(root, "repro")) == {"score", "report"}
+    with open(root / "src/lowgrad/detectors.py", "a") as fh:  # where a detector and its options are declared
+        fh.write("\n# an edit to a detector\n")
     assert status_stages(root) == {"score", "report"}
     assert ran_stages(dvc(root, "repro")) == {"score", "report"}
     with open(root / "src/lowgrad/report.py", "a") as fh:

@@ -146,6 +146,14 @@ def test_a_model_whose_head_cannot_be_told_is_refused():
         with_head_split(_Plain(), 5, "m", 3, 2)  # a 3x3 convolution on 2x2 images
     with pytest.raises(CheckpointError, match=r"\(fc, aux\), 2 produce"):
         with_head_split(_TwoHeads(), 5, "m", 3, 8)
+    class Aux(_Plain):  # torchvision's googlenet / inception with aux_logits: another output in training mode
+        def forward(self, x):
+            logits = super().forward(x)
+            return (logits, logits) if self.training else logits
+
+    aux = with_head_split(Aux(), 5, "m", 3, 8).train()
+    with pytest.raises(CheckpointError, match="returns a tuple, not a tensor of logits, in training mode"):
+        aux(torch.randn(2, 3, 8, 8))
     # negative control: the plain model is accepted, its head found, its training mode kept
     model = _Plain().train()
     split = with_head_split(model, 5, "m", 3, 8)

@@ -424,6 +424,9 @@ def test_the_kronecker_sketch_refuses_what_it_would_leave_out():
     assert sketch(torch.randn(2, 3, 6, 6))[0].shape == (2, sketch.dim)
     with pytest.raises(GradientError, match="grouped convolutions are not supported"):
         KroneckerSketch(build_model("torchvision:mobilenet_v3_small", 10).eval(), rank=2, seed=0)
+    model.conv.__class__ = type("StdConv2d", (torch.nn.Conv2d,), {})  # a subclass may change forward: not sketched
+    with pytest.raises(GradientError, match=r"2 selected parameters would be left out \(e.g. 'conv.bias' of a StdConv2d"):
+        KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
     tokens = _OnTokens().eval()
     sketch = KroneckerSketch(tokens, rank=2, seed=0, param_names=[n for n, _ in tokens.named_parameters() if "norm" not in n])
     with pytest.raises(GradientError, match="layer mix: a Linear layer on 3-D inputs"):

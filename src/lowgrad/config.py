@@ -186,9 +186,10 @@ class ClusterConfig(_Strict):
 
 
 class Params(_Strict):
-    """The whole params file. ``scoring`` is only a mapping here: its schema (detector options, fusion groups, the
-    bootstrap) lives in :mod:`lowgrad.options`, which only the score and report stages load, so editing a detector
-    never changes the code that the expensive stages depend on. ``parse_params`` validates everything unless asked
+    """The whole params file. ``scoring`` is only a mapping here: its schema (fusion groups, the bootstrap, and the
+    detectors' options through the registry of :mod:`lowgrad.detectors`) lives in :mod:`lowgrad.options`, which only
+    the score and report stages load, so editing a detector never changes the code that the expensive stages depend
+    on. ``parse_params`` validates everything unless asked
     for the pipeline part only (``scoring=False``, what the other stages do)."""
 
     seed: Int = 0

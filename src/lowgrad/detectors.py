@@ -46,7 +46,8 @@ class Head:
     def from_linear(cls, linear) -> "Head":
         """A network's last ``Linear`` layer (torch) as a :class:`Head`, in float64."""
         as_np = lambda t: t.detach().double().cpu().numpy().copy()  # noqa: E731
-        return cls(weight=as_np(linear.weight), bias=as_np(linear.bias))
+        bias = as_np(linear.bias) if linear.bias is not None else np.zeros(linear.out_features)
+        return cls(weight=as_np(linear.weight), bias=bias)
 
     def normalised(self, u: np.ndarray) -> np.ndarray:
         """Output of the probe's BatchNorm (identity without one)."""
@@ -138,10 +139,13 @@ class Detector:
     Options: ClassVar[type[NoOptions]] = NoOptions
     input: ClassVar[str] = "features"
     needs_head: ClassVar[bool] = False
+    head_optional: ClassVar[bool] = False  # needs_head, but runs without one too (ODIN on images)
     uses_model: bool = False  # forward side: scored by ``score_inputs(model, images)`` instead
 
     def __init__(self, head: Head | None = None, **options: Any) -> None:
         if self.needs_head:
+            if head is None and not self.head_optional:
+                raise TypeError(f"{type(self).__name__} needs the classifier head")
             self.head = head
         elif head is not None:
             raise TypeError(f"{type(self).__name__} takes no head")
@@ -488,7 +492,8 @@ class ODIN(Detector):
         temperature: float = Field(1000.0, gt=0)
         epsilon: float = Field(0.0014, ge=0)
 
-    needs_head = True  # optional here: None on images (forward side)
+    needs_head = True
+    head_optional = True  # None on images (forward side)
     uses_model = True  # forward side: perturbs the input images
 
     def __init__(self, head: Head | None = None, **options: Any) -> None:

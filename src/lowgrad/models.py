@@ -1,4 +1,5 @@
-"""Classifiers with a uniform split: ``forward_features(x)`` (penultimate) and ``head`` (last Linear).
+"""Classifiers with a uniform interface: ``model(x, return_features=True) -> (logits, penultimate features)`` and
+:func:`head_of` (the last Linear). The built-in ones are :class:`FeatureClassifier` (``forward_features`` + ``head``).
 
 ``model.arch`` is one of the :data:`ARCHITECTURES` registered here (a small CNN for the embedded default, the CIFAR
 ResNet-18 of the paper, the third-party CIFAR ResNet-20 with "option A" shortcuts, torchvision's ResNet-50), or
@@ -202,6 +203,9 @@ class _HeadSplit(nn.Module):
             logits = type(self)._lowgrad_model_forward(self, x)
         finally:
             handle.remove()
+        if not isinstance(logits, torch.Tensor):
+            raise CheckpointError(f"the model returns a {type(logits).__name__}, not a tensor of logits, in "
+                                  f"{'training' if self.training else 'eval'} mode")
         if len(captured) != 1:
             raise CheckpointError(f"the head '{self._lowgrad_head_path}' ran {len(captured)} times in one forward pass")
         return (logits, captured[0]) if return_features else logits
@@ -269,7 +273,8 @@ def _by_name(arch: str, num_classes: int, in_channels: int) -> nn.Module:
         if name not in known:
             raise CheckpointError(f"model.arch '{arch}': not a torchvision classification model{_closest(name, known)}")
         _rgb_only(arch, in_channels)
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}  # one output in train mode too
+        return _constructed(arch, lambda: torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra))
     try:
         import timm
     except ImportError:
@@ -277,7 +282,14 @@ def _by_name(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     known = sorted(timm.list_models())
     if name not in known:
         raise CheckpointError(f"model.arch '{arch}': not a timm model{_closest(name, known)}")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    return _constructed(arch, lambda: timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels))
+
+
+def _constructed(arch: str, make: Callable[[], nn.Module]) -> nn.Module:
+    try:
+        return make()
+    except Exception as err:  # the library's own refusal (an argument the model does not take, ...)
+        raise CheckpointError(f"model.arch '{arch}' cannot be built ({type(err).__name__}: {err})") from None
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:

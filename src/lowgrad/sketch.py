@@ -76,7 +76,7 @@ class KroneckerSketch:
             own = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
             if selected is not None and not selected.intersection(own):
                 continue
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if type(module) in (nn.Conv2d, nn.Linear):  # exact types: a subclass may change forward (timm's StdConv2d)
                 if isinstance(module, nn.Conv2d) and module.groups != 1:
                     raise GradientError(f"layer {name}: grouped convolutions are not supported by the Kronecker sketch")
                 c_out = module.weight.shape[0]
@@ -93,7 +93,7 @@ class KroneckerSketch:
                 if module.bias is not None:
                     layer.exact_scale["bias"] = torch.as_tensor(f.get("bias", np.ones(c_out)), dtype=torch.float32).to(device)
                 self.layers.append(layer)
-            elif isinstance(module, nn.BatchNorm2d) and module.affine:
+            elif type(module) is nn.BatchNorm2d and module.affine:  # not timm's BatchNormAct2d (activation inside)
                 f = factors.get(name, {})
                 c = module.num_features
                 self.layers.append(_Layer(name, module, "bn", exact_scale={
@@ -102,13 +102,13 @@ class KroneckerSketch:
                 }))
         if not self.layers:
             raise GradientError("the Kronecker sketch has no Conv2d / Linear / BatchNorm layer to sketch (gradient.params)")
-        covered = {f"{layer.name}.{p}" for layer in self.layers for p, _ in layer.module.named_parameters(recurse=False)}
+        covered = {f"{layer.name}.{p}" for layer in self.layers for p in ("weight", "bias")}  # what _sketch_layer takes
         wanted = [n for n, _ in model.named_parameters()] if selected is None else sorted(selected)
         left_out = [n for n in wanted if n not in covered]
         if left_out:
             owner = type(model.get_submodule(left_out[0].rpartition(".")[0])).__name__
             raise GradientError(
-                f"the Kronecker sketch covers Conv2d (not grouped), Linear and BatchNorm2d layers only: {len(left_out)} "
+                f"the Kronecker sketch covers plain Conv2d (not grouped), Linear and BatchNorm2d layers only: {len(left_out)} "
                 f"selected parameters would be left out (e.g. '{left_out[0]}' of a {owner}); use a route that "
                 "differentiates any layer (gradient.sketch: none or dense, or subspace.method: exact_randomized), or "
                 "leave them out with gradient.params")
@@ -146,6 +146,10 @@ class KroneckerSketch:
         finally:
             for h in handles:
                 h.remove()
+        silent = [layer.name for layer in self.layers if layer.name not in outputs]
+        if silent:
+            raise GradientError(f"layer {silent[0]} did not run in the forward pass (an auxiliary head?): leave it out "
+                                "with gradient.params")
         deltas = dict(zip(names, (g.detach() for g in grads)))
         return inputs, deltas, logits.detach(), features.detach()
 
