@@ -28,6 +28,7 @@ SourceKind = Literal["npz", "npz_jpeg", "image_folder", "photo_patches", "torchv
 # the embedded default's raw inputs, committed in the repository (data/embedded/README.md)
 EMBEDDED_DIGITS = "data/embedded/digits.npz"
 EMBEDDED_PHOTOS = "data/embedded/photos"
+BY_NAME = ("torchvision", "timm")  # model.arch: <library>:<model name> (lowgrad.models builds them)
 TRAINED_CHECKPOINT = "models/trained.pt"  # model.checkpoint that means: train model.arch on id_train (stage train)
 _REPLACED_SOURCES = {  # earlier source kinds that read scikit-learn's bundled copies: now files DVC can track
     "sklearn_digits": f"{{source: npz, path: {EMBEDDED_DIGITS}}}",
@@ -123,7 +124,7 @@ class ModelConfig(_Strict):
         """The form only (the names are known once torch is imported: :func:`lowgrad.models.build_model` checks them,
         and the flow does before any stage runs)."""
         library, sep, name = value.partition(":")
-        if sep and (library not in ("torchvision", "timm") or not name or ":" in name):
+        if sep and (library not in BY_NAME or not name or ":" in name):
             raise ValueError(f"'{value}': a built-in architecture name, torchvision:<model> or timm:<model>")
         return value
 

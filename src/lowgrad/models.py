@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowgrad.config import BY_NAME
 from lowgrad.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -123,7 +124,6 @@ class CifarResNet(FeatureClassifier):
 
 Builder = Callable[[int, int], FeatureClassifier]  # (num_classes, in_channels) -> model
 ARCHITECTURES: dict[str, Builder] = {}  # model.arch names: the one list (the error for a bad name and the docs read it)
-BY_NAME = ("torchvision", "timm")  # model.arch prefixes: torchvision:<name>, timm:<name>
 
 
 def architecture(name: str) -> Callable[[Builder], Builder]:
