@@ -150,7 +150,10 @@ def test_pipeline_outputs(project):
     stages = {"train", "model", "factors", "subspace", "score"} | {f"{s}@{d}" for s in ("prepare", "extract", "project")
                                                            for d in ("id_train", "id_test", "digits_7to9")}
     assert set(metrics["timings"]) == stages
-    assert all(t["wall_s"] >= 0 and t["peak_rss_mb"] > 50 for t in metrics["timings"].values())
+    # peak memory is measured per process, not a constant: positive everywhere, and the training process (torch,
+    # a model, its optimiser) peaks above the one that only decodes images (an absolute floor varies by machine)
+    assert all(t["wall_s"] >= 0 and t["peak_rss_mb"] > 0 for t in metrics["timings"].values())
+    assert metrics["timings"]["train"]["peak_rss_mb"] > metrics["timings"]["prepare@id_train"]["peak_rss_mb"]
     assert "## Stage timings" in report and "| extract@id_train |" in report
     shown = dvc(project, "metrics", "show", "--json").stdout
     assert "grad_knn" in shown
