@@ -259,7 +259,8 @@ def test_the_temporary_server_writes_to_its_log_and_not_to_the_terminal(tmp_path
             "server = psutil.Process(SubprocessASGIServer().server_process.pid)\n"
             "print(log, [f.path for f in server.open_files() if f.fd in (1, 2)],\n"
             "      [f.path for f in psutil.Process().open_files() if f.fd in (1, 2)], sep='|', flush=True)\n")
-    env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # set before the code imports prefect
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=300)
