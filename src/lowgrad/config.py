@@ -134,6 +134,12 @@ class ModelConfig(_Strict):
         if value is None:
             raise ValueError(f"model.checkpoint must name a file: a state_dict, or {TRAINED_CHECKPOINT} to train "
                              "model.arch on id_train (null no longer means 'train': DVC tracks the file)")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"model.checkpoint is empty: name a state_dict file, or {TRAINED_CHECKPOINT} to train "
+                             "model.arch on id_train")
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(f"'{value}' is a URL: nothing is fetched at run time (a result must belong to a file DVC "
+                             "can hash); download it first and set model.checkpoint to the file")
         return value
 
     @property

@@ -43,7 +43,7 @@ def _photos(root: Path) -> list[np.ndarray]:
     files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{root}: no photos found (suffixes {sorted(IMAGE_SUFFIXES)})")
-    return [_decode(f.read_bytes(), str(f)) for f in files]
+    return [_decode(f.read_bytes(), str(f), channels=3) for f in files]  # converted per patch, after resizing
 
 
 def _photo_patches(photos: list[np.ndarray], n: int, size: int, channels: int, rng: np.random.Generator) -> ImageSet:
@@ -97,11 +97,21 @@ def checked_labels(labels: np.ndarray, n_images: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def _as_channels(img: Image.Image, channels: int) -> np.ndarray:
+    """``img`` as uint8 (H, W, channels): greyscale when ``channels`` is 1, else RGB."""
+    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    return arr[..., None] if channels == 1 else arr
+
+
+def _decode(data: bytes, where: str, channels: int) -> np.ndarray:
+    if not data:
+        raise DataError(f"corrupt image {where}: an empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
+            return _as_channels(img, channels)
+    except UnidentifiedImageError:
+        raise DataError(f"corrupt image {where}: not an image format Pillow can read") from None
+    except OSError as err:
         raise DataError(f"corrupt image {where}: {err}") from None
 
 
@@ -117,9 +127,9 @@ class _JpegImages:
     """Sequence view of the encoded ``.npz`` layout: an image is decoded only when indexed, so sub-sampling
     50,000 images to 5,000 decodes 5,000."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, channels: int) -> None:
         arrays = _open_npz(path, ("jpeg", "offsets", "labels"))
-        self.path, self.blob, self.offsets = path, arrays["jpeg"], arrays["offsets"]
+        self.path, self.blob, self.offsets, self.channels = path, arrays["jpeg"], arrays["offsets"], channels
         if self.offsets.ndim != 1 or len(self.offsets) < 1:
             raise DataError(f"{path}: 'offsets' must be 1-D with N+1 entries for N images")
         self.labels = checked_labels(arrays["labels"], len(self.offsets) - 1, str(path))
@@ -128,14 +138,15 @@ class _JpegImages:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return _decode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), f"{i} in {self.path}")
+        return _decode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), f"{i} in {self.path}", self.channels)
 
 
 class _FolderImages:
     """``root/<class>/<image>``: classes in sorted order get labels 0..C-1 (torchvision's rule); an image file
     is read and decoded only when indexed."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, channels: int) -> None:
+        self.channels = channels
         if not root.is_dir():
             raise DataError(f"image folder not found: {root}")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -143,27 +154,31 @@ class _FolderImages:
             raise DataError(f"{root}: no class sub-folders")
         self.files: list[Path] = []
         labels = []
+        empty = []
         for label, name in enumerate(classes):
-            for file in sorted((root / name).iterdir()):
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    self.files.append(file)
-                    labels.append(label)
+            found = [f for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+            empty += [name] if not found else []
+            self.files += found
+            labels += [label] * len(found)
         if not self.files:
-            raise DataError(f"{root}: no images found")
+            raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        if empty:
+            raise DataError(f"{root}: class folder(s) {', '.join(empty)} hold no images; every class sub-folder is a "
+                            "label (sorted order), so remove the empty ones or add their images")
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return _decode(self.files[i].read_bytes(), str(self.files[i]))
+        return _decode(self.files[i].read_bytes(), str(self.files[i]), self.channels)
 
 
 class _TorchvisionImages:
     """A ``torchvision.datasets`` class as a lazy image sequence. ``download`` is off by default: a missing
     dataset is a clear error, never a silent network access."""
 
-    def __init__(self, spec: DatasetConfig) -> None:
+    def __init__(self, spec: DatasetConfig, channels: int) -> None:
         import inspect
         import urllib.error
 
@@ -191,13 +206,14 @@ class _TorchvisionImages:
         if targets is None:
             targets = [self.dataset[i][1] for i in range(len(self.dataset))]
         self.labels = checked_labels(np.asarray(targets), len(self.dataset), f"torchvision {spec.dataset}")
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> np.ndarray:
         image = self.dataset[i][0]
-        return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+        return _as_channels(image, self.channels) if isinstance(image, Image.Image) else np.asarray(image)
 
 
 def resize_center_crop(image: np.ndarray, size: int, channels: int, short_side: int | None = None) -> np.ndarray:
@@ -250,13 +266,13 @@ def load_dataset(name: str, data: DataConfig, seed: int) -> ImageSet:
         raw = _npz_decoded(Path(spec.path))
         images, labels = raw.images, raw.labels
     elif spec.source == "npz_jpeg":
-        images = _JpegImages(Path(spec.path))
+        images = _JpegImages(Path(spec.path), data.channels)
         labels = images.labels
     elif spec.source == "image_folder":
-        images = _FolderImages(Path(spec.path))
+        images = _FolderImages(Path(spec.path), data.channels)
         labels = images.labels
     else:
-        images = _TorchvisionImages(spec)
+        images = _TorchvisionImages(spec, data.channels)
         labels = images.labels
 
     if len(labels) == 0:
