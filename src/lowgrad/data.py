@@ -58,8 +58,7 @@ def _photo_patches(photos: list[np.ndarray], n: int, size: int, channels: int, r
         top = rng.integers(photo.shape[0] - patch + 1)
         left = rng.integers(photo.shape[1] - patch + 1)
         crop = Image.fromarray(photo[top : top + patch, left : left + patch])
-        crop = crop.resize((size, size), Image.BILINEAR, reducing_gap=2.0).convert("L" if channels == 1 else "RGB")
-        out[i] = np.asarray(crop).reshape(size, size, channels)
+        out[i] = _as_channels(crop.resize((size, size), Image.BILINEAR, reducing_gap=2.0), channels)
     return ImageSet(out, np.full(n, -1, dtype=np.int64))
 
 
@@ -225,9 +224,7 @@ def resize_center_crop(image: np.ndarray, size: int, channels: int, short_side: 
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size)).convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(img)
-    return arr[..., None] if channels == 1 else arr
+    return _as_channels(img.crop((left, top, left + size, top + size)), channels)
 
 
 def _conform(images: list[np.ndarray] | np.ndarray, name: str, spec: DatasetConfig, data: DataConfig) -> np.ndarray:
