@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import ROOT, apply_params, stage_environment
+from flows.pipeline import ROOT, apply_params, composed_text, stage_environment
 from lowgrad.config import read_raw, set_dotted
 from lowgrad.route import Route
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     out = root / args.out
     out.mkdir(parents=True, exist_ok=True)
     frozen = out / "base_params.yaml"  # the base as it was (params.yaml itself changes with every experiment)
-    frozen.write_text(source.read_text())
+    frozen.write_text(composed_text(source))  # a profile merged with its bases: complete on its own
     results = []
     for name, overrides in plans.items():
         print(f"experiment abl-{name}: {overrides or '(base)'}", flush=True)

@@ -36,7 +36,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
-from lowgrad.config import drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted  # noqa: E402
+from lowgrad.config import (  # noqa: E402
+    drop_dotted, get_dotted, load_params, merge_profile, parse_params, parse_yaml, profile_chain, read_raw, set_dotted,
+)
 from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
 from lowgrad.plan import stage_plan  # noqa: E402
@@ -139,8 +141,6 @@ def apply_params(
     """Validate ``params_file`` + ``overrides`` (minus the ``drop`` keys) and make them the workspace's
     ``params.yaml``. A key that ``dvc.yaml`` tracks but the file leaves to its default is written out with that
     default (DVC refuses a stage whose declared param is missing)."""
-    from ruamel.yaml import YAML
-
     source, raw, checked = validated_params(params_file, overrides, root, drop)
     target = root / "params.yaml"
     check_inputs(checked, root)  # before params.yaml is touched
@@ -153,8 +153,8 @@ def apply_params(
     changes = {**defaults, **(overrides or {})}
     if source.resolve() == target.resolve() and not changes and not drop:
         return
-    rt = YAML()
-    doc = rt.load(source.read_text())
+    rt = round_trip_yaml()
+    doc = composed_document(source, rt)
     for key in drop or []:
         drop_dotted(doc, key)
     for key, value in changes.items():
@@ -165,6 +165,45 @@ def apply_params(
         node[leaf] = value
     with open(target, "w") as fh:
         rt.dump(doc, fh)
+
+
+def round_trip_yaml():
+    """ruamel's round-trip YAML (comments kept) as the flow writes params files."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.width = 4096  # a merged flow mapping stays on one line
+    rt.indent(mapping=2, sequence=4, offset=2)  # list items indented under their key, as in the committed files
+    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
+def composed_text(source: Path) -> str:
+    """A params file, or a profile merged with its bases, as the complete YAML text the flow would write."""
+    import io
+
+    rt = round_trip_yaml()
+    out = io.StringIO()
+    rt.dump(composed_document(source, rt), out)
+    return out.getvalue()
+
+
+def composed_document(source: Path, rt) -> Any:
+    """``source`` as one ruamel document: a profile's ``extends`` chain merged by the rule of
+    :func:`lowgrad.config.merge_profile` (comments kept), headed by the profile's own first comment and a line
+    that says where it came from (params.yaml must be complete: DVC keys the stages by its values)."""
+    (root_file, doc), *profiles = profile_chain(source, lambda path: rt.load(path.read_text()))
+    for _, profile in profiles:
+        merge_profile(doc, profile)
+    if profiles:
+        names = " -> ".join(str(path.name) for path in [root_file, *(p for p, _ in profiles)])
+        own = profiles[-1][1].ca.comment
+        header = "".join(token.value for token in (own[1] or [])) if own else ""
+        doc.ca.comment = None
+        doc.yaml_set_start_comment(
+            "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in header.rstrip("\n").splitlines())
+            + f"\nWritten by flows.pipeline from {source.name}, merged as {names}: edit the profile, not this file.")
+    return doc
 
 
 # a stage failure is retried only when its output names a cause that can clear by itself

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import functools
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
@@ -333,8 +333,12 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
-def read_raw(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+EXTENDS = "extends"  # a profile's key: the params file it states its differences from (docs/pipeline.md, Profiles)
+WORKSPACE_PARAMS = "params.yaml"  # the file DVC reads: always complete, never a profile
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One params file's own mapping (no ``extends`` resolved), with one-line errors."""
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
@@ -344,6 +348,67 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def merge_profile(base: Any, profile: Any) -> None:
+    """Apply a profile's mapping onto ``base`` in place, the one rule of profiles: mappings merge key by key,
+    ``null`` removes the key (a data set dropped, a setting back to lowgrad's default), anything else (a scalar, a
+    list) replaces. Works on plain dicts and on ruamel's commented maps (a replaced key takes the profile's
+    comment)."""
+    for key, value in profile.items():
+        comments = getattr(base, "ca", None)
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_profile(base[key], value)
+            own = getattr(profile, "ca", None)
+            if comments is not None and own is not None and key in own.items:
+                comments.items[key] = own.items[key]  # a merged section keeps its comment unless the profile has one
+            continue
+        else:
+            base[key] = value
+        if comments is not None:  # ruamel: the comment that explained the base's value would now mislead
+            comments.items.pop(key, None)
+            own = getattr(profile, "ca", None)
+            if own is not None and key in own.items and key in base:
+                comments.items[key] = own.items[key]
+
+
+def profile_chain(path: str | Path, load: Callable[[Path], Any] = _read_mapping) -> list[tuple[Path, Any]]:
+    """``[(file, its own mapping)]`` from the root base to ``path``, following ``extends`` (relative to the file
+    that names it); a missing base, a cycle or an ``extends`` that is not a file name is one clear line."""
+    chain: list[tuple[Path, Any]] = []
+    path = Path(path)
+    while True:
+        if any(path.resolve() == seen.resolve() for seen, _ in chain):
+            names = " -> ".join(str(p) for p, _ in chain)
+            raise ConfigError(f"{names} -> {path}: the profiles extend each other in a cycle")
+        raw = load(path)
+        chain.append((path, raw))
+        base = raw.pop(EXTENDS, None) if EXTENDS in raw else None
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: {EXTENDS}: must name a params file (relative to {path.parent}), got {base!r}")
+        if path.name == WORKSPACE_PARAMS:
+            raise ConfigError(f"{path}: params.yaml cannot use '{EXTENDS}': DVC keys the stages by its values, so it must "
+                              f"state every one; keep the profile in its own file and run it with "
+                              f"python -m flows.pipeline --params-file <profile>")
+        target = path.parent / base
+        if target.name == WORKSPACE_PARAMS:
+            raise ConfigError(f"{path}: {EXTENDS}: {base}: a profile cannot extend params.yaml (every run and "
+                              f"`dvc exp run -S` rewrite it); extend a file under configs/")
+        if not target.is_file():
+            raise ConfigError(f"{path}: {EXTENDS}: {base}: no such params file (looked for {target})")
+        path = target
+
+
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """A params file as one mapping: a profile's ``extends`` chain merged by :func:`merge_profile`."""
+    (_, raw), *profiles = profile_chain(path)
+    for _, profile in profiles:
+        merge_profile(raw, profile)
     return raw
 
 
