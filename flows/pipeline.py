@@ -135,6 +135,17 @@ def check(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT)
             *(f"  {stage}" for stage in plan)]
 
 
+def preflight(params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT, wait: bool = False) -> None:
+    """The refusals a run meets first, checked before a temporary Prefect server is started (~20 s) for nothing:
+    the params (file, ``--set``'s and inputs) and, unless ``wait``, another run or a DVC command in the checkout.
+    Changes nothing; the flow checks all of it again under its own lock (the checkout may change in between)."""
+    _, _, params = validated_params(params_file, overrides, root)
+    check_inputs(params, root)
+    if not wait:
+        with RunLock(root):
+            pass
+
+
 def apply_params(
     params_file: str, overrides: dict[str, Any] | None, root: Path = ROOT, drop: list[str] | None = None
 ) -> None:
@@ -457,6 +468,7 @@ def main() -> None:
         if args.check:
             print("\n".join(check(args.params_file, overrides)))
             return
+        preflight(args.params_file, overrides, wait=args.wait)
         start_temporary_server()
         state = pipeline(params_file=args.params_file, overrides=overrides, push=args.push, wait_for_lock=args.wait,
                          return_state=True)

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,32 @@ def tiny_finished(tmp_path_factory) -> Path:
             dvc(make_project(root, TINY), "repro")
             done.touch()
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """One Prefect API server (``prefect server start`` on 127.0.0.1) for the tests that run flows, started once
+    per session and worker; pass it as ``PREFECT_API_URL``. A flow without it starts its own temporary server
+    (~20 s each); the tests of that temporary server itself do not use this one."""
+    from tests.test_pipeline import _api, _free_port, _wait
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": api}
+    log = open(home / "server.log", "w")
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: server.poll() is None and _api(f"{api}/health"), 120, f"the Prefect server (log: {home / 'server.log'})")
+        yield api
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 @pytest.fixture

@@ -54,9 +54,13 @@ def _one_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
     return errors[0]
 
 
-def _flow(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _flow(root: Path, *args: str, api: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m flows.pipeline`` in ``root``: against the Prefect server at ``api``, or (None) with the
+    temporary server it starts itself."""
     env = {**_env(), "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
+    if api is not None:
+        env["PREFECT_API_URL"] = api
     return subprocess.run([sys.executable, "-m", "flows.pipeline", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -105,6 +109,7 @@ def test_second_flow_in_the_checkout_is_refused_and_changes_nothing(tmp_path):
     _one_error(proc, "another lowgrad run holds this checkout", f"PID {holder.pid}", "--wait")
     assert (root / "params.yaml").read_text() == before  # the refused run wrote nothing
     assert not (root / "data/prepared").exists()
+    assert not (root / ".prefect/temporary-server.log").exists()  # refused before a Prefect server was started
 
 
 # -- 2: non-finite models ------------------------------------------------------------------------------------
@@ -232,19 +237,18 @@ def test_duplicate_keys_are_refused():
 
 
 # -- 3 / 5 through the flow: one attempt, the stage's error line in the final message ---------------------------
-def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path):
+def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path, prefect_api):
     root = _tiny(tmp_path)
     set_param(root, "data.datasets.bad", {"source": "npz", "path": _bad_npz(root, "truncated")})
-    proc = _flow(root)
+    proc = _flow(root, api=prefect_api)
     line = _one_error(proc, "stage 'prepare@bad' failed", "truncated.npz", "truncated or corrupt")
     assert "AwaitingRetry" not in proc.stdout + proc.stderr and "Retrying" not in proc.stdout + proc.stderr
     assert (proc.stdout + proc.stderr).count("[prepare@bad") >= 1  # the stage's own lines were streamed
-    assert "Starting temporary server" not in proc.stdout + proc.stderr  # the flow used the server started quietly
     assert line.count("error:") == 1
     # K larger than the bank: refused once id_train is prepared, before the model and any extraction
     set_param(root, "data.datasets", {k: v for k, v in TINY["data"]["datasets"].items()})
     set_param(root, "scoring.forward.knn", {"k": 100000})
-    proc = _flow(root)
+    proc = _flow(root, api=prefect_api)
     _one_error(proc, "scoring.forward.knn.k = 100000 exceeds the bank size: id_train has 150 samples")
     assert not (root / "artifacts/extract").exists() and "[extract@" not in proc.stdout + proc.stderr
 
@@ -304,6 +308,7 @@ def test_sigterm_stops_the_stage_and_the_temporary_server(tmp_path):
         if flow.poll() is None:
             flow.kill()
     assert "error: interrupted" in rest
+    assert "Starting temporary server" not in "".join(seen) + rest  # the flow's own server started quietly
     _, alive = psutil.wait_procs(tree, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     assert not (root / "models/trained.pt").exists()

@@ -89,3 +89,30 @@ def test_the_stage_plan_is_dvc_yaml_in_an_order_dvc_can_run():
         assert _misordered(plan, graph) == []
         # negative control: report moved to the front is caught
         assert "report before score" in _misordered(["report", *[p for p in plan if p != "report"]], graph)
+
+
+def test_light_stages_do_not_import_heavy_libraries():
+    """What a stage process imports is paid on every run of it (the suite runs hundreds): the project stage needs
+    neither scikit-learn nor torch, the report needs torch's version only (read from its file, checked against
+    torch itself). Negative control: the score stage does import both."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, importlib\n"
+            "importlib.import_module(sys.argv[1])\n"
+            "extra = []\n"
+            "if sys.argv[1] == 'stages.report':\n"
+            "    from lowgrad.stages.report import torch_version\n"
+            "    extra = [torch_version()]\n"
+            "print(json.dumps([m in sys.modules for m in ('sklearn', 'torch')] + extra))\n")
+    root = Path(__file__).resolve().parents[1]
+    seen = {}
+    for module in ("stages.project", "stages.report", "stages.score"):
+        out = subprocess.run([sys.executable, "-c", code, module], cwd=root, capture_output=True, text=True, check=True)
+        seen[module] = json.loads(out.stdout)
+    import torch
+
+    assert seen["stages.project"] == [False, False]
+    assert seen["stages.report"][1:] == [False, torch.__version__]
+    assert seen["stages.score"] == [True, True]

@@ -198,12 +198,12 @@ def test_changing_k_reruns_only_downstream_stages(project):
     assert ran_stages(dvc(project, "repro")) == {"score", "report"}
 
 
-def test_prefect_flow_runs_the_stages(project):
-    from prefect.testing.utilities import prefect_test_harness
+def test_prefect_flow_runs_the_stages(project, prefect_api):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import pipeline
 
-    with prefect_test_harness(server_startup_timeout=120):  # an isolated temporary server, stopped cleanly
+    with temporary_settings({PREFECT_API_URL: prefect_api}):  # the session's server (tests/conftest.py)
         summary = pipeline(overrides={"subspace.k": 5}, root=str(project))
     status = {row["stage"]: row["status"] for row in summary}
     assert status["subspace"] == "ran" and status["report"] == "ran"
@@ -338,24 +338,20 @@ def _stages_ran(api: str, run: dict) -> set[str]:
     return set() if listed == "none" else set(listed.split(", "))
 
 
-def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
-    """Start `prefect server` on 127.0.0.1, serve the flow with a cron schedule, trigger a run through the
-    API, see it complete, shut everything down. Without a server, deploying fails loudly."""
+def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path, prefect_api):
+    """On a real `prefect server` (the session's, on 127.0.0.1: tests/conftest.py), serve the flow with a cron
+    schedule, trigger a run through the API, see it complete, shut the serving process down. Without a server,
+    deploying fails loudly."""
     env = _env()
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     refused = subprocess.run([sys.executable, "-m", "flows.deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "schedules need a running Prefect server" in refused.stderr
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env["PREFECT_API_URL"] = api
-    logs = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=logs, stderr=subprocess.STDOUT)
+    api = env["PREFECT_API_URL"] = prefect_api
+    logs = open(tmp_path / "server.log", "w")  # the serving process's output
     serve = None
     try:
-        _wait(lambda: _api(f"{api}/health"), 90, "the Prefect server")
         serve = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--cron", "0 3 * * *", "--root", str(project)],
                                  cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
         deployment = _wait(lambda: _api(f"{api}/deployments/name/lowgrad-pipeline/lowgrad-scheduled"), 90, "the deployment")
@@ -383,11 +379,10 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path):
         table = artifacts["lowgrad-mean-metrics"]
         assert table["type"] == "table" and "grad_knn" in json.dumps(table["data"]) and "fpr95_ci" in json.dumps(table["data"])
     finally:
-        for proc in (serve, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        if serve is not None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
         logs.close()

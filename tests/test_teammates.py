@@ -46,25 +46,25 @@ def _accuracy(root: Path, checkpoint: Path) -> float:
     return float((predicted == labels).mean() * 100)
 
 
-def test_a_checkpoint_replaced_in_place_reruns_the_model_and_all_after_it(tiny_project):
-    project = tiny_project
-    shutil.copy(project / "models/trained.pt", project / "ckpt.pt")  # (train then writes a marker there)
-    set_param(project, "model.checkpoint", "ckpt.pt")
-    dvc(project, "repro")
+def test_a_checkpoint_replaced_in_place_reruns_the_model_and_all_after_it(team_a, tmp_path):
+    """A's finished project (model X at ckpt/model.pt); the file replaced in place by another model."""
+    project = Path(shutil.copytree(team_a[0], tmp_path / "a", symlinks=True))
+    checkpoint = project / "ckpt/model.pt"
     before = json.loads((project / "models/model.json").read_text())
-    _redrawn_head(project / "ckpt.pt", project / "ckpt.pt", seed=3)  # same path, other content
+    assert status_stages(project) == set()
+    _redrawn_head(checkpoint, checkpoint, seed=3)  # same path, other content
     assert status_stages(project) == {"model"}
     assert ran_stages(dvc(project, "repro")) == DOWNSTREAM_OF_MODEL
     info = json.loads((project / "models/model.json").read_text())
-    assert info["checkpoint"] == "ckpt.pt" and info["checkpoint_sha256"] != before["checkpoint_sha256"]
-    assert info["id_test_accuracy"] == pytest.approx(_accuracy(project, project / "ckpt.pt"))
+    assert info["checkpoint"] == "ckpt/model.pt" and info["checkpoint_sha256"] != before["checkpoint_sha256"]
+    assert info["id_test_accuracy"] == pytest.approx(_accuracy(project, checkpoint))
     assert info["id_test_accuracy"] != pytest.approx(before["id_test_accuracy"])
     metrics = json.loads((project / "report/metrics.json").read_text())
     assert metrics["id_accuracy"] == pytest.approx(info["id_test_accuracy"])
     # provenance names the new checkpoint, as DVC hashed it
-    assert metrics["provenance"]["inputs"]["model.checkpoint"]["path"] == "ckpt.pt"
-    assert metrics["provenance"]["inputs"]["model.checkpoint"]["md5"] == hashlib.md5((project / "ckpt.pt").read_bytes()).hexdigest()
-    assert sha256(project / "ckpt.pt") == info["checkpoint_sha256"]
+    assert metrics["provenance"]["inputs"]["model.checkpoint"]["path"] == "ckpt/model.pt"
+    assert metrics["provenance"]["inputs"]["model.checkpoint"]["md5"] == hashlib.md5(checkpoint.read_bytes()).hexdigest()
+    assert sha256(checkpoint) == info["checkpoint_sha256"]
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,4 @@ def test_the_flow_refuses_to_start_beside_a_running_dvc_command(project):
     assert flow.returncode == 1 and len(errors) == 1, flow.stderr[-2000:]
     assert f"a DVC command is running in this checkout (PID {repro.pid}: " in errors[0] and "repro" in errors[0]
     assert (project / "params.yaml").read_text() == params, "nothing changed"
+    assert not (project / ".prefect/temporary-server.log").exists()  # refused before a Prefect server was started

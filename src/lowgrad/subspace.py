@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from sklearn.decomposition import IncrementalPCA
 
 from lowgrad.errors import GradientError, StoreError
 from lowgrad.paths import atomic_path
@@ -220,6 +219,8 @@ def randomized_svd(passes: RowPasses, k: int, oversample: int, power_iters: int,
 def incremental_pca(phi: BlockSource, k: int, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
     """scikit-learn's ``IncrementalPCA`` fed block by block. Blocks are merged so every ``partial_fit`` batch
     has at least ``k`` rows (a short last block joins the batch before it)."""
+    from sklearn.decomposition import IncrementalPCA  # here, not at the top: the project stage never needs it (1.2 s)
+
     ipca = IncrementalPCA(n_components=k)
     ready: np.ndarray | None = None  # a full batch held back until we know whether a short tail follows
     pending: list[np.ndarray] = []

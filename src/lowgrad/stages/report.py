@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import ast
+import importlib.util
 import platform
 from pathlib import Path
 
@@ -16,9 +18,19 @@ from lowgrad.store import ChunkedStore
 from lowgrad.subspace import GradientSubspace
 
 
-def report(params: Params) -> None:
-    import torch
+def torch_version() -> str:
+    """torch's full version with its build tag (``2.14.1+cu130``), read from ``torch/version.py`` without importing
+    torch (2-3 s that the report does not otherwise need)."""
+    spec = importlib.util.find_spec("torch")
+    tree = ast.parse(Path(spec.origin).with_name("version.py").read_text())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "__version__":
+            return ast.literal_eval(node.value)
+    raise RuntimeError("torch/version.py has no __version__")
 
+
+def report(params: Params) -> None:
     metrics = json.loads(Path(METRICS).read_text())
     with np.load(SCORES) as z:
         scores = {k: z[k] for k in z.files}
@@ -27,7 +39,7 @@ def report(params: Params) -> None:
     n_params = ChunkedStore.open(EXTRACTED.format(name="id_train")).meta["n_params"]
     run = {
         "lowgrad": __version__,
-        "torch": torch.__version__,
+        "torch": torch_version(),
         "python": platform.python_version(),
         "model": json.loads(Path(MODEL_INFO).read_text()),
         "gradient parameters (P)": n_params,
