@@ -400,15 +400,6 @@ class _WithLayerNorm(FeatureClassifier):
         return self.norm(self.conv(x).mean(dim=(2, 3)))
 
 
-class _OnTokens(_WithLayerNorm):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mix = torch.nn.Linear(3, 4)
-
-    def forward_features(self, x):
-        return self.mix(x.flatten(2).transpose(1, 2)).mean(dim=1)  # a Linear layer on (B, tokens, channels)
-
-
 def test_the_kronecker_sketch_refuses_what_it_would_leave_out():
     """Never a silently missing parameter: a selected layer the sketch cannot take is refused by name, with the
     routes that take it; without it the same model is sketched."""
@@ -422,12 +413,108 @@ def test_the_kronecker_sketch_refuses_what_it_would_leave_out():
     sketch = KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
     assert [layer.name for layer in sketch.layers] == ["conv", "head"]
     assert sketch(torch.randn(2, 3, 6, 6))[0].shape == (2, sketch.dim)
-    with pytest.raises(GradientError, match="grouped convolutions are not supported"):
-        KroneckerSketch(build_model("torchvision:mobilenet_v3_small", 10).eval(), rank=2, seed=0)
     model.conv.__class__ = type("StdConv2d", (torch.nn.Conv2d,), {})  # a subclass may change forward: not sketched
     with pytest.raises(GradientError, match=r"2 selected parameters would be left out \(e.g. 'conv.bias' of a StdConv2d"):
         KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
-    tokens = _OnTokens().eval()
-    sketch = KroneckerSketch(tokens, rank=2, seed=0, param_names=[n for n, _ in tokens.named_parameters() if "norm" not in n])
-    with pytest.raises(GradientError, match="layer mix: a Linear layer on 3-D inputs"):
-        sketch(torch.randn(2, 3, 6, 6))
+    model.conv.__class__ = torch.nn.Conv2d
+    model.conv.padding_mode = "reflect"  # the projection of zero-padded patches would not be this layer's gradient
+    with pytest.raises(GradientError, match=r"layer conv: a Conv2d with padding .* padding_mode 'reflect'"):
+        KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
+
+
+class _GroupedAndTokens(FeatureClassifier):
+    """A grouped conv, a depthwise conv with stride, BatchNorm, a Linear layer on tokens (with bias), the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.mix = torch.nn.Linear(8, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward_features(self, x):
+        x = self.depthwise(torch.relu(self.bn(self.grouped(x))))
+        return torch.relu(self.mix(x.flatten(2).transpose(1, 2))).mean(dim=1)  # mix on (B, tokens, channels)
+
+
+def test_grouped_convolutions_and_token_layers_are_sketched_exactly():
+    """Against the projection of torch.func's exact gradients (weights laid out C_out x C_in/groups*kh*kw); a
+    Linear layer on tokens sums over them. Negative control: ignoring the groups (one P_in over all channels) gives
+    another sketch."""
+    torch.manual_seed(0)
+    model = _GroupedAndTokens().eval()
+    _randomise_bn(model)
+    x = torch.randn(5, 4, 6, 6)
+    sketch = KroneckerSketch(model, rank=4, seed=1)
+    assert [layer.name for layer in sketch.layers] == ["grouped", "bn", "depthwise", "mix", "head"]
+    got = sketch(x)[0].double()
+    expected = _expected_sketch(sketch, _exact_by_name(model, x), 5)
+    rel = ((got - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert rel < 1e-5, rel
+    exact = _exact_by_name(model, x)
+    wrong = dict(exact)  # the grouped weight read as if it were dense over all input channels
+    wrong["grouped.weight"] = exact["grouped.weight"].reshape(5, 2, 4, -1).flip(1).reshape(5, -1)
+    assert not torch.allclose(_expected_sketch(sketch, wrong, 5), got, rtol=1e-3)
+    factors, errors = fit_kronecker_nfk(model, [torch.randn(16, 4, 6, 6)])  # the NFK factors fit these layers too
+    assert factors["depthwise"]["b"].shape == (9,) and factors["mix"]["a"].shape == (6,) and set(errors) == {
+        "grouped", "depthwise", "mix", "head"}
+
+
+def test_exact_nfk_sketch_of_grouped_and_token_layers():
+    torch.manual_seed(0)
+    model = _GroupedAndTokens().eval().double()
+    _randomise_bn(model)
+    x_kernel, x = torch.randn(20, 4, 6, 6, dtype=torch.float64), torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    sketch = ExactNFKSketch(model, dim=32, seed=3, normalisation=fit_exact_nfk(model, [x_kernel]))
+    got, _, _, sqnorm = sketch(x)
+    phi = _exact_phi_reference(model, x_kernel, x)
+    expected = _countsketch_loop(sketch, phi, 4)
+    assert ((got - expected).norm(dim=1) / expected.norm(dim=1)).max().item() < 1e-5  # w, z stored as float32
+    torch.testing.assert_close(sqnorm, sum((v**2).sum(dim=1) for v in phi.values()), rtol=1e-5, atol=0)
+
+
+def test_mobilenet_v3_small_by_name_on_the_kronecker_sketch():
+    """torchvision's depthwise MobileNet: every parameter is sketched (none refused), equal to the projected exact
+    per-sample gradients."""
+    torch.manual_seed(0)
+    model = build_model("torchvision:mobilenet_v3_small", 10, 3, 32).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    sketch = KroneckerSketch(model, rank=4, seed=0)
+    covered = {f"{layer.name}.{p}" for layer in sketch.layers for p, _ in layer.module.named_parameters(recurse=False)}
+    assert covered == {n for n, _ in model.named_parameters()}
+    assert any(getattr(layer.module, "groups", 1) > 1 for layer in sketch.layers)
+    got = sketch(x)[0].double()
+    expected = _expected_sketch(sketch, _exact_by_name(model, x), 2)
+    rel = ((got - expected).norm(dim=1) / expected.norm(dim=1)).max().item()
+    assert rel < 1e-4, rel
+
+
+def test_in_place_operations_after_a_layer_do_not_change_its_sketch():
+    """torchvision's ResNet applies ReLU(inplace=True) to BatchNorm outputs and adds the shortcut in place: the
+    captured output gradients must still be the layers' own (they were the later op's, a silent error on the BN
+    parameters). A module called twice is refused by name."""
+    from lowgrad.errors import GradientError
+
+    torch.manual_seed(0)
+    model = build_model("torchvision:resnet18", 10, 3, 32).eval()
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in model.modules())  # the case under test
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    sketch = KroneckerSketch(model, rank=4, seed=0)
+    got = sketch(x)[0].double()
+    expected = _expected_sketch(sketch, _exact_by_name(model, x), 2)
+    assert ((got - expected).norm(dim=1) / expected.norm(dim=1)).max().item() < 1e-4
+
+    class Twice(FeatureClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward_features(self, x):
+            return self.conv(self.conv(x)).mean(dim=(2, 3))
+
+    with pytest.raises(GradientError, match="layer conv runs more than once in a forward pass"):
+        KroneckerSketch(Twice().eval(), rank=2, seed=0)(torch.randn(2, 3, 5, 5))

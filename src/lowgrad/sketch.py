@@ -5,7 +5,9 @@ For a Conv2d / Linear weight the per-sample gradient is ``G = sum_t delta_t x_t^
 input patches). With seeded Gaussian ``P_out`` (r_out x C_out) and ``P_in`` (r_in x C_in*kh*kw), entries
 N(0, 1/r), the layer's sketch is ``P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T``: both factors are
 projected *before* the product (for a conv, ``P_in x_t`` is itself a convolution with ``P_in`` as kernel),
-so a layer costs one extra small conv and a batched ``r_out x T x r_in`` product. Inner products are
+so a layer costs one extra small conv and a batched ``r_out x T x r_in`` product. A grouped (depthwise)
+convolution's gradient is the stack of its groups' ``sum_t delta_jt x_jt^T``, sketched group by group with the
+same ``P_in``; a Linear layer on tokens sums over its tokens as a conv over positions. Inner products are
 preserved in expectation: ``E <sketch(G1), sketch(G2)> = <G1, G2>``.
 
 NFK: ``phi = w * (g - z)``. Per layer, ``w`` (C_out x C_in*kh*kw) is replaced by its best rank-1
@@ -77,8 +79,11 @@ class KroneckerSketch:
             if selected is not None and not selected.intersection(own):
                 continue
             if type(module) in (nn.Conv2d, nn.Linear):  # exact types: a subclass may change forward (timm's StdConv2d)
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    raise GradientError(f"layer {name}: grouped convolutions are not supported by the Kronecker sketch")
+                if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+                    raise GradientError(
+                        f"layer {name}: a Conv2d with padding {module.padding!r} / padding_mode '{module.padding_mode}' "
+                        "is not covered by the Kronecker sketch (it projects zero-padded patches); use a route that "
+                        "differentiates any layer (gradient.sketch: none or dense, or subspace.method: exact_randomized)")
                 c_out = module.weight.shape[0]
                 c_in = int(np.prod(module.weight.shape[1:]))
                 gen = torch.Generator().manual_seed(_layer_seed(seed, name))
@@ -108,7 +113,7 @@ class KroneckerSketch:
         if left_out:
             owner = type(model.get_submodule(left_out[0].rpartition(".")[0])).__name__
             raise GradientError(
-                f"the Kronecker sketch covers plain Conv2d (not grouped), Linear and BatchNorm2d layers only: {len(left_out)} "
+                f"the Kronecker sketch covers plain Conv2d (grouped too), Linear and BatchNorm2d layers only: {len(left_out)} "
                 f"selected parameters would be left out (e.g. '{left_out[0]}' of a {owner}); use a route that "
                 "differentiates any layer (gradient.sketch: none or dense, or subspace.method: exact_randomized), or "
                 "leave them out with gradient.params")
@@ -126,16 +131,21 @@ class KroneckerSketch:
         """Forward + one backward of ``sum_i logsumexp f(x_i)``: per-layer inputs and output gradients
         (per sample, since eval-mode layers never mix samples), plus logits and features."""
         inputs: dict[str, torch.Tensor] = {}
+        versions: dict[str, int] = {}
         outputs: dict[str, torch.Tensor] = {}
         handles = []
         for layer in self.layers:
-            def hook(mod, args, out, name=layer.name, kind=layer.kind):
-                if kind == "linear" and args[0].dim() != 2:
-                    raise GradientError(f"layer {name}: a Linear layer on {args[0].dim()}-D inputs (tokens) is not "
-                                        "supported by the Kronecker sketch; use gradient.sketch: none or dense, or "
-                                        "subspace.method: exact_randomized")
-                inputs[name] = args[0].detach()
+            def hook(mod, args, out, name=layer.name):
+                if name in outputs:
+                    raise GradientError(f"layer {name} runs more than once in a forward pass (a shared module): its "
+                                        "gradient sums over the calls, which the sketch does not; use a route that "
+                                        "differentiates any model (gradient.sketch: none or dense, or subspace.method: "
+                                        "exact_randomized), or leave it out with gradient.params")
+                inputs[name], versions[name] = args[0].detach(), args[0]._version
                 outputs[name] = out
+                # the model gets a copy: an in-place op after the layer (torchvision's ReLU(inplace=True), `out +=
+                # identity`) would otherwise change the captured output, and its gradient would be the later op's
+                return out.clone()
             handles.append(layer.module.register_forward_hook(hook))
         try:
             with torch.enable_grad():
@@ -146,6 +156,11 @@ class KroneckerSketch:
         finally:
             for h in handles:
                 h.remove()
+        changed = [name for name, t in inputs.items() if t._version != versions[name]]
+        if changed:
+            raise GradientError(f"the input of layer {changed[0]} is modified in place after the layer read it, so its "
+                                "gradient cannot be formed from it; use a route that differentiates any model "
+                                "(gradient.sketch: none or dense, or subspace.method: exact_randomized)")
         silent = [layer.name for layer in self.layers if layer.name not in outputs]
         if silent:
             raise GradientError(f"layer {silent[0]} did not run in the forward pass (an auxiliary head?): leave it out "
@@ -170,26 +185,51 @@ class KroneckerSketch:
             g_w = (delta * x_hat).sum(dim=(2, 3)) * layer.exact_scale["weight"]
             g_b = delta.sum(dim=(2, 3)) * layer.exact_scale["bias"]
             return torch.cat([g_w, g_b], dim=1)
+        groups = m.groups if layer.kind == "conv" else 1
         if layer.kind == "conv":
-            kernel = layer.p_in.view(-1, *m.weight.shape[1:])
-            px = F.conv2d(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation).flatten(2)  # (B, r_in, T)
-            d = delta.flatten(2)  # (B, C_out, T)
-        else:
-            px = (x @ layer.p_in.T).unsqueeze(2)  # (B, r_in, 1)
-            d = delta.unsqueeze(2)  # (B, C_out, 1)
-        pd = torch.einsum("oc,bct->bot", layer.p_out, d)
-        block = torch.bmm(pd, px.transpose(1, 2)).reshape(b, -1)
+            # P_in x_t for every patch: a conv with P_in as kernel (a grouped conv: each group's patches through P_in)
+            kernel = layer.p_in.view(-1, *m.weight.shape[1:]).repeat(groups, 1, 1, 1)
+            px = F.conv2d(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=groups).flatten(2)
+            d = delta.flatten(2)  # (B, C_out, T); px: (B, groups * r_in, T)
+        else:  # a Linear layer on (B, C_in) or on tokens (B, ..., C_in): the tokens are summed over like positions
+            px = (x.reshape(b, -1, x.shape[-1]) @ layer.p_in.T).transpose(1, 2)  # (B, r_in, T)
+            d = delta.reshape(b, -1, delta.shape[-1]).transpose(1, 2)  # (B, C_out, T)
+        if groups == 1:
+            pd = torch.einsum("oc,bct->bot", layer.p_out, d)
+            block = torch.bmm(pd, px.transpose(1, 2)).reshape(b, -1)
+        else:  # G = [G_1; ...; G_g] by output rows, G_j = sum_t delta_jt x_jt^T: P_out G P_in^T = sum_j P_out_j G_j P_in^T
+            t = d.shape[2]
+            p_out = layer.p_out.view(layer.p_out.shape[0], groups, -1)  # (r_out, groups, C_out / groups)
+            pd = torch.einsum("ogc,bgct->bgot", p_out, d.view(b, groups, -1, t))
+            block = torch.einsum("bgot,bgit->boi", pd, px.view(b, groups, -1, t)).reshape(b, -1)
         if m.bias is not None:
             return torch.cat([block, d.sum(dim=2) * layer.exact_scale["bias"]], dim=1)
         return block
 
 
 def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Exact per-sample weight gradients of one Conv2d / Linear layer, ``(B, C_out, C_in*kh*kw)``."""
+    """Exact per-sample weight gradients of one Conv2d (grouped too) / Linear (on tokens too) layer,
+    ``(B, C_out, C_in/groups*kh*kw)``, the layout of its weight."""
+    b = x.shape[0]
     if layer_kind == "conv":
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return torch.bmm(delta.flatten(2), patches.transpose(1, 2))
-    return delta[:, :, None] * x[:, None, :]
+        d = delta.flatten(2)  # (B, C_out, T); patches: (B, C_in*kh*kw, T), channel-major, so a group is a block
+        if module.groups == 1:
+            return torch.bmm(d, patches.transpose(1, 2))
+        g, t = module.groups, d.shape[2]
+        per_group = torch.einsum("bgot,bgit->bgoi", d.view(b, g, -1, t), patches.view(b, g, -1, t))
+        return per_group.reshape(b, module.weight.shape[0], -1)
+    if x.dim() == 2:
+        return delta[:, :, None] * x[:, None, :]
+    return torch.einsum("bto,bti->boi", delta.reshape(b, -1, delta.shape[-1]), x.reshape(b, -1, x.shape[-1]))
+
+
+def bias_gradients(layer_kind: str, delta: torch.Tensor) -> torch.Tensor:
+    """Exact per-sample bias gradients ``(B, C_out)`` of a Conv2d / Linear layer: the output gradient summed over
+    positions (tokens)."""
+    if layer_kind == "conv":
+        return delta.flatten(2).sum(dim=2)
+    return delta if delta.dim() == 2 else delta.reshape(delta.shape[0], -1, delta.shape[-1]).sum(dim=1)
 
 
 def layer_gradient_moments(
@@ -217,7 +257,7 @@ def layer_gradient_moments(
                 continue
             update(f"{layer.name}.weight", exact_layer_gradients(layer.kind, m, xin, d))
             if m.bias is not None:
-                update(f"{layer.name}.bias", d.flatten(2).sum(dim=2) if layer.kind == "conv" else d)
+                update(f"{layer.name}.bias", bias_gradients(layer.kind, d))
     if not moments:
         raise GradientError("no kernel samples to estimate the NFK factors from")
     return sketch, moments
@@ -366,8 +406,9 @@ class ExactNFKSketch(KroneckerSketch):
             block = torch.cat([phi_w, phi_b], dim=1)
             return (block.double() ** 2).sum(dim=1), block
         c_out, c_in = self._shape(layer, "weight")
-        positions = delta[0].numel() // c_out  # conv: output positions, each an unfolded patch of c_in values
-        step = max(1, self.max_block_floats // (c_out * c_in + (c_in * positions if layer.kind == "conv" else 0)))
+        positions = delta[0].numel() // c_out  # conv: output positions, each an unfolded patch of groups * c_in values
+        patch_floats = c_in * m.groups * positions if layer.kind == "conv" else 0
+        step = max(1, self.max_block_floats // (c_out * c_in + patch_floats))
         sq = []
         for i in range(0, len(x), step):  # bounded memory: `step` samples' patches and weight gradients at a time
             phi = self._normalised(layer, "weight", exact_layer_gradients(layer.kind, m, x[i : i + step], delta[i : i + step]))
@@ -377,7 +418,7 @@ class ExactNFKSketch(KroneckerSketch):
         sqnorm = torch.cat(sq)
         if m.bias is None:
             return sqnorm, None
-        phi_b = self._normalised(layer, "bias", delta.flatten(2).sum(dim=2) if layer.kind == "conv" else delta)
+        phi_b = self._normalised(layer, "bias", bias_gradients(layer.kind, delta))
         return sqnorm + (phi_b.double() ** 2).sum(dim=1), phi_b
 
 
