@@ -570,3 +570,36 @@ def test_dice_against_the_sparsified_layer_loop():
     # negative control: with the sparsification it is not the plain energy of the full layer
     assert not np.allclose(dice.score_samples(q), Energy().score_samples(head.logits(q)))
     assert make_detector("dice", {}, False, head).percentile == 90.0  # OpenOOD's p
+
+
+def test_a_bank_too_small_for_the_stratified_calibration_split_is_one_line():
+    """9 bank samples of 3 classes, calibration_fraction 0.2: 2 calibration samples cannot hold one of each class
+    (scikit-learn's own error was a ValueError traceback); 0.34 leaves 4 and works."""
+    from lowgrad.config import parse_params
+    from lowgrad.detectors import Head
+    from lowgrad.errors import ConfigError
+    from lowgrad.scoring import ScoringContext, run_all
+
+    rng = np.random.default_rng(0)
+    sets = {name: {"name": name, "logits": rng.standard_normal((n, 3)), "features": rng.standard_normal((n, 4)),
+                   "labels": np.arange(n) % 3, "g_low": rng.standard_normal((n, 4))}
+            for name, n in (("id_train", 9), ("id_test", 6), ("ood", 6))}
+
+    def run(fraction: float):
+        params = parse_params({
+            "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+                "id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS},
+                "ood": {"source": "npz", "path": DIGITS}}},
+            "model": {"arch": "small_cnn", "num_classes": 3},
+            "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {"k": 2}},
+                        "fusion": {"calibration_fraction": fraction,
+                                   "groups": [{"name": "msp_grad_knn", "members": ["msp", "grad_knn"]}]}},
+        })
+        head = Head(weight=rng.standard_normal((3, 4)), bias=np.zeros(3))
+        return run_all(params, sets, ScoringContext(forward_head=head, num_classes=3))[0]
+
+    with pytest.raises(ConfigError, match=r"splits the 9 id_train samples into 7 to fit and 2 to calibrate .* each of "
+                                          r"the 3 classes") as err:
+        run(0.2)
+    assert "\n" not in str(err.value)
+    assert np.isfinite(run(0.34)["fused_msp_grad_knn"]["ood"]).all()

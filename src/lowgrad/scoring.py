@@ -155,6 +155,13 @@ def fused_scores(
     """Every fusion group's rows. Members are fitted on a random ``1 - calibration_fraction`` of the bank
     (stratified, seeded) and calibrated on the rest; each member is scored once, whatever groups share it."""
     fusion, scoring = params.scoring.fusion, params.scoring
+    n_bank, n_classes = len(bank["labels"]), len(np.unique(bank["labels"]))
+    n_cal = int(np.ceil(fusion.calibration_fraction * n_bank))  # train_test_split's rounding
+    if min(n_cal, n_bank - n_cal) < n_classes:
+        raise ConfigError(f"scoring.fusion.calibration_fraction = {fusion.calibration_fraction} splits the {n_bank} "
+                          f"id_train samples into {n_bank - n_cal} to fit and {n_cal} to calibrate the fusion groups; "
+                          f"each part needs one sample of each of the {n_classes} classes (a stratified split): use a "
+                          "larger id_train or another calibration_fraction")
     fit_rows, cal_rows = train_test_split(
         np.arange(len(bank["labels"])), test_size=fusion.calibration_fraction,
         random_state=params.seed, stratify=bank["labels"],
