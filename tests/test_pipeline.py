@@ -77,7 +77,7 @@ def status_stages(root: Path) -> set[str]:
 def make_project(dest: Path, params: dict) -> Path:
     for item in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / item, dest / item)
-    for folder in ("stages", "src", "flows", "data/embedded"):
+    for folder in ("stages", "src", "flows", "data/embedded", "architectures"):
         shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

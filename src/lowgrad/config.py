@@ -29,6 +29,8 @@ SourceKind = Literal["npz", "npz_jpeg", "image_folder", "photo_patches", "torchv
 EMBEDDED_DIGITS = "data/embedded/digits.npz"
 EMBEDDED_PHOTOS = "data/embedded/photos"
 BY_NAME = ("torchvision", "timm")  # model.arch: <library>:<model name> (lowgrad.models builds them)
+USER_MODULE = "module"  # model.arch: module:<import.path>:<callable>, the user's own nn.Module
+USER_CODE = "architectures"  # where that code lives: a DVC dependency of every stage that builds the model
 TRAINED_CHECKPOINT = "models/trained.pt"  # model.checkpoint that means: train model.arch on id_train (stage train)
 _REPLACED_SOURCES = {  # earlier source kinds that read scikit-learn's bundled copies: now files DVC can track
     "sklearn_digits": f"{{source: npz, path: {EMBEDDED_DIGITS}}}",
@@ -114,7 +116,7 @@ class ModelConfig(_Strict):
     so a checkpoint replaced in place reruns ``model`` and everything after it; ``models/trained.pt`` (the default)
     is the ``train`` stage's model of ``arch`` trained on ``id_train``."""
 
-    arch: str = Field(min_length=1)  # a name registered in lowgrad.models, torchvision:<name> or timm:<name>
+    arch: str = Field(min_length=1)  # registered in lowgrad.models, torchvision:<name>, timm:<name>, module:<path>:<callable>
     num_classes: Int = Field(gt=1)
     checkpoint: str = Field(TRAINED_CHECKPOINT, min_length=1)
 
@@ -124,8 +126,19 @@ class ModelConfig(_Strict):
         """The form only (the names are known once torch is imported: :func:`lowgrad.models.build_model` checks them,
         and the flow does before any stage runs)."""
         library, sep, name = value.partition(":")
-        if sep and (library not in BY_NAME or not name or ":" in name):
-            raise ValueError(f"'{value}': a built-in architecture name, torchvision:<model> or timm:<model>")
+        if sep and library == USER_MODULE:
+            path, _, factory = name.partition(":")
+            parts = path.split(".")
+            if not (factory.isidentifier() and all(part.isidentifier() for part in parts)):
+                raise ValueError(f"'{value}': module:<import.path>:<callable>, e.g. "
+                                 f"module:{USER_CODE}.tiny_convnet:TinyConvNet")
+            if parts[0] != USER_CODE or len(parts) < 2:
+                raise ValueError(f"'{value}': your model's code must live under {USER_CODE}/ in the project (a DVC "
+                                 f"dependency of every stage that builds the model, so editing it reruns them): "
+                                 f"module:{USER_CODE}.<file>:<callable>")
+        elif sep and (library not in BY_NAME or not name or ":" in name):
+            raise ValueError(f"'{value}': a built-in architecture name, torchvision:<model>, timm:<model> or "
+                             f"module:{USER_CODE}.<file>:<callable>")
         return value
 
     @field_validator("checkpoint", mode="before")

@@ -4,7 +4,8 @@
 ``model.arch`` is one of the :data:`ARCHITECTURES` registered here (a small CNN for the embedded default, the CIFAR
 ResNet-18 of the paper, the third-party CIFAR ResNet-20 with "option A" shortcuts, torchvision's ResNet-50), or
 ``torchvision:<name>`` (any classification model of ``torchvision.models``) or ``timm:<name>`` (when timm is
-installed), built by name with random weights (nothing is downloaded; the weights come from ``model.checkpoint``).
+installed), built by name with random weights (nothing is downloaded; the weights come from ``model.checkpoint``),
+or ``module:architectures.<file>:<callable>``, the user's own ``nn.Module`` in the project's ``architectures/``.
 A model built by name keeps its own parameter names, so its own checkpoints load as they are; its head is the
 ``Linear`` layer whose output is the model's output, found on a test batch (:func:`with_head_split`).
 Checkpoints load with ``weights_only=True``; foreign layouts (nested ``state_dict``, ``module.`` prefixes, float16)
@@ -15,8 +16,11 @@ else — a pickled module, a directory, an empty or foreign file, a key or shape
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import logging
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowgrad.config import BY_NAME
+from lowgrad.config import BY_NAME, USER_CODE, USER_MODULE
 from lowgrad.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -297,6 +301,46 @@ def _constructed(arch: str, make: Callable[[], nn.Module]) -> nn.Module:
         raise CheckpointError(f"model.arch '{arch}' cannot be built ({type(err).__name__}: {err})") from None
 
 
+def _user_module(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``module:architectures.<file>:<callable>``: the user's own ``nn.Module`` from images to logits. The callable
+    (a class or a function) gets the keyword arguments it accepts of ``num_classes`` and ``in_channels``; the file
+    must be the project's (``architectures/``, run from the project root), which DVC tracks for every stage that
+    builds the model. Its head is found as for a model built by name (:func:`with_head_split`)."""
+    _, path, factory_name = arch.split(":")
+    root = Path.cwd().resolve()
+    if str(root) not in sys.path:  # `python -m stages.<name>` has it; an in-process caller may not
+        sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(path)
+    except ModuleNotFoundError as err:
+        if err.name and (path == err.name or path.startswith(err.name + ".")):
+            raise CheckpointError(f"model.arch '{arch}': no module {path} ({root / USER_CODE} holds your model's "
+                                  f"code: {path.replace('.', '/')}.py)") from None
+        raise CheckpointError(f"model.arch '{arch}': importing {path} fails (ModuleNotFoundError: {err})") from None
+    except Exception as err:  # the user's code: its own error, in one line
+        raise CheckpointError(f"model.arch '{arch}': importing {path} fails ({type(err).__name__}: {err})") from None
+    origin = Path(getattr(module, "__file__", "") or "").resolve()
+    if not origin.is_relative_to(root / USER_CODE):
+        raise CheckpointError(f"model.arch '{arch}': {path} was loaded from {origin}, not from {root / USER_CODE} "
+                              "(the code DVC tracks); run from the project root")
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        known = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise CheckpointError(f"model.arch '{arch}': {path} has no callable '{factory_name}'{_closest(factory_name, known)}")
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in {"num_classes": num_classes, "in_channels": in_channels}.items() if takes_any or k in accepted}
+    model = _constructed(arch, lambda: factory(**kwargs))
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"model.arch '{arch}': {factory_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
+                              f"returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """Instantiate an architecture by its ``params.yaml`` name: a :class:`FeatureClassifier`, or a model built by name
     with the same interface (``model(x, return_features=True)``, :func:`head_of`); ``image_size``: the test batch
@@ -304,9 +348,12 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     library, sep, _ = arch.partition(":")
     if sep and library in BY_NAME:
         return with_head_split(_by_name(arch, num_classes, in_channels), num_classes, arch, in_channels, image_size)
+    if sep and library == USER_MODULE:
+        return with_head_split(_user_module(arch, num_classes, in_channels), num_classes, arch, in_channels, image_size)
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown model.arch '{arch}'{_closest(arch, list(ARCHITECTURES))}: one of "
-                              f"{', '.join(ARCHITECTURES)}, or torchvision:<name> / timm:<name>")
+                              f"{', '.join(ARCHITECTURES)}, or torchvision:<name> / timm:<name> / "
+                              f"module:{USER_CODE}.<file>:<callable>")
     return ARCHITECTURES[arch](num_classes, in_channels)
 
 

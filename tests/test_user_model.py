@@ -1,0 +1,128 @@
+"""Your own model: ``model.arch: module:architectures.<file>:<callable>`` (docs/pipeline.md, "Architectures").
+
+The class is built from the project's ``architectures/``, its head and features are found on a test batch and
+checked against the plain module's own computation; every refusal is one line; and the whole pipeline runs on it
+(trained by the ``train`` stage) on the exact, Kronecker and matrix-free routes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowgrad.config import ModelConfig, parse_params
+from lowgrad.errors import CheckpointError
+from lowgrad.models import build_model, head_of
+from tests.conftest import ROOT
+from tests.test_pipeline import TINY
+
+EXAMPLE = "module:architectures.tiny_convnet:TinyConvNet"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project directory holding a copy of ``architectures/``, as the working directory (the stages run
+    from the project root), with no ``architectures`` module left cached by an earlier test."""
+    shutil.copytree(ROOT / "architectures", tmp_path / "architectures", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "architectures" or m.startswith("architectures.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *[p for p in sys.path if Path(p or ".").resolve() != ROOT]])
+    return tmp_path
+
+
+def _user_file(project: Path, name: str, text: str) -> str:
+    (project / "architectures" / f"{name}.py").write_text(text)
+    return f"module:architectures.{name}"
+
+
+def test_the_example_builds_with_its_own_head_features_and_names(project):
+    model = build_model(EXAMPLE, 6, in_channels=1, image_size=8).eval()
+    from architectures.tiny_convnet import TinyConvNet  # the user's class, used as plain PyTorch
+
+    plain = TinyConvNet(num_classes=6, in_channels=1).eval()
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    plain.load_state_dict(model.state_dict())  # the parameters keep their names: own checkpoints load as they are
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    logits, features = model(x, return_features=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(features, plain.body(x), rtol=0, atol=0)  # the classifier's input
+    assert head_of(model) is model.classifier
+
+
+def test_a_function_taking_only_num_classes_is_a_factory(project):
+    arch = _user_file(project, "by_function", "from torch import nn\n"
+                      "def make(num_classes):\n"
+                      "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+    model = build_model(f"{arch}:make", 4, in_channels=1, image_size=8)
+    assert head_of(model).out_features == 4 and head_of(model) is model[3]
+
+
+@pytest.mark.parametrize("name,text,factory,fragment", [
+    ("missing", None, "Net", "no module architectures.missing"),
+    ("typo", "class Net: pass\n", "Nett", "has no callable 'Nett' (closest: Net)"),
+    ("not_a_module", "def Net(num_classes):\n    return 3\n", "Net", "Net(num_classes=4) returned a int"),
+    ("raises", "def Net(num_classes):\n    raise ValueError('bad width')\n", "Net", "cannot be built (ValueError: bad width)"),
+    ("imports_missing", "import not_a_package_anywhere\n", "Net",
+     "importing architectures.imports_missing fails (ModuleNotFoundError"),
+    ("buggy", "raise RuntimeError('my bug')\n", "Net", "fails (RuntimeError: my bug)"),
+    ("no_head", "from torch import nn\ndef Net(num_classes):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))\n",
+     "Net", "no Linear layer with 4 outputs"),
+])
+def test_each_user_model_problem_is_one_line(project, name, text, factory, fragment):
+    if text is not None:
+        _user_file(project, name, text)
+    with pytest.raises(CheckpointError) as err:
+        build_model(f"module:architectures.{name}:{factory}", 4, in_channels=1, image_size=8)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_code_outside_architectures_or_not_the_projects_is_refused(project, tmp_path_factory, monkeypatch):
+    for arch in ("module:lowgrad.models:SmallCNN", "module:architectures:Net", "module:architectures.x:y:z"):
+        with pytest.raises(ValueError, match="module:architectures"):
+            ModelConfig(arch=arch, num_classes=3)
+    # the same module name found in another directory (an old copy on sys.path) is not the code DVC tracks
+    other = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(project / "architectures", other / "architectures")
+    (other / "architectures" / "stray.py").write_text("from architectures.tiny_convnet import TinyConvNet as Net\n")
+    monkeypatch.syspath_prepend(str(other))
+    with pytest.raises(CheckpointError, match=r"was loaded from .*elsewhere.* not from .*architectures"):
+        build_model("module:architectures.stray:Net", 4, in_channels=1, image_size=8)
+
+
+@pytest.mark.parametrize("route,change", [
+    ("exact", {}),
+    ("kronecker", {"gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64}}),
+    ("matrix_free", {"subspace": {"method": "exact_randomized", "k": 8, "oversample": 6, "power_iters": 1}}),
+])
+def test_the_pipeline_on_your_model(project, route, change):
+    """Train the example on the tiny digits set, then every stage up to score in one process, as ``dvc repro``
+    would run them."""
+    from lowgrad.pipeline import stage_bodies
+
+    shutil.copytree(ROOT / "data/embedded", project / "data/embedded")
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    raw = json.loads(json.dumps(TINY))
+    raw["model"]["arch"] = EXAMPLE
+    raw["scoring"]["k_sweep"] = []
+    raw["scoring"]["bootstrap"]["replicates"] = 100
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values}
+    params = parse_params(raw)
+    for stage, body, args in stage_bodies(params, project):
+        if stage != "report":  # metrics.json is score's; the report reads it only
+            body(params, *args)
+    info = json.loads((project / "models/model.json").read_text())
+    w = 16  # TinyConvNet's width: conv 1 -> w, BatchNorm, conv w -> 2w, BatchNorm, Linear 2w -> 3 (with its bias)
+    assert info["arch"] == EXAMPLE and info["n_parameters"] == 9 * w + 2 * w + 9 * w * 2 * w + 4 * w + 2 * w * 3 + 3
+    metrics = json.loads((project / "report/metrics.json").read_text())
+    assert {"knn", "grad_knn", "grad_residual", "fused_react_grad_knn"} <= set(metrics["methods"])
+    assert metrics["id_accuracy"] > 50  # trained: better than chance (3 classes)
+    g_low = np.load(project / "artifacts/projected/id_test.npy")
+    assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
