@@ -210,10 +210,10 @@ def composed_document(source: Path, rt) -> Any:
         names = " -> ".join(str(path.name) for path in [root_file, *(p for p, _ in profiles)])
         own = profiles[-1][1].ca.comment
         header = "".join(token.value for token in (own[1] or [])) if own else ""
+        lines = [line[2:] if line.startswith("# ") else line[1:] for line in header.rstrip("\n").splitlines()]
+        lines.append(f"Written by flows.pipeline from {source.name}, merged as {names}: edit the profile, not this file.")
         doc.ca.comment = None
-        doc.yaml_set_start_comment(
-            "\n".join(line[2:] if line.startswith("# ") else line[1:] for line in header.rstrip("\n").splitlines())
-            + f"\nWritten by flows.pipeline from {source.name}, merged as {names}: edit the profile, not this file.")
+        doc.yaml_set_start_comment("\n".join(lines))
     return doc
 
 
