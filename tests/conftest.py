@@ -70,7 +70,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     """One Prefect API server (``prefect server start`` on 127.0.0.1) for the tests that run flows, started once
     per session and worker; pass it as ``PREFECT_API_URL``. A flow without it starts its own temporary server
     (~20 s each); the tests of that temporary server itself do not use this one."""
-    from tests.test_pipeline import _api, _free_port, _wait
+    from tests.test_pipeline import _api, _free_port, _wait, terminate
 
     home = tmp_path_factory.mktemp("prefect-server")
     api = f"http://127.0.0.1:{_free_port()}/api"
@@ -83,11 +83,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
         _wait(lambda: server.poll() is None and _api(f"{api}/health"), 120, f"the Prefect server (log: {home / 'server.log'})")
         yield api
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        terminate(server)
         log.close()
 
 

@@ -285,6 +285,15 @@ def test_teammate_clone_reuses_pushed_results(project, tmp_path):
     assert ChunkedStore.open(clone / "artifacts/extract/id_test.zarr").read("grads").shape[0] == 90
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a background process (a Prefect server, a serving flow): SIGTERM, then SIGKILL after ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _free_port() -> int:
     import socket
 
@@ -380,9 +389,5 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path, prefec
         assert table["type"] == "table" and "grad_knn" in json.dumps(table["data"]) and "fpr95_ci" in json.dumps(table["data"])
     finally:
         if serve is not None:
-            serve.terminate()
-            try:
-                serve.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+            terminate(serve)
         logs.close()
