@@ -289,7 +289,7 @@ def test_fusion_with_a_model_dependent_forward_detector_scores_held_out_images()
     loaded = []
     ctx = ScoringContext(forward_head=Head.from_linear(model.head), num_classes=3, model_forward=model,
                          load_images=lambda name: loaded.append(name) or images[name])
-    scores, _ = run_all(params, sets, ctx)
+    scores, _, _ = run_all(params, sets, ctx)
     assert "id_train" in loaded  # the calibration rows' images were loaded for the forward side
     for label in ("bats", "grad_knn", "fused_bats_grad_knn", "fused_bats_grad_knn_forward_only"):
         assert all(np.isfinite(scores[label][s]).all() for s in ("id_test", "ood"))

@@ -126,3 +126,74 @@ def test_the_pipeline_on_your_model(project, route, change):
     assert metrics["id_accuracy"] > 50  # trained: better than chance (3 classes)
     g_low = np.load(project / "artifacts/projected/id_test.npy")
     assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
+    _saved_detector_round_trip(project, set(metrics["methods"]))
+    if route == "exact":
+        _lowgrad_score_command(project)
+    _replaced_files_are_refused(project)
+
+
+def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
+    """``OODDetector.load(run).score(images)`` of id_test and the OOD set: the pipeline's stored scores, for every
+    forward, gradient and fused row (relative difference at most 1e-4); ``predict`` flags below the threshold."""
+    from lowgrad import OODDetector
+    from lowgrad.data import load_image_set
+
+    detector = OODDetector.load(project)
+    assert set(detector.rows) == rows
+    stored = np.load(project / "artifacts/scores.npz")
+    for name in ("id_test", "digits_7to9"):
+        images = load_image_set(project / f"data/prepared/{name}.npz").images
+        scores = detector.score(images)
+        for row, s in scores.items():
+            ref = stored[f"{row}/{name}"]
+            np.testing.assert_allclose(s, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=f"{row} on {name}")
+        assert not np.allclose(detector.score(images[::-1], rows=["grad_knn"])["grad_knn"], stored[f"grad_knn/{name}"])
+    flagged = detector.predict(images, row="grad_residual")  # the OOD set
+    np.testing.assert_array_equal(flagged, stored["grad_residual/digits_7to9"] < detector.thresholds["grad_residual"])
+    assert np.mean(stored["grad_residual/id_test"] < detector.thresholds["grad_residual"]) <= 0.05
+
+
+def _lowgrad_score_command(project: Path) -> None:
+    """The console script on the OOD set: one score per image and row, in CSV and JSON; a bad row is one line."""
+    import csv
+    import subprocess
+
+    script = Path(sys.executable).parent / "lowgrad"
+    run = lambda *args: subprocess.run([str(script), "score", "--run", str(project), "--images",  # noqa: E731
+                                        "data/prepared/digits_7to9.npz", *args], capture_output=True, text=True)
+    proc = run("--out", "scores.csv")
+    assert proc.returncode == 0, proc.stderr
+    with open(project / "scores.csv") as fh:
+        table = list(csv.reader(fh))
+    rows = json.loads((project / "report/metrics.json").read_text())["methods"]
+    assert table[0] == ["image", *rows] and len(table) == 1 + 90
+    stored = np.load(project / "artifacts/scores.npz")
+    np.testing.assert_allclose([float(r[table[0].index("grad_knn")]) for r in table[1:]], stored["grad_knn/digits_7to9"],
+                               rtol=1e-4)
+    proc = run("--rows", "knn,grad_residual", "--out", "scores.json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((project / "scores.json").read_text())
+    assert set(out["rows"]) == {"knn", "grad_residual"} and len(out["rows"]["knn"]["flagged"]) == 90
+    proc = run("--rows", "knn,nope", "--out", "bad.csv")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown row(s) nope") and proc.stderr.count("\n") == 1
+    assert not (project / "bad.csv").exists()
+
+
+def _replaced_files_are_refused(project: Path) -> None:
+    """A model or a basis V replaced after ``score`` ran: loading the detector is refused with one line."""
+    import zarr
+
+    from lowgrad import OODDetector
+    from lowgrad.errors import DetectorError
+
+    basis = zarr.open_array(str(project / "artifacts/subspace/subspace.zarr"), mode="r+")
+    original = basis[0, 0]
+    basis[0, 0] = original + 1.0
+    with pytest.raises(DetectorError, match="subspace.zarr is not the one this detector was fitted with"):
+        OODDetector.load(project)
+    basis[0, 0] = original
+    OODDetector.load(project)  # restored: loads again
+    state = torch.load(project / "models/model.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, project / "models/model.pt")
+    with pytest.raises(DetectorError, match="models/model.pt is not the one this detector was fitted with"):
+        OODDetector.load(project)

@@ -318,3 +318,46 @@ def to_tensor_batch(images: np.ndarray, mean: list[float], std: list[float]):
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[str]]:
+    """New inputs to score (``lowgrad score``, the monitor): an ``.npz`` of either layout, a folder of images, or an
+    ImageFolder tree, brought to the run's ``data.image_size`` / ``channels`` as ``prepare`` does (short side
+    resized, centre crop; images of that size already are kept as they are). Returns the uint8 images and a name
+    per image (its file, or ``<file>#<index>``)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            raw = [_decode(f.read_bytes(), str(f), data.channels) for f in files]
+            names = [f.name for f in files]
+        else:
+            folder = _FolderImages(path, data.channels)
+            raw = [folder[i] for i in range(len(folder))]
+            names = [str(f.relative_to(path)) for f in folder.files]
+    elif path.suffix == ".npz" and path.is_file():
+        try:
+            with zipfile.ZipFile(path) as z:
+                layout = {n.removesuffix(".npy") for n in z.namelist()}
+        except zipfile.BadZipFile:
+            layout = set()  # _open_npz says what is wrong with it
+        if "jpeg" in layout:
+            encoded = _JpegImages(path, data.channels)
+            raw = [encoded[i] for i in range(len(encoded))]
+        else:
+            arrays = _open_npz(path, ("images",))
+            raw = list(arrays["images"])
+            if arrays["images"].dtype != np.uint8 or arrays["images"].ndim != 4:
+                raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C), got {arrays['images'].dtype} "
+                                f"{arrays['images'].shape}")
+        names = [f"{path.name}#{i}" for i in range(len(raw))]
+    elif path.exists():
+        raise DataError(f"{path}: not an .npz file or a folder of images")
+    else:
+        raise DataError(f"images not found: {path}")
+    if not raw:
+        raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    expected = (data.image_size, data.image_size, data.channels)
+    images = np.stack([im if im.shape == expected
+                       else resize_center_crop(im, data.image_size, data.channels, data.resize_short_side) for im in raw])
+    return np.ascontiguousarray(images, dtype=np.uint8), names

@@ -198,11 +198,14 @@ class KNN(Detector):
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> "KNN":
         if self.k > len(X):
             raise ValueError(f"KNN k={self.k} exceeds the bank size {len(X)}")
-        self.index_ = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self._normalise(X))
+        self.bank_ = self._normalise(X)  # the fitted state (saved with the detector); the index is built from it
+        self._index = None
         return self
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
-        dist, _ = self.index_.kneighbors(self._normalise(X))
+        if getattr(self, "_index", None) is None:
+            self._index = NearestNeighbors(n_neighbors=self.k, algorithm="brute").fit(self.bank_)
+        dist, _ = self._index.kneighbors(self._normalise(X))
         return -dist[:, -1]
 
 

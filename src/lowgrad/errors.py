@@ -23,3 +23,7 @@ class StoreError(LowgradError):
 
 class GradientError(LowgradError):
     """Gradients cannot be computed as configured (too large, NaN, ...)."""
+
+
+class DetectorError(LowgradError):
+    """A saved detector is missing, damaged, or does not belong with the run's files."""

@@ -104,8 +104,9 @@ def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]
     return factors
 
 
-def build_extractor(params: Params, name: str, root: str | Path = ".") -> Extractor:
-    """The extractor of one prepared set on this configuration's route (``root``: the project directory)."""
+def build_extractor(params: Params, name: str | None, root: str | Path = ".", images: ImageSet | None = None) -> Extractor:
+    """The extractor of one prepared set on this configuration's route (``root``: the project directory), or of
+    ``images`` (new inputs, :class:`lowgrad.api.OODDetector`)."""
     root = Path(root)
     route = Route.from_params(params)
     model = load_checkpoint(fresh_model(params), root / MODEL).eval()
@@ -127,7 +128,8 @@ def build_extractor(params: Params, name: str, root: str | Path = ".") -> Extrac
 
         sketch = DenseSketch(model.to(device), param_names, g.sketch_dim, params.seed, factors.get("dense", {}).get("w"))
     return Extractor(
-        model, param_names, load_image_set(root / PREPARED.format(name=name)), params.data.mean, params.data.std,
+        model, param_names, images if images is not None else load_image_set(root / PREPARED.format(name=name)),
+        params.data.mean, params.data.std,
         batch_size=g.batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
         store_gradients=route.stores_gradients,
     )

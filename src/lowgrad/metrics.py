@@ -42,13 +42,17 @@ def average_precision(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def fpr_at_tpr(pos_scores: np.ndarray, neg_scores: np.ndarray, tpr: float = 0.95) -> float:
-    """Fraction of negatives scoring at or above the largest threshold that keeps ``tpr`` of positives."""
-    pos, neg = np.sort(_as_1d(pos_scores))[::-1], _as_1d(neg_scores)
+def tpr_threshold(pos_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """The largest threshold that keeps ``tpr`` of the positives at or above it (a sample below it is flagged)."""
+    pos = np.sort(_as_1d(pos_scores))[::-1]
     percent = round(tpr * 100)
     need = -(-percent * len(pos) // 100)  # ceil(tpr * n) in integers: no float rounding at exact counts
-    threshold = pos[need - 1]
-    return float(np.mean(neg >= threshold))
+    return float(pos[need - 1])
+
+
+def fpr_at_tpr(pos_scores: np.ndarray, neg_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of negatives scoring at or above the largest threshold that keeps ``tpr`` of positives."""
+    return float(np.mean(_as_1d(neg_scores) >= tpr_threshold(pos_scores, tpr)))
 
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:

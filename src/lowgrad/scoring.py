@@ -20,7 +20,7 @@ from lowgrad.config import Params
 from lowgrad.options import FusionGroup
 from lowgrad.rows import Row, detector_row_name, detector_rows, fusion_rows, member_detector
 from lowgrad.errors import ConfigError
-from lowgrad.detectors import ODIN, Head, make_detector, uses_probe
+from lowgrad.detectors import ODIN, Detector, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
 
@@ -61,30 +61,65 @@ def _images(data: DataSet, ctx: ScoringContext):
     return data["images"]
 
 
+@dataclass
+class Fitted:
+    """One fitted detector and the view of a set it reads: forward rows read the stored logits / features (or the
+    images, model-dependent ones), gradient rows ``G_low`` (through ``probe``, the linear probe, where they need
+    logits) or ``[G_low | ||phi||^2]``."""
+
+    detector: Detector
+    gradient: bool
+    probe: Head | None = None
+
+    def view(self, data: DataSet) -> np.ndarray:
+        det = self.detector
+        if not self.gradient:
+            return data[det.input]
+        if det.input == "logits":  # the probe's logits on G_low
+            return self.probe.logits(data["g_low"])
+        if det.input == "g_low_and_sqnorm":
+            return np.column_stack([data["g_low"], data["phi_sqnorm"]])
+        return data["g_low"]
+
+    @property
+    def uses_images(self) -> bool:
+        return not self.gradient and self.detector.uses_model
+
+    def score(self, data: DataSet, ctx: "ScoringContext") -> np.ndarray:
+        """Scores of one set (higher = more in-distribution)."""
+        if self.uses_images:
+            if ctx.model_forward is None:
+                raise ValueError(f"forward {type(self.detector).__name__} needs the model")
+            return self.detector.score_inputs(ctx.model_forward, _images(data, ctx))
+        return self.detector.score_samples(self.view(data))
+
+
+def unfitted(name: str, kwargs: dict[str, Any], gradient: bool, ctx: ScoringContext, probe: Head | None = None) -> Fitted:
+    """A configured detector with what it reads (the probe, the network's head, the input std), before ``fit``:
+    the one place a row's detector is put together, for fitting here and for restoring a saved one."""
+    if gradient:
+        det = make_detector(name, kwargs, True, probe if uses_probe(name) else None)
+        return Fitted(det, True, probe if uses_probe(name) else None)
+    det = make_detector(name, kwargs, False, ctx.forward_head)
+    if isinstance(det, ODIN):
+        det.input_std = ctx.input_std
+    return Fitted(det, False)
+
+
+def fit_detector(name: str, kwargs: dict[str, Any], gradient: bool, bank: DataSet, ctx: ScoringContext) -> Fitted:
+    """One detector fitted on ``bank`` (model-dependent forward ones need no fit)."""
+    fitted = unfitted(name, kwargs, gradient, ctx, ctx.probe(bank) if gradient and uses_probe(name) else None)
+    if not fitted.uses_images:
+        fitted.detector.fit(fitted.view(bank), bank["labels"])
+    return fitted
+
+
 def score_detector(
     name: str, kwargs: dict[str, Any], gradient: bool, bank: DataSet, targets: dict[str, DataSet], ctx: ScoringContext
 ) -> dict[str, np.ndarray]:
     """Fit one detector on ``bank`` and score every target set."""
-    if gradient:
-        head = ctx.probe(bank) if uses_probe(name) else None
-        det = make_detector(name, kwargs, True, head)
-        if det.input == "logits":  # the probe's logits on G_low
-            view = lambda d: head.logits(d["g_low"])  # noqa: E731
-        elif det.input == "g_low_and_sqnorm":
-            view = lambda d: np.column_stack([d["g_low"], d["phi_sqnorm"]])  # noqa: E731
-        else:
-            view = lambda d: d["g_low"]  # noqa: E731
-    else:
-        det = make_detector(name, kwargs, False, ctx.forward_head)
-        if det.uses_model:
-            if ctx.model_forward is None:
-                raise ValueError(f"forward {name} needs the model")
-            if isinstance(det, ODIN):
-                det.input_std = ctx.input_std
-            return {t: det.score_inputs(ctx.model_forward, _images(d, ctx)) for t, d in targets.items()}
-        view = lambda d: d[det.input]  # noqa: E731
-    det.fit(view(bank), bank["labels"])
-    return {t: det.score_samples(view(d)) for t, d in targets.items()}
+    fitted = fit_detector(name, kwargs, gradient, bank, ctx)
+    return {t: fitted.score(d, ctx) for t, d in targets.items()}
 
 
 def _subset(data: DataSet, rows: np.ndarray, name: str) -> DataSet:
@@ -124,19 +159,41 @@ def configured_rows(scoring) -> dict[str, Row]:
     return rows
 
 
-def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+@dataclass
+class FittedRows:
+    """Everything ``score`` fitted: each detector row on the whole bank; each fusion member on the fit part of the
+    bank, with its scores on the held-out calibration part (what :func:`lowgrad.fusion.fuse` calibrates on)."""
+
+    rows: dict[str, Fitted] = field(default_factory=dict)
+    members: dict[str, Fitted] = field(default_factory=dict)
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def scores(self, data: DataSet, ctx: ScoringContext, fusion: dict[str, tuple[Row, str]]) -> dict[str, np.ndarray]:
+        """Every row's scores of one set: the detector rows, then each fusion row (``fusion``: :func:`fusion_plan`)."""
+        out = {label: fitted.score(data, ctx) for label, fitted in self.rows.items()}
+        member_scores = {m: fitted.score(data, ctx) for m, fitted in self.members.items()}
+        for label, (row, rule) in fusion.items():
+            out[label] = fuse([self.calibration[m] for m in row.members], [member_scores[m] for m in row.members], rule)
+        return out
+
+
+def run_all(
+    params: Params, sets: dict[str, DataSet], ctx: ScoringContext
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float], FittedRows]:
     """Scores of every configured row: forward (by name), gradient (``grad_<name>``) and fusion groups
-    (``fused_<group>``, ``fused_<group>_forward_only``). Returns ``(scores[row][set], extras)``."""
+    (``fused_<group>``, ``fused_<group>_forward_only``). Returns ``(scores[row][set], extras, fitted)``."""
     bank = sets["id_train"]
     targets = {n: d for n, d in sets.items() if n != "id_train"}
     scoring = params.scoring
     scores: dict[str, dict[str, np.ndarray]] = {}
+    fitted = FittedRows()
     rows = [(name, kwargs, False) for name, kwargs in scoring.forward.items()]
     rows += [(name, kwargs, True) for name, kwargs in scoring.gradient.items()]
     for i, (name, kwargs, gradient) in enumerate(rows, 1):
         label = detector_row_name(name, gradient)
         started = time.perf_counter()
-        scores[label] = score_detector(name, kwargs, gradient, bank, targets, ctx)
+        fitted.rows[label] = fit_detector(name, kwargs, gradient, bank, ctx)
+        scores[label] = {t: fitted.rows[label].score(d, ctx) for t, d in targets.items()}
         log.info("[%d/%d] %s fitted on %d bank rows, %d sets scored in %.1f s", i, len(rows), label,
                  len(bank["labels"]), len(targets), time.perf_counter() - started)
     extras: dict[str, float] = {}
@@ -145,15 +202,16 @@ def run_all(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> tu
         test = sets["id_test"]
         extras["probe_accuracy"] = float(100 * np.mean(head.logits(test["g_low"]).argmax(1) == test["labels"]))
     if scoring.fusion.groups:
-        scores.update(fused_scores(params, bank, targets, ctx))
-    return scores, extras
+        scores.update(fused_scores(params, bank, targets, ctx, fitted))
+    return scores, extras, fitted
 
 
 def fused_scores(
-    params: Params, bank: DataSet, targets: dict[str, DataSet], ctx: ScoringContext
+    params: Params, bank: DataSet, targets: dict[str, DataSet], ctx: ScoringContext, fitted: FittedRows | None = None
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every fusion group's rows. Members are fitted on a random ``1 - calibration_fraction`` of the bank
-    (stratified, seeded) and calibrated on the rest; each member is scored once, whatever groups share it."""
+    (stratified, seeded) and calibrated on the rest; each member is scored once, whatever groups share it. The
+    fitted members and their calibration scores go into ``fitted``."""
     fusion, scoring = params.scoring.fusion, params.scoring
     n_bank, n_classes = len(bank["labels"]), len(np.unique(bank["labels"]))
     n_cal = int(np.ceil(fusion.calibration_fraction * n_bank))  # train_test_split's rounding
@@ -172,22 +230,22 @@ def fused_scores(
     if any(make_detector(n, scoring.forward[n], False, ctx.forward_head).uses_model
            for n, gradient in map(member_detector, members) if not gradient):
         calibration["images"] = _images(dict(bank), ctx)[np.sort(cal_rows)]  # model-dependent members score images
-    with_cal = {"__calibration__": calibration, **targets}
-    member_scores: dict[str, dict[str, np.ndarray]] = {}
+    fitted = FittedRows() if fitted is None else fitted
     for i, member in enumerate(sorted(members), 1):
         name, gradient = member_detector(member)
         kwargs = (scoring.gradient if gradient else scoring.forward)[name]
         started = time.perf_counter()
-        member_scores[member] = score_detector(name, kwargs, gradient, fit_bank, with_cal, ctx)
+        fitted.members[member] = fit_detector(name, kwargs, gradient, fit_bank, ctx)
+        fitted.calibration[member] = fitted.members[member].score(calibration, ctx)
         log.info("fusion member [%d/%d] %s refitted on the fit part of the bank in %.1f s", i, len(members), member,
                  time.perf_counter() - started)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for label, (row, rule) in fusion_plan(fusion.groups).items():
-        rows = list(row.members)
-        cal = [member_scores[m]["__calibration__"] for m in rows]
-        out[label] = {t: fuse(cal, [member_scores[m][t] for m in rows], rule) for t in targets}
-        log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples", label, " + ".join(rows), rule, len(cal_rows))
-    return out
+    plan = fusion_plan(fusion.groups)
+    per_set = {t: FittedRows(members=fitted.members, calibration=fitted.calibration).scores(d, ctx, plan)
+               for t, d in targets.items()}
+    for row, rule in plan.values():
+        log.info("%s = %s (%s, equal weights), calibrated on %d held-out ID samples", row.name, " + ".join(row.members),
+                 rule, len(cal_rows))
+    return {label: {t: per_set[t][label] for t in targets} for label in plan}
 
 
 def k_sweep(params: Params, sets: dict[str, DataSet], ctx: ScoringContext) -> dict[int, dict[str, dict[str, np.ndarray]]]:

@@ -31,17 +31,19 @@ def stored_row_passes(params: Params, store: "ChunkedStore") -> Iterator["RowPas
         yield DaskRowPasses(client, store, params.cluster.shards or None)
 
 
-def recomputed_rows(params: Params, name: str):
-    """The matrix-free route's exact gradient rows of one prepared set (recomputed on every pass)."""
+def recomputed_rows(params: Params, name: str, root: str = ".", images=None):
+    """The matrix-free route's exact gradient rows of one prepared set, or of ``images`` (uint8 N x H x W x C, new
+    inputs), recomputed on every pass."""
     from lowgrad.data import load_image_set
     from lowgrad.gradients import PerSampleGradients, select_parameters
     from lowgrad.matrix_free import GradientRows
     from lowgrad.models import load_classifier, pick_device
     from lowgrad.paths import PREPARED
 
-    model = load_classifier(params).to(pick_device(params.device))
+    model = load_classifier(params, root).to(pick_device(params.device))
     gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
-    images = load_image_set(PREPARED.format(name=name)).images
+    if images is None:
+        images = load_image_set(f"{root}/{PREPARED.format(name=name)}").images
     return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=name)
 
 

@@ -1,5 +1,6 @@
 """Stage ``score``: fit every configured detector on the ID bank (``id_train``), score ID test and every OOD set,
-bootstrap every metric and the paired differences, write the scores and ``report/metrics.json``."""
+bootstrap every metric and the paired differences, write the scores, ``report/metrics.json`` and the fitted
+detector (``artifacts/detector``, :mod:`lowgrad.saved_detector`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
 from lowgrad.models import head_of, load_classifier
 from lowgrad.paths import EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_path, write_json
 from lowgrad.provenance import run_provenance
+from lowgrad.saved_detector import save_fitted
 from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
 from lowgrad.stages.prepare import prepared_size
 from lowgrad.store import ChunkedStore
@@ -68,7 +70,8 @@ def score(params: Params) -> None:
         probe_options=params.scoring.probe.model_dump(),
     )
     with torch.inference_mode(False):
-        all_scores, extras = run_all(params, sets, ctx)
+        all_scores, extras, fitted = run_all(params, sets, ctx)
+    save_fitted(fitted, params, {label: per_set["id_test"] for label, per_set in all_scores.items()})
     evidence = evaluate(all_scores, params)
     flat = {f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()}
     for label, table in evidence["methods"].items():

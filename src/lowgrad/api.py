@@ -1,0 +1,203 @@
+"""Score new images with a finished run's saved detector, in the scikit-learn / pytorch-ood style::
+
+    from lowgrad import OODDetector
+    det = OODDetector.load("path/to/project")        # the run's artifacts/detector, checked against its files
+    scores = det.score(images)                        # {row: scores}, higher = more in-distribution
+    is_ood = det.predict(images, row="grad_residual")  # True below the row's threshold at 95 % ID TPR
+
+``images``: uint8 ``N x H x W x C`` arrays of the run's ``data.image_size`` and ``data.channels`` (the run's
+normalisation is applied here), or a torch ``DataLoader`` yielding such batches (or ``(images, labels)`` pairs).
+New inputs go through the run's own code path: the ``extract`` stage's forward pass and gradient route (the
+saved model, sketch factors and seed), the ``project`` stage's ``G_low = phi(g) V`` with the saved normaliser and
+basis, then each saved row as ``score`` fitted it. Nothing is refitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowgrad.errors import DataError, DetectorError
+
+
+def _as_array(batch: Any) -> np.ndarray:
+    if isinstance(batch, (tuple, list)):  # (images, labels) from a labelled dataset
+        batch = batch[0]
+    if hasattr(batch, "numpy"):
+        batch = batch.detach().cpu().numpy()
+    return np.asarray(batch)
+
+
+class OODDetector:
+    """A run's fitted rows with the model, route and basis they score with. Build it with :meth:`load`."""
+
+    def __init__(self, root: Path, saved, ctx, extractor, rows_source, subspace) -> None:
+        self.root, self._saved, self._ctx = root, saved, ctx
+        self._extractor, self._rows_source, self._subspace = extractor, rows_source, subspace
+        self.params = saved.params
+        self.thresholds: dict[str, float] = dict(saved.thresholds)  # every row's, at 95 % TPR on the run's id_test
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":
+        """The saved detector of the project at ``run_dir`` (after ``dvc repro`` or ``dvc pull``). Refuses, with one
+        :class:`DetectorError` line, an artifact whose model, basis, normaliser or factors were replaced since."""
+        from lowgrad.config import parse_params
+        from lowgrad.saved_detector import check_artifact
+
+        root = Path(run_dir)
+        meta = check_artifact(root)  # before anything is built from the run's files
+        route_log = logging.getLogger("lowgrad.route")  # the saved params hold every value, defaults included: the
+        level = route_log.level  # route would state each unused one, which the run has stated already
+        route_log.setLevel(logging.ERROR)
+        try:
+            return cls._build(root, meta, parse_params({**meta["params"], "device": device}))
+        finally:
+            route_log.setLevel(level)
+
+    @classmethod
+    def _build(cls, root: Path, meta: dict[str, Any], params) -> "OODDetector":
+        import torch
+
+        from lowgrad.data import ImageSet
+        from lowgrad.detectors import Head
+        from lowgrad.extract import build_extractor
+        from lowgrad.models import head_of, load_classifier
+        from lowgrad.paths import SUBSPACE
+        from lowgrad.route import Route
+        from lowgrad.saved_detector import load_fitted
+        from lowgrad.scoring import ScoringContext
+        from lowgrad.stages.common import recomputed_rows
+        from lowgrad.subspace import GradientSubspace
+
+        model = load_classifier(params, root)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ctx = ScoringContext(forward_head=Head.from_linear(head_of(model)), num_classes=params.model.num_classes,
+                             model_forward=model, input_std=tuple(params.data.std), seed=params.seed,
+                             probe_options=params.scoring.probe.model_dump())
+        saved = load_fitted(root, ctx, meta, params)
+        size, channels = params.data.image_size, params.data.channels
+        placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
+        route = Route.from_params(params)
+        with torch.inference_mode(False):
+            extractor = build_extractor(params, None, root, images=placeholder)
+        rows_source = recomputed_rows(params, "new images", str(root), placeholder.images) if route.recomputes_gradients else None
+        subspace = None
+        if cls._needs_gradients(saved.fitted.rows.values(), saved.fitted.members.values()):
+            dim = rows_source.dim if rows_source is not None else extractor.gradients.dim
+            subspace = GradientSubspace.load(root / SUBSPACE, lazy=route.recomputes_gradients, dim=dim,
+                                             kernel=route.subspace_kernel, basis=params.subspace.basis)
+        return cls(root, saved, ctx, extractor, rows_source, subspace)
+
+    @staticmethod
+    def _needs_gradients(*groups: Iterable) -> bool:
+        return any(row.gradient for group in groups for row in group)
+
+    @property
+    def rows(self) -> list[str]:
+        """Every row this detector scores, in the report's order (forward, gradient, fused)."""
+        return list(self.thresholds)
+
+    def check_rows(self, rows: list[str] | None) -> list[str]:
+        """``rows`` (every row when None), each one this detector has (one :class:`DetectorError` line otherwise)."""
+        wanted = self.rows if rows is None else list(rows)
+        unknown = [r for r in wanted if r not in self.thresholds]
+        if unknown or not wanted:
+            raise DetectorError(f"unknown row(s) {', '.join(unknown) or '(none given)'}: this detector has "
+                                f"{', '.join(self.rows)}")
+        return wanted
+
+    def _selected(self, rows: list[str] | None):
+        from lowgrad.scoring import FittedRows, fusion_plan
+
+        fitted = self._saved.fitted
+        plan = fusion_plan(self.params.scoring.fusion.groups)
+        wanted = self.check_rows(rows)
+        fused = {label: plan[label] for label in wanted if label in plan}
+        members = {m for row, _ in fused.values() for m in row.members}
+        selected = FittedRows(rows={r: fitted.rows[r] for r in wanted if r in fitted.rows},
+                              members={m: fitted.members[m] for m in members},
+                              calibration={m: fitted.calibration[m] for m in members})
+        return selected, fused
+
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
+        size, channels = self.params.data.image_size, self.params.data.channels
+        if images.ndim == 3 and channels == 1:
+            images = images[..., None]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels):
+            raise DataError(f"images must be uint8 N x {size} x {size} x {channels} (the run's data.image_size and "
+                            f"data.channels), got {images.dtype} {'x'.join(map(str, images.shape))}; resize them as "
+                            "the run's prepare stage did (lowgrad.cli reads files and folders that way)")
+        return np.ascontiguousarray(images)
+
+    def _batches(self, images: Any) -> Iterable[np.ndarray]:
+        if isinstance(images, np.ndarray):
+            step = self.params.gradient.chunk_rows
+            for start in range(0, len(images), step):
+                yield self._check_images(images[start : start + step])
+        else:
+            for batch in images:
+                yield self._check_images(_as_array(batch))
+
+    def _features(self, images: np.ndarray, gradients: bool, with_images: bool) -> dict[str, Any]:
+        """What ``score`` reads of a set, computed for ``images`` as the extract and project stages do."""
+        from lowgrad.data import ImageSet, to_tensor_batch
+        from lowgrad.subspace import RowPasses
+
+        self._extractor.images = ImageSet(images, np.full(len(images), -1, np.int64))
+        extractor = self._extractor
+        if not gradients and extractor.gradients is not None:  # forward rows only: no gradients to compute
+            extractor = _without_gradients(extractor)
+        out = extractor.compute(slice(0, len(images)))
+        data: dict[str, Any] = {"name": "new images", "logits": out["logits"], "features": out["features"]}
+        if gradients:
+            if self._rows_source is not None:  # matrix-free: the exact rows, recomputed
+                passes = dataclasses.replace(self._rows_source, images=images)
+            else:
+                grads = out["grads"]
+                passes = RowPasses(lambda: iter([(slice(0, len(grads)), grads)]), len(grads), grads.shape[1])
+            g_low, sqnorm = self._subspace.transform_blocks_with_sqnorm(passes)
+            if "phi_sqnorm" in out:  # the exact-NFK route stores the exact ||phi||^2 beside the sketched row
+                sqnorm = out["phi_sqnorm"][:, 0]
+            data["g_low"], data["phi_sqnorm"] = g_low.astype(np.float32), sqnorm.astype(np.float64)
+        if with_images:
+            data["images"] = to_tensor_batch(images, self.params.data.mean, self.params.data.std)
+        return data
+
+    def score(self, images: Any, rows: list[str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+        """``{row: scores}`` of every row (or of ``rows``), higher = more in-distribution, as in the report."""
+        import torch
+        from tqdm import tqdm
+
+        selected, fused = self._selected(rows)
+        all_rows = [*selected.rows.values(), *selected.members.values()]
+        gradients = self._needs_gradients(all_rows)
+        with_images = any(row.uses_images for row in all_rows)
+        parts: dict[str, list[np.ndarray]] = {}
+        with torch.inference_mode(False):
+            for batch in tqdm(self._batches(images), desc="score", unit="batch", disable=not progress):
+                data = self._features(batch, gradients, with_images)
+                for label, s in selected.scores(data, self._ctx, fused).items():
+                    parts.setdefault(label, []).append(s)
+        if not parts:
+            raise DataError("no images to score")
+        return {label: np.concatenate(parts[label]) for label in self.check_rows(rows)}
+
+    def predict(self, images: Any, row: str) -> np.ndarray:
+        """``True`` where ``row`` flags an image as OOD: its score is below the row's saved threshold (95 % of the
+        run's id_test score at or above it)."""
+        return self.score(images, rows=[row])[row] < self.thresholds[row]
+
+
+def _without_gradients(extractor):
+    """The extractor computing logits and features only (forward rows need no gradients)."""
+    import copy
+
+    plain = copy.copy(extractor)
+    plain.gradients = None
+    return plain

@@ -1,0 +1,176 @@
+"""The fitted detector as files: ``artifacts/detector/`` (an output of ``score``, cached and pulled like any other).
+
+- ``arrays.npz``: every fitted row's state (its attributes ending in ``_``, scikit-learn's convention for what
+  ``fit`` learns), the linear probes they read, each fusion member's scores on its held-out calibration part, and
+  each row's ``id_test`` scores (the reference a monitor compares new batches with);
+- ``detector.json``, written last (a half-written artifact has none): the run's params, every row's threshold at
+  95 % ID TPR (fused rows too), and the sha256 of every file the rows belong with (the model, the basis ``V`` and its normaliser,
+  the sketch factors) and of ``arrays.npz``. :func:`load_fitted` checks them all before trusting anything (TRAK's
+  savers: metadata checked on reopen).
+
+Restoring builds each row as ``score`` does (:func:`lowgrad.scoring.unfitted`: options from the saved params, the
+head from the model) and sets the saved state: nothing is refitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowgrad.config import Params
+from lowgrad.detectors import Detector, Head
+from lowgrad.errors import DetectorError
+from lowgrad.paths import COMPONENTS, FACTORS, MODEL, SUBSPACE, atomic_path, sha256, write_json
+from lowgrad.route import Route
+from lowgrad.rows import member_detector
+
+DETECTOR_DIR = "artifacts/detector"
+ARRAYS = f"{DETECTOR_DIR}/arrays.npz"
+META = f"{DETECTOR_DIR}/detector.json"
+FORMAT = 1
+TPR = 0.95  # each row's threshold keeps this fraction of id_test at or above it
+SAVED_SECTIONS = ("seed", "data", "model", "gradient", "subspace", "scoring")  # what scoring new images needs
+
+
+def _saved_params(params: Params) -> dict[str, Any]:
+    """The params sections a saved detector scores new images with (``score``'s DVC params; the device is the
+    loader's choice, training and the cluster play no part)."""
+    out = {}
+    for section in SAVED_SECTIONS:
+        value = getattr(params, section)
+        out[section] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return out
+
+
+def belongs_with(params: Params) -> list[str]:
+    """The files a saved detector scores with besides its own: the model, and on the gradient rows' route the basis
+    with its normaliser and the sketch factors."""
+    return [MODEL, SUBSPACE, COMPONENTS, *([FACTORS] if Route.from_params(params).needs_factors else [])]
+
+
+def _state(det: Detector, where: str) -> dict[str, np.ndarray]:
+    state = {}
+    for key, value in vars(det).items():
+        if key.endswith("_") and not key.startswith("_"):
+            array = np.asarray(value)
+            if array.dtype == object:
+                raise TypeError(f"{where}: fitted attribute {key} is not an array ({type(value).__name__})")
+            state[key] = array
+    return state
+
+
+def _head_arrays(head: Head) -> dict[str, np.ndarray]:
+    return {f.name: np.asarray(getattr(head, f.name)) for f in dataclasses.fields(head) if getattr(head, f.name) is not None}
+
+
+def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], root: str | Path = ".") -> None:
+    """Write ``fitted`` (:class:`lowgrad.scoring.FittedRows`) under ``root/artifacts/detector``."""
+    from lowgrad.metrics import tpr_threshold
+
+    root = Path(root)
+    arrays: dict[str, np.ndarray] = {}
+    probes: list[Head] = []
+    entries: dict[str, dict[str, dict[str, Any]]] = {"rows": {}, "members": {}}
+    for part, table in (("rows", fitted.rows), ("members", fitted.members)):
+        for label, row in table.items():
+            entry: dict[str, Any] = {"probe": None}
+            if row.probe is not None:
+                index = next((i for i, p in enumerate(probes) if p is row.probe), len(probes))
+                if index == len(probes):
+                    probes.append(row.probe)
+                    arrays.update({f"probe{index}/{k}": v for k, v in _head_arrays(row.probe).items()})
+                entry["probe"] = f"probe{index}"
+            arrays.update({f"{part}/{label}/{k}": v for k, v in _state(row.detector, label).items()})
+            entry["state"] = sorted(_state(row.detector, label))
+            if part == "members":
+                arrays[f"calibration/{label}"] = np.asarray(fitted.calibration[label], dtype=np.float64)
+            entries[part][label] = entry
+    arrays.update({f"id_test/{label}": np.asarray(s, dtype=np.float64) for label, s in id_test_scores.items()})
+    with atomic_path(root / ARRAYS) as tmp:
+        np.savez(tmp, **arrays)
+    write_json(root / META, {
+        "format": FORMAT,
+        "thresholds": {label: tpr_threshold(s, TPR) for label, s in id_test_scores.items()},  # every row, fused too
+        "rows": entries["rows"],
+        "fusion_members": entries["members"],
+        "belongs_with": {path: sha256(root / path) for path in belongs_with(params)},
+        "arrays_sha256": sha256(root / ARRAYS),
+        "params": _saved_params(params),
+    })
+
+
+@dataclass
+class SavedDetector:
+    """A reopened ``artifacts/detector``: the run's params, the fitted rows, thresholds and id_test scores."""
+
+    params: Params
+    fitted: Any  # lowgrad.scoring.FittedRows
+    thresholds: dict[str, float]
+    id_test_scores: dict[str, np.ndarray]
+
+
+def check_artifact(root: str | Path = ".") -> dict[str, Any]:
+    """``detector.json`` of the run at ``root``, after checking that ``arrays.npz`` and every file the detector
+    belongs with are the ones it was saved with (one :class:`DetectorError` line otherwise)."""
+    root = Path(root)
+    meta_path = root / META
+    if not meta_path.is_file():
+        raise DetectorError(f"{root}: no saved detector ({META} is missing); run the pipeline there first "
+                            "(`dvc repro score`), or `dvc pull` its artifacts")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DetectorError(f"{meta_path} is not a saved detector's metadata ({err}); rerun `dvc repro score`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DetectorError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, expected "
+                            f"{FORMAT}; rerun `dvc repro score` with this version of lowgrad")
+    recorded = {ARRAYS: meta["arrays_sha256"], **meta["belongs_with"]}
+    for path, digest in recorded.items():
+        if not (root / path).exists():
+            raise DetectorError(f"{root / path} is missing: the saved detector scores with it; `dvc pull` or rerun "
+                                "`dvc repro`")
+        if sha256(root / path) != digest:
+            raise DetectorError(f"{root / path} is not the one this detector was fitted with (sha256 differs): it was "
+                                "replaced after `score` ran; rerun `dvc repro` so the detector is refitted on it")
+    return meta
+
+
+def load_fitted(root: str | Path, ctx, meta: dict[str, Any], params: Params) -> SavedDetector:
+    """Every row of the run at ``root`` restored from its arrays (``meta``: what :func:`check_artifact` returned;
+    ``params``: parsed from it; ``ctx``: a :class:`lowgrad.scoring.ScoringContext` with the run's model head and
+    input std)."""
+    from lowgrad.scoring import FittedRows, unfitted
+
+    root = Path(root)
+    with np.load(root / ARRAYS, allow_pickle=False) as z:
+        arrays = {key: z[key] for key in z.files}
+    probes: dict[str, Head] = {}
+
+    def probe(key: str | None) -> Head | None:
+        if key is not None and key not in probes:
+            fields = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{key}/")}
+            probes[key] = Head(**{k: (float(v) if k == "bn_eps" else v) for k, v in fields.items()})
+        return probes.get(key)
+
+    fitted = FittedRows()
+    for part, table, entries in (("rows", fitted.rows, meta["rows"]), ("members", fitted.members, meta["fusion_members"])):
+        for label, entry in entries.items():
+            name, gradient = member_detector(label)
+            kwargs = (params.scoring.gradient if gradient else params.scoring.forward)[name]
+            row = unfitted(name, kwargs, gradient, ctx, probe(entry["probe"]))
+            for key in entry["state"]:
+                value = arrays[f"{part}/{label}/{key}"]
+                setattr(row.detector, key, value[()] if value.ndim == 0 else value)
+            table[label] = row
+            if part == "members":
+                fitted.calibration[label] = arrays[f"calibration/{label}"]
+    return SavedDetector(
+        params=params, fitted=fitted,
+        thresholds={label: float(t) for label, t in meta["thresholds"].items()},
+        id_test_scores={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("id_test/")},
+    )

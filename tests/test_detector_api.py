@@ -1,0 +1,124 @@
+"""The saved detector (``artifacts/detector``, :mod:`lowgrad.saved_detector`): every registered detector, on both
+sides, fusion members and their calibration, saved and restored without refitting; a damaged or replaced file is
+refused with one line. The round trip through the whole pipeline (``OODDetector.load(...).score`` against the
+stored scores, on the exact, Kronecker and matrix-free routes) and ``lowgrad score`` are in
+``tests/test_user_model.py``, which runs those pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgrad.config import parse_params
+from lowgrad.detectors import Head, detector_names
+from lowgrad.errors import DetectorError
+from lowgrad.models import build_model
+from lowgrad.paths import COMPONENTS, MODEL, SUBSPACE
+from lowgrad.saved_detector import ARRAYS, META, check_artifact, load_fitted, save_fitted
+from lowgrad.scoring import ScoringContext, fusion_plan, run_all
+from tests.conftest import DIGITS
+
+
+def _run(tmp_path):
+    """Every registered detector on both sides, two fusion groups (one with a model-dependent member), fitted by
+    ``run_all`` on a small CNN's outputs; the run's files it belongs with are stand-in bytes."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, 1).eval()
+    rng = np.random.default_rng(0)
+    images = {name: torch.randn(n, 1, 8, 8) for name, n in (("id_train", 90), ("id_test", 30), ("ood", 30))}
+    sets = {}
+    for name, x in images.items():
+        with torch.no_grad():
+            logits, feats = model(x, return_features=True)
+        g_low = rng.standard_normal((len(x), 6))
+        sets[name] = {"name": name, "logits": logits.numpy(), "features": feats.numpy(), "labels": np.arange(len(x)) % 3,
+                      "g_low": g_low, "phi_sqnorm": (g_low**2).sum(1) + rng.uniform(0.5, 2.0, len(x))}
+    forward = {name: {} for name in detector_names(False)} | {"knn": {"k": 3}, "vim": {"dim": 4}}
+    gradient = {name: {} for name in detector_names(True)} | {"knn": {"k": 3}}
+    params = parse_params({
+        "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+            name: {"source": "npz", "path": DIGITS} for name in sets}},
+        "model": {"arch": "small_cnn", "num_classes": 3},
+        "scoring": {"forward": forward, "gradient": gradient, "fusion": {"groups": [
+            {"name": "odin_grad_knn", "members": ["odin", "grad_knn"]},
+            {"name": "knn_grad_residual", "members": ["knn", "grad_residual", "grad_mahalanobis"], "rule": "fisher"}]}},
+    })
+    ctx = lambda: ScoringContext(forward_head=Head.from_linear(model.head), num_classes=3, model_forward=model,  # noqa: E731
+                                 input_std=(0.5,), load_images=lambda name: images[name])
+    with torch.inference_mode(False):
+        scores, _, fitted = run_all(params, sets, ctx())
+    for path in (MODEL, SUBSPACE, f"{COMPONENTS}/c/0/0"):  # the basis V is a folder (zarr): one chunk file here
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(path.encode())
+    save_fitted(fitted, params, {label: s["id_test"] for label, s in scores.items()}, tmp_path)
+    return params, sets, scores, fitted, ctx
+
+
+def test_every_detector_and_fusion_row_scores_the_same_after_saving(tmp_path):
+    params, sets, scores, fitted, ctx = _run(tmp_path)
+    assert len(fitted.rows) == len(detector_names(False)) + len(detector_names(True))  # every registered detector
+    meta = check_artifact(tmp_path)
+    restored = load_fitted(tmp_path, ctx(), meta, params)
+    plan = fusion_plan(params.scoring.fusion.groups)
+    for name in ("id_test", "ood"):
+        data = dict(sets[name])
+        with torch.inference_mode(False):
+            again = restored.fitted.scores(data, ctx(), plan)
+        assert set(again) == set(scores)
+        for label, s in again.items():
+            np.testing.assert_array_equal(s, scores[label][name], err_msg=label)
+    for label, s in scores.items():  # thresholds at 95 % TPR on id_test: 95 % of id_test at or above, for every row
+        assert np.mean(s["id_test"] >= restored.thresholds[label]) >= 0.95
+        assert np.mean(s["id_test"] > restored.thresholds[label]) < 0.95  # the largest such threshold
+        np.testing.assert_array_equal(restored.id_test_scores[label], s["id_test"])
+
+
+def test_restored_rows_use_the_saved_state_not_a_refit(tmp_path):
+    """Negative control: a restored row's state is what was saved. Changing a saved array changes its scores, and a
+    row restored without its state cannot score at all."""
+    params, sets, scores, fitted, ctx = _run(tmp_path)
+    meta = check_artifact(tmp_path)
+    restored = load_fitted(tmp_path, ctx(), meta, params).fitted
+    knn = restored.rows["grad_knn"].detector
+    knn.bank_ = knn.bank_[::-1][:10]  # another bank
+    knn._index = None
+    assert not np.allclose(knn.score_samples(sets["id_test"]["g_low"]), scores["grad_knn"]["id_test"])
+    meta["rows"]["mahalanobis"]["state"] = []
+    bare = load_fitted(tmp_path, ctx(), meta, params).fitted.rows["mahalanobis"]
+    with pytest.raises(AttributeError):
+        bare.score(sets["id_test"], ctx())
+
+
+def test_a_fitted_attribute_that_is_not_an_array_cannot_be_saved(tmp_path):
+    params, sets, scores, fitted, ctx = _run(tmp_path)
+    fitted.rows["knn"].detector.index_ = object()
+    with pytest.raises(TypeError, match="knn: fitted attribute index_ is not an array"):
+        save_fitted(fitted, params, {label: s["id_test"] for label, s in scores.items()}, tmp_path)
+
+
+@pytest.mark.parametrize("replace,fragment", [
+    (MODEL, "models/model.pt is not the one this detector was fitted with"),
+    (f"{COMPONENTS}/c/0/0", "subspace.zarr is not the one this detector was fitted with"),
+    (ARRAYS, "arrays.npz is not the one this detector was fitted with"),
+])
+def test_a_replaced_file_is_refused_in_one_line(tmp_path, replace, fragment):
+    _run(tmp_path)
+    check_artifact(tmp_path)  # the untouched artifact passes
+    (tmp_path / replace).write_bytes(b"replaced")  # a chunk of V: the folder's digest covers its files
+    with pytest.raises(DetectorError, match=fragment) as err:
+        check_artifact(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_or_unfinished_artifact_is_refused_in_one_line(tmp_path):
+    with pytest.raises(DetectorError, match=r"no saved detector .*dvc repro score"):
+        check_artifact(tmp_path)
+    _run(tmp_path)
+    (tmp_path / MODEL).unlink()
+    with pytest.raises(DetectorError, match="models/model.pt is missing"):
+        check_artifact(tmp_path)
+    (tmp_path / META).write_text("{not json")
+    with pytest.raises(DetectorError, match="is not a saved detector's metadata"):
+        check_artifact(tmp_path)
+
