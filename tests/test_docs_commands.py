@@ -74,6 +74,34 @@ def test_every_documented_flow_command_passes_check(where, args):
     assert plan[0].startswith("prepare@") and plan[-2:] == ["score", "report"], (where, plan)
 
 
+def _documented(pattern: str) -> list[list[str]]:
+    """The argument lists of every documented command matching ``pattern`` (README.md and docs/)."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in re.finditer(pattern + r"(?P<args>[^`\n&|;]*)", doc.read_text()):
+            args = shlex.split(match.group("args"), comments=True)
+            if args:  # `lowgrad score` named in prose: not a command
+                found.append(args)
+    return found
+
+
+def test_documented_lowgrad_and_monitor_commands_parse():
+    """``lowgrad score ...`` and ``python -m flows.monitor ...`` as written in the docs parse with their own command
+    lines (their runs are tested in tests/test_user_model.py and tests/test_monitor.py); a misspelt option fails."""
+    from flows.monitor import build_parser as monitor_parser
+    from lowgrad.cli import build_parser as cli_parser
+
+    scores, monitors = _documented(r"\blowgrad score"), _documented(r"python -m flows\.monitor")
+    assert len(scores) >= 2 and len(monitors) >= 2
+    for args in scores:
+        assert cli_parser().parse_args(["score", *args]).run
+    for args in monitors:
+        parsed = monitor_parser().parse_args(args)
+        assert parsed.once or parsed.every
+    with pytest.raises(SystemExit):
+        cli_parser().parse_args(["score", "--run", ".", "--image", "x.npz", "--out", "s.csv"])
+
+
 def test_a_rotten_command_is_caught():
     """Negative controls: a misspelt key and a wrong value in a documented command fail the check."""
     from lowgrad.errors import ConfigError

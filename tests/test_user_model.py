@@ -148,6 +148,9 @@ def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
             ref = stored[f"{row}/{name}"]
             np.testing.assert_allclose(s, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=f"{row} on {name}")
         assert not np.allclose(detector.score(images[::-1], rows=["grad_knn"])["grad_knn"], stored[f"grad_knn/{name}"])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(images[..., 0])), batch_size=40)
+    np.testing.assert_allclose(detector.score(loader, rows=["grad_knn"])["grad_knn"],  # N x H x W greyscale batches
+                               detector.score(images, rows=["grad_knn"])["grad_knn"], rtol=1e-5)  # (other batches)
     flagged = detector.predict(images, row="grad_residual")  # the OOD set
     np.testing.assert_array_equal(flagged, stored["grad_residual/digits_7to9"] < detector.thresholds["grad_residual"])
     assert np.mean(stored["grad_residual/id_test"] < detector.thresholds["grad_residual"]) <= 0.05

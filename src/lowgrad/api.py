@@ -41,6 +41,7 @@ class OODDetector:
         self._extractor, self._rows_source, self._subspace = extractor, rows_source, subspace
         self.params = saved.params
         self.thresholds: dict[str, float] = dict(saved.thresholds)  # every row's, at 95 % TPR on the run's id_test
+        self.id_test_scores: dict[str, np.ndarray] = dict(saved.id_test_scores)  # the reference a monitor compares with
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":

@@ -52,16 +52,22 @@ def score_command(args: argparse.Namespace) -> None:
     print(f"{out}: {len(names)} images x {len(scores)} rows ({', '.join(scores)})")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lowgrad", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lowgrad`` command line (``tests/test_docs_commands.py`` parses the documented ones)."""
+    parser = argparse.ArgumentParser(prog="lowgrad", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score images with a run's saved detector (artifacts/detector)")
+    score = commands.add_parser("score", help="score images with a run's saved detector (artifacts/detector)",
+                                allow_abbrev=False)
     score.add_argument("--run", required=True, help="the project directory of a finished run")
     score.add_argument("--images", required=True, help="an .npz, a folder of images or an ImageFolder tree")
     score.add_argument("--rows", help="comma-separated rows to score (default: every row of the report)")
     score.add_argument("--out", required=True, help="FILE.csv (an image per line) or FILE.json")
     score.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         score_command(args)

@@ -1,0 +1,237 @@
+"""Watch what a deployed model receives: a Prefect flow that scores each new batch in a folder with a finished run's
+saved detector (``artifacts/detector``; loaded and checked once per run, never refitted).
+
+A batch is an ``.npz`` (``images`` uint8 N x H x W x C, or the JPEG layout), a folder of images or an ImageFolder
+tree, directly inside the watched folder. For each one not scored before (a batch is known by its name and its
+content's sha256: one replaced in place is a new batch) the flow writes ``<results>/<batch>.json`` (per row: the
+fraction flagged as OOD at the row's threshold of 95 % ID TPR, a one-sided binomial p-value against the 5 % that ID
+data is flagged at, and the batch's score histogram beside the run's id_test one) and ``<results>/<batch>.png``,
+publishes them as Prefect artifacts, and fails the run, after writing every result, when a batch's flagged fraction
+passes ``bound`` on any watched row. ``results`` defaults to ``<watch>/.lowgrad-monitor``. ::
+
+    python -m flows.monitor --run . --watch incoming/ --rows grad_residual,knn --bound 0.25 --once  # one pass now
+    prefect server start --host 127.0.0.1 &                      # schedules need a server (flows.deploy)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.monitor --run . --watch incoming/ --rows grad_residual,knn --every 300      # serves until stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import numpy as np  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Failed  # noqa: E402
+
+from lowgrad.errors import LowgradError  # noqa: E402
+
+DEPLOYMENT = "lowgrad-monitor"
+RESULTS = ".lowgrad-monitor"
+HISTOGRAM_BINS = 30
+
+
+def batches(watch: Path) -> list[Path]:
+    """The batches in ``watch``: ``.npz`` files and folders, by name (hidden entries, the results among them, left
+    out)."""
+    if not watch.is_dir():
+        raise LowgradError(f"watched folder not found: {watch}")
+    return sorted(p for p in watch.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".npz"))
+
+
+def _key(batch: Path) -> str:
+    """A Prefect artifact key for a batch: lowercase letters, digits and dashes."""
+    return "lowgrad-monitor-" + (re.sub(r"[^a-z0-9]+", "-", batch.name.lower()).strip("-") or "batch")
+
+
+def summarise(scores: dict[str, np.ndarray], thresholds: dict[str, float], id_test: dict[str, np.ndarray],
+              tpr: float) -> dict[str, dict[str, Any]]:
+    """Per row: the fraction flagged, its binomial p-value against ID's ``1 - tpr``, both histograms on shared bins."""
+    from scipy.stats import binomtest
+
+    out = {}
+    for row, s in scores.items():
+        flagged = int(np.sum(s < thresholds[row]))
+        edges = np.histogram_bin_edges(np.concatenate([s, id_test[row]]), bins=HISTOGRAM_BINS)
+        out[row] = {
+            "flagged": flagged,
+            "flagged_fraction": flagged / len(s),
+            "p_value_vs_id": float(binomtest(flagged, len(s), 1.0 - tpr, alternative="greater").pvalue),
+            "threshold": thresholds[row],
+            "histogram": {"edges": edges.tolist(), "batch": np.histogram(s, edges)[0].tolist(),
+                          "id_test": np.histogram(id_test[row], edges)[0].tolist()},
+        }
+    return out
+
+
+def plot(path: Path, batch: str, rows: dict[str, dict[str, Any]]) -> None:
+    """Each row's batch histogram against id_test (densities) with its threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowgrad.paths import atomic_path
+
+    cols = min(3, len(rows))
+    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.0 * ((len(rows) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, (row, r) in zip(axes.flat, rows.items()):
+        h = r["histogram"]
+        edges = np.asarray(h["edges"])
+        for counts, label, colour in ((h["id_test"], "ID test (the run's)", "tab:blue"), (h["batch"], batch, "tab:red")):
+            counts = np.asarray(counts, dtype=float)
+            ax.stairs(counts / max(counts.sum(), 1.0), edges, fill=True, alpha=0.45, color=colour, label=label)
+        ax.axvline(r["threshold"], color="black", linestyle="--", linewidth=1, label="threshold (95 % ID TPR)")
+        ax.set_title(f"{row}: {100 * r['flagged_fraction']:.1f} % flagged", fontsize=10)
+        ax.set_xlabel("score (higher = more ID)")
+        ax.set_ylabel("fraction of images")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+@task(name="score-batch", task_run_name="{batch_name}", cache_policy=NO_CACHE)  # no retries: a bad batch is the user's
+def score_batch(detector, batch: Path, batch_name: str, sha: str, rows: list[str] | None, bound: float,
+                results: Path) -> dict[str, Any]:
+    """Score one batch, write its JSON and PNG, publish its artifacts; returns the JSON's content."""
+    from lowgrad.data import read_images
+    from lowgrad.paths import write_json
+    from lowgrad.saved_detector import TPR
+
+    logger = get_run_logger()
+    try:
+        images, _ = read_images(batch, detector.params.data)
+        scores = detector.score(images, rows=rows)
+    except LowgradError as err:  # recorded (not rescored until the batch changes) and reported
+        result = {"batch": batch_name, "sha256": sha, "error": str(err)}
+        write_json(results / f"{batch_name}.json", result)
+        logger.error("error: %s: %s", batch_name, err)
+        return result
+    per_row = summarise(scores, detector.thresholds, detector.id_test_scores, TPR)
+    over = [row for row, r in per_row.items() if r["flagged_fraction"] > bound]
+    result = {"batch": batch_name, "sha256": sha, "images": len(images), "bound": bound, "over_bound": over,
+              "rows": per_row}
+    plot(results / f"{batch_name}.png", batch_name, per_row)
+    write_json(results / f"{batch_name}.json", result)  # last: a batch counts as scored once its JSON is there
+    create_table_artifact(key=_key(batch), description=f"{batch_name}: {len(images)} images, bound {bound:.0%}", table=[
+        {"row": row, "flagged %": round(100 * r["flagged_fraction"], 2), "p vs ID 5 %": f"{r['p_value_vs_id']:.2g}",
+         "threshold": round(r["threshold"], 6), "over bound": row in over} for row, r in per_row.items()])
+    logger.info("%s: %d images; flagged %s%s", batch_name, len(images),
+                ", ".join(f"{row} {100 * r['flagged_fraction']:.1f} %" for row, r in per_row.items()),
+                f"; OVER THE BOUND {bound:.0%}: {', '.join(over)}" if over else "")
+    return result
+
+
+@flow(name="lowgrad-monitor", log_prints=True)
+def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 0.25, results: str | None = None):
+    """Score each new batch in ``watch`` with the saved detector of the run at ``run``; fails when a batch's flagged
+    fraction passes ``bound`` on a row of ``rows`` (default: every row of the run)."""
+    from lowgrad.api import OODDetector
+    from lowgrad.paths import sha256
+
+    logger = get_run_logger()
+    watch_dir = Path(watch)
+    out = Path(results) if results else watch_dir / RESULTS
+    try:
+        if not 0 <= bound <= 1:
+            raise LowgradError(f"bound {bound}: a fraction of a batch, between 0 and 1")
+        todo, scored = [], []
+        for batch in batches(watch_dir):
+            sha = sha256(batch)
+            previous = out / f"{batch.name}.json"
+            if previous.is_file() and _recorded_sha(previous) == sha:
+                scored.append(batch.name)
+            else:
+                todo.append((batch, sha))
+        logger.info("%s: %d batches, %d new (%s), %d scored before", watch_dir, len(todo) + len(scored), len(todo),
+                    ", ".join(b.name for b, _ in todo) or "none", len(scored))
+        if not todo:
+            return {"scored": [], "skipped": scored}
+        detector = OODDetector.load(run)
+        detector.check_rows(rows)
+        out.mkdir(parents=True, exist_ok=True)
+    except LowgradError as err:
+        logger.error("error: %s", err)
+        return Failed(message=str(err))
+    new = [score_batch(detector, batch, batch.name, sha, rows, bound, out) for batch, sha in todo]
+    alerts = [f"{r['batch']} ({', '.join(r['over_bound'])})" for r in new if r.get("over_bound")]
+    errors = [f"{r['batch']}: {r['error']}" for r in new if "error" in r]
+    create_markdown_artifact(key="lowgrad-monitor", description="the last monitoring run", markdown="\n".join([
+        f"# lowgrad monitor: {len(new)} new batch(es) in `{watch_dir}`", "",
+        f"Bound: {bound:.0%} flagged on any of {', '.join(rows or detector.rows)}.", "",
+        *[f"- **{r['batch']}**: " + (f"error: {r['error']}" if "error" in r else ", ".join(
+            f"{row} {100 * v['flagged_fraction']:.1f} %" for row, v in r["rows"].items())
+            + (" — **over the bound**" if r["over_bound"] else "")) for r in new]]))
+    if alerts or errors:
+        message = "; ".join([*(["flagged fraction over the bound %.0f %% in %s" % (100 * bound, "; ".join(alerts))]
+                               if alerts else []), *errors])
+        logger.error(message)
+        return Failed(message=message)
+    return {"scored": [r["batch"] for r in new], "skipped": scored}
+
+
+def _recorded_sha(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: scored again
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.monitor`` (``tests/test_docs_commands.py`` parses documented ones)."""
+    parser = argparse.ArgumentParser(description="Score each new batch in a folder with a run's saved detector.",
+                                     allow_abbrev=False)
+    parser.add_argument("--run", required=True, help="the project directory of a finished run")
+    parser.add_argument("--watch", required=True, help="the folder new batches arrive in")
+    parser.add_argument("--rows", help="comma-separated rows to watch (default: every row)")
+    parser.add_argument("--bound", type=float, default=0.25, help="fail when a batch has more flagged (default 0.25)")
+    parser.add_argument("--results", help=f"where results go (default: <watch>/{RESULTS})")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="one pass now (a temporary Prefect API if none is set)")
+    when.add_argument("--every", type=int, metavar="SECONDS", help="serve a deployment scheduled every SECONDS")
+    parser.add_argument("--name", default=DEPLOYMENT)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    parameters = {"run": str(Path(args.run).resolve()), "watch": str(Path(args.watch).resolve()),
+                  "rows": [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None,
+                  "bound": args.bound, "results": str(Path(args.results).resolve()) if args.results else None}
+    if args.every is not None:
+        from flows.deploy import require_server
+
+        url = require_server()
+        print(f"serving deployment 'lowgrad-monitor/{args.name}' on {url}, every {args.every} s, parameters {parameters}")
+        monitor.serve(name=args.name, interval=args.every, parameters=parameters)
+        return
+    from flows.pipeline import start_temporary_server
+
+    try:
+        start_temporary_server()
+    except LowgradError as err:
+        sys.exit(f"error: {err}")
+    state = monitor(**parameters, return_state=True)
+    if not state.is_completed():
+        print(f"error: {state.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

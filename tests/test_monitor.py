@@ -1,0 +1,81 @@
+"""flows/monitor.py on a real Prefect server (the session's, tests/conftest.py): the scheduled deployment scores an
+ID batch and an OOD batch with the tiny run's saved detector; the OOD batch is over the bound and fails the run
+visibly, the ID batch is not; the detector is never refitted (its files' hash is unchanged); a batch scored before
+is not scored again, one replaced in place is, and a broken one is one error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lowgrad.paths import sha256
+from tests.test_pipeline import ROOT, _api, _env, _wait, terminate
+
+pytestmark = pytest.mark.slow
+ROWS = ["grad_residual", "fused_knn_maha_grad_residual"]
+BOUND = 0.3
+
+
+def _final(api: str, run_id: str) -> dict:
+    return _wait(lambda: (lambda s: s if s["state_type"] in ("COMPLETED", "FAILED", "CRASHED") else None)(
+        _api(f"{api}/flow_runs/{run_id}")), 300, "the monitoring run")
+
+
+def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finished, tmp_path, prefect_api):
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    for batch, source in (("id_batch", "id_test"), ("ood_batch", "digits_7to9")):
+        with np.load(tiny_finished / f"data/prepared/{source}.npz") as z:
+            np.savez(watch / f"{batch}.npz", images=z["images"][:60])
+    detector_digest = sha256(tiny_finished / "artifacts/detector")
+    env = {**_env(), "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect")}
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "flows.monitor", "--run", str(tiny_finished), "--watch", str(watch),
+                              "--rows", ",".join(ROWS), "--bound", str(BOUND), "--every", "3600"],
+                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deployment = _wait(lambda: _api(f"{prefect_api}/deployments/name/lowgrad-monitor/lowgrad-monitor"), 90,
+                           "the monitoring deployment")
+        assert [s["schedule"].get("interval") for s in deployment["schedules"]] == [3600.0]
+        run = _wait(lambda: _api(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", "POST", {}), 60, "a run")
+        final = _final(prefect_api, run["id"])
+    finally:
+        terminate(serve)
+        log.close()
+    assert final["state_type"] == "FAILED", (tmp_path / "serve.log").read_text()[-3000:]
+    assert "over the bound 30 % in ood_batch.npz" in final["state"]["message"]
+    results = {b: json.loads((watch / ".lowgrad-monitor" / f"{b}.npz.json").read_text()) for b in ("id_batch", "ood_batch")}
+    for row in ROWS:
+        assert results["id_batch"]["rows"][row]["flagged_fraction"] <= BOUND
+        assert results["ood_batch"]["rows"][row]["flagged_fraction"] > BOUND
+        assert results["ood_batch"]["rows"][row]["p_value_vs_id"] < 1e-6 < results["id_batch"]["rows"][row]["p_value_vs_id"]
+        histogram = results["ood_batch"]["rows"][row]["histogram"]
+        assert sum(histogram["batch"]) == 60 and sum(histogram["id_test"]) == 90  # the run's id_test
+    assert results["id_batch"]["over_bound"] == [] and set(results["ood_batch"]["over_bound"]) == set(ROWS)
+    assert (watch / ".lowgrad-monitor/ood_batch.npz.png").stat().st_size > 10_000
+    artifacts = {a["key"]: a for a in _api(f"{prefect_api}/artifacts/filter", "POST", {}) if a.get("flow_run_id") == run["id"]}
+    assert {"lowgrad-monitor", "lowgrad-monitor-id-batch-npz", "lowgrad-monitor-ood-batch-npz"} <= set(artifacts)
+    assert "over the bound" in artifacts["lowgrad-monitor"]["data"]
+    assert sha256(tiny_finished / "artifacts/detector") == detector_digest  # scored with, never refitted
+
+    # again: nothing new, nothing scored; then one batch replaced in place and one broken batch
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.monitor import monitor
+
+    written = {p.name: p.stat().st_mtime_ns for p in (watch / ".lowgrad-monitor").iterdir()}
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        again = monitor(str(tiny_finished), str(watch), ROWS, BOUND)
+        assert again == {"scored": [], "skipped": ["id_batch.npz", "ood_batch.npz"]}
+        assert {p.name: p.stat().st_mtime_ns for p in (watch / ".lowgrad-monitor").iterdir()} == written
+        with np.load(tiny_finished / "data/prepared/id_test.npz") as z:
+            np.savez(watch / "id_batch.npz", images=z["images"][:30])  # same name, new content
+        (watch / "broken.npz").write_bytes(b"not an archive")
+        state = monitor(str(tiny_finished), str(watch), ROWS, BOUND, return_state=True)
+    assert state.is_failed() and "broken.npz: " in state.message and "not a readable .npz file" in state.message
+    assert json.loads((watch / ".lowgrad-monitor/id_batch.npz.json").read_text())["images"] == 30  # rescored
+    assert (watch / ".lowgrad-monitor/ood_batch.npz.json").stat().st_mtime_ns == written["ood_batch.npz.json"]
