@@ -1,6 +1,6 @@
 """An example of your own model for ``model.arch: module:architectures.tiny_convnet:TinyConvNet``.
 
-The contract (docs/pipeline.md, "Architectures"): a class or function in a file under ``architectures/`` that
+The contract (docs/pipeline.md, "Your model: architectures"): a class or function in a file under ``architectures/`` that
 takes the keyword arguments it wants of ``num_classes`` and ``in_channels`` and returns a ``torch.nn.Module``
 whose ``forward(images)`` returns ``(batch, num_classes)`` logits from the output of one ``nn.Linear`` layer with
 ``num_classes`` outputs (the head: nothing may follow it). Its input is the penultimate feature vector the

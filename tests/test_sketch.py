@@ -408,7 +408,7 @@ def test_the_kronecker_sketch_refuses_what_it_would_leave_out():
     torch.manual_seed(0)
     model = _WithLayerNorm().eval()
     with pytest.raises(GradientError, match=r"2 selected parameters would be left out \(e.g. 'norm.weight' of a "
-                                            r"LayerNorm\); use a route .*gradient.sketch: none or dense"):
+                                            r"LayerNorm; parameters of LayerNorm\); use a route .*gradient.sketch: none or dense"):
         KroneckerSketch(model, rank=2, seed=0)
     sketch = KroneckerSketch(model, rank=2, seed=0, param_names=["conv.weight", "conv.bias", "head.weight", "head.bias"])
     assert [layer.name for layer in sketch.layers] == ["conv", "head"]

@@ -1,4 +1,4 @@
-"""Your own model: ``model.arch: module:architectures.<file>:<callable>`` (docs/pipeline.md, "Architectures").
+"""Your own model: ``model.arch: module:architectures.<file>:<callable>`` (docs/pipeline.md, "Your model: architectures").
 
 The class is built from the project's ``architectures/``, its head and features are found on a test batch and
 checked against the plain module's own computation; every refusal is one line; and the whole pipeline runs on it
@@ -148,8 +148,9 @@ def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
             ref = stored[f"{row}/{name}"]
             np.testing.assert_allclose(s, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=f"{row} on {name}")
         assert not np.allclose(detector.score(images[::-1], rows=["grad_knn"])["grad_knn"], stored[f"grad_knn/{name}"])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(images[..., 0])), batch_size=40)
-    np.testing.assert_allclose(detector.score(loader, rows=["grad_knn"])["grad_knn"],  # N x H x W greyscale batches
+    plain = images[..., 0] if images.shape[-1] == 1 else images  # greyscale as N x H x W
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(plain)), batch_size=40)
+    np.testing.assert_allclose(detector.score(loader, rows=["grad_knn"])["grad_knn"],  # a DataLoader's batches
                                detector.score(images, rows=["grad_knn"])["grad_knn"], rtol=1e-5)  # (other batches)
     flagged = detector.predict(images, row="grad_residual")  # the OOD set
     np.testing.assert_array_equal(flagged, stored["grad_residual/digits_7to9"] < detector.thresholds["grad_residual"])

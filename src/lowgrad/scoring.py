@@ -240,6 +240,12 @@ def fused_scores(
         log.info("fusion member [%d/%d] %s refitted on the fit part of the bank in %.1f s", i, len(members), member,
                  time.perf_counter() - started)
     plan = fusion_plan(fusion.groups)
+    for label, (row, rule) in plan.items():
+        flat = [m for m in row.members if rule == "zscore" and np.ptp(fitted.calibration[m]) == 0]
+        if flat:
+            raise ConfigError(f"fusion row {label}: {', '.join(flat)} scores all {len(cal_rows)} held-out ID samples "
+                              "the same, so its z-score is undefined (a degenerate model or detector): take it out of "
+                              "the group, or give the group rule: fisher")
     per_set = {t: FittedRows(members=fitted.members, calibration=fitted.calibration).scores(d, ctx, plan)
                for t, d in targets.items()}
     for row, rule in plan.values():

@@ -111,10 +111,12 @@ class KroneckerSketch:
         wanted = [n for n, _ in model.named_parameters()] if selected is None else sorted(selected)
         left_out = [n for n in wanted if n not in covered]
         if left_out:
-            owner = type(model.get_submodule(left_out[0].rpartition(".")[0])).__name__
+            owners = [type(model.get_submodule(n.rpartition(".")[0])).__name__.removesuffix("WithHeadSplit")
+                      for n in left_out]  # the model's own class, not the wrapper that splits off its head
             raise GradientError(
                 f"the Kronecker sketch covers plain Conv2d (grouped too), Linear and BatchNorm2d layers only: {len(left_out)} "
-                f"selected parameters would be left out (e.g. '{left_out[0]}' of a {owner}); use a route that "
+                f"selected parameters would be left out (e.g. '{left_out[0]}' of a {owners[0]}; parameters of "
+                f"{', '.join(sorted(set(owners)))}); use a route that "
                 "differentiates any layer (gradient.sketch: none or dense, or subspace.method: exact_randomized), or "
                 "leave them out with gradient.params")
         self.dim = sum(self._layer_dim(layer) for layer in self.layers)

@@ -53,9 +53,10 @@ def partial_pass(
     acc = None
     pieces = []
     for rows, block in blocks:
-        b = np.asarray(block, dtype=np.float64)
+        b = np.array(block, dtype=np.float64)  # a copy, normalised in place (no temporaries of the block's size)
         if shift is not None:
-            b = (b - shift) * scale
+            b -= shift
+            b *= scale
         if kind == "moments":
             acc = add_block_moments(acc, b)
         elif kind == "times":
