@@ -55,8 +55,11 @@ def measure(run: Path, name: str, repeats: int) -> dict:
         extractor = build_extractor(params, name, run)
         chunk = params.gradient.chunk_rows
         computed: list = []
-        compute_s = best(lambda: computed.__setitem__(slice(None), [extractor.compute(slice(i, min(i + chunk, n)))
-                                                                     for i in range(0, n, chunk)]))
+
+        def extract_all() -> None:
+            computed[:] = [extractor.compute(slice(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+
+        compute_s = best(extract_all)
     project_s = None
     if "grads" in computed[0]:  # the project stage's pass over the stored rows (not on the matrix-free route)
         from lowgrad.paths import SUBSPACE

@@ -40,12 +40,26 @@ RESULTS = ".lowgrad-monitor"
 HISTOGRAM_BINS = 30
 
 
-def batches(watch: Path) -> list[Path]:
-    """The batches in ``watch``: ``.npz`` files and folders, by name (hidden entries, the results among them, left
+def batches(watch: Path, results: Path) -> list[Path]:
+    """The batches in ``watch``: ``.npz`` files and folders, by name (hidden entries and the results folder left
     out)."""
     if not watch.is_dir():
         raise LowgradError(f"watched folder not found: {watch}")
-    return sorted(p for p in watch.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.suffix == ".npz"))
+    return sorted(p for p in watch.iterdir() if not p.name.startswith(".") and p.resolve() != results.resolve()
+                  and (p.is_dir() or p.suffix == ".npz"))
+
+
+def check_settings(run: str, rows: list[str] | None, bound: float) -> None:
+    """Refuse, in one line, a run without a saved detector, rows it does not have, a bound that is not a fraction:
+    before anything is served or scored (the artifact's digests are checked when it is loaded to score)."""
+    from lowgrad.saved_detector import read_meta
+
+    if not 0 <= bound <= 1:
+        raise LowgradError(f"bound {bound}: a fraction of a batch, between 0 and 1")
+    known = read_meta(run)["thresholds"]
+    unknown = [r for r in rows or [] if r not in known]
+    if unknown or rows == []:
+        raise LowgradError(f"unknown row(s) {', '.join(unknown) or '(none given)'}: the run has {', '.join(known)}")
 
 
 def _key(batch: Path) -> str:
@@ -59,13 +73,15 @@ def summarise(scores: dict[str, np.ndarray], thresholds: dict[str, float], id_te
     from scipy.stats import binomtest
 
     out = {}
+    from lowgrad.saved_detector import flagged
+
     for row, s in scores.items():
-        flagged = int(np.sum(s < thresholds[row]))
+        count = int(np.sum(flagged(s, thresholds[row])))
         edges = np.histogram_bin_edges(np.concatenate([s, id_test[row]]), bins=HISTOGRAM_BINS)
         out[row] = {
-            "flagged": flagged,
-            "flagged_fraction": flagged / len(s),
-            "p_value_vs_id": float(binomtest(flagged, len(s), 1.0 - tpr, alternative="greater").pvalue),
+            "flagged": count,
+            "flagged_fraction": count / len(s),
+            "p_value_vs_id": float(binomtest(count, len(s), 1.0 - tpr, alternative="greater").pvalue),
             "threshold": thresholds[row],
             "histogram": {"edges": edges.tolist(), "batch": np.histogram(s, edges)[0].tolist(),
                           "id_test": np.histogram(id_test[row], edges)[0].tolist()},
@@ -116,12 +132,12 @@ def score_batch(detector, batch: Path, batch_name: str, sha: str, rows: list[str
     try:
         images, _ = read_images(batch, detector.params.data)
         scores = detector.score(images, rows=rows)
-    except LowgradError as err:  # recorded (not rescored until the batch changes) and reported
+    except (LowgradError, OSError, ValueError) as err:  # recorded (not rescored until the batch changes), reported
         result = {"batch": batch_name, "sha256": sha, "error": str(err)}
         write_json(results / f"{batch_name}.json", result)
         logger.error("error: %s: %s", batch_name, err)
         return result
-    per_row = summarise(scores, detector.thresholds, detector.id_test_scores, TPR)
+    per_row = summarise(scores, detector.thresholds, detector.id_test_scores, TPR)  # scores are finite (score checks)
     over = [row for row, r in per_row.items() if r["flagged_fraction"] > bound]
     result = {"batch": batch_name, "sha256": sha, "images": len(images), "bound": bound, "over_bound": over,
               "rows": per_row}
@@ -147,11 +163,13 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
     watch_dir = Path(watch)
     out = Path(results) if results else watch_dir / RESULTS
     try:
-        if not 0 <= bound <= 1:
-            raise LowgradError(f"bound {bound}: a fraction of a batch, between 0 and 1")
+        check_settings(run, rows, bound)
         todo, scored = [], []
-        for batch in batches(watch_dir):
-            sha = sha256(batch)
+        for batch in batches(watch_dir, out):
+            try:
+                sha = sha256(batch)
+            except OSError as err:
+                raise LowgradError(f"cannot read batch {batch}: {err.strerror or err}") from None
             previous = out / f"{batch.name}.json"
             if previous.is_file() and _recorded_sha(previous) == sha:
                 scored.append(batch.name)
@@ -162,7 +180,6 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
         if not todo:
             return {"scored": [], "skipped": scored}
         detector = OODDetector.load(run)
-        detector.check_rows(rows)
         out.mkdir(parents=True, exist_ok=True)
     except LowgradError as err:
         logger.error("error: %s", err)
@@ -211,9 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from lowgrad.cli import parse_rows
+
     parameters = {"run": str(Path(args.run).resolve()), "watch": str(Path(args.watch).resolve()),
-                  "rows": [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None,
-                  "bound": args.bound, "results": str(Path(args.results).resolve()) if args.results else None}
+                  "rows": parse_rows(args.rows), "bound": args.bound,
+                  "results": str(Path(args.results).resolve()) if args.results else None}
+    try:
+        check_settings(parameters["run"], parameters["rows"], args.bound)  # before serving: not at every scheduled run
+        batches(Path(parameters["watch"]), Path(parameters["results"] or Path(parameters["watch"]) / RESULTS))
+    except LowgradError as err:
+        sys.exit(f"error: {err}")
     if args.every is not None:
         from flows.deploy import require_server
 

@@ -15,7 +15,7 @@ from lowgrad.detectors import Head, detector_names
 from lowgrad.errors import DetectorError
 from lowgrad.models import build_model
 from lowgrad.paths import COMPONENTS, MODEL, SUBSPACE
-from lowgrad.saved_detector import ARRAYS, META, check_artifact, load_fitted, save_fitted
+from lowgrad.saved_detector import ARRAYS, META, check_artifact, load_fitted, read_meta, save_fitted
 from lowgrad.scoring import ScoringContext, fusion_plan, run_all
 from tests.conftest import DIGITS
 
@@ -55,9 +55,25 @@ def _run(tmp_path):
     return params, sets, scores, fitted, ctx
 
 
-def test_every_detector_and_fusion_row_scores_the_same_after_saving(tmp_path):
+def _no_fitting(monkeypatch) -> None:
+    """Every registered detector's ``fit`` and the probe's training raise: what runs after this cannot refit."""
+    import lowgrad.probe
+    import lowgrad.scoring
+    from lowgrad.detectors import REGISTRY
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("refitted")
+
+    for registration in REGISTRY.values():
+        monkeypatch.setattr(registration.cls, "fit", refuse)
+    monkeypatch.setattr(lowgrad.probe, "train_probe", refuse)
+    monkeypatch.setattr(lowgrad.scoring, "train_probe", refuse)
+
+
+def test_every_detector_and_fusion_row_scores_the_same_after_saving(tmp_path, monkeypatch):
     params, sets, scores, fitted, ctx = _run(tmp_path)
     assert len(fitted.rows) == len(detector_names(False)) + len(detector_names(True))  # every registered detector
+    _no_fitting(monkeypatch)  # restored, never refitted
     meta = check_artifact(tmp_path)
     restored = load_fitted(tmp_path, ctx(), meta, params)
     plan = fusion_plan(params.scoring.fusion.groups)
@@ -122,3 +138,19 @@ def test_a_missing_or_unfinished_artifact_is_refused_in_one_line(tmp_path):
     with pytest.raises(DetectorError, match="is not a saved detector's metadata"):
         check_artifact(tmp_path)
 
+
+
+def test_an_artifact_saved_by_other_scoring_code_or_incomplete_is_refused(tmp_path):
+    import json
+
+    _run(tmp_path)
+    meta = json.loads((tmp_path / META).read_text())
+    assert "lowgrad/sketch.py" in meta["code_sha256"] and "lowgrad/detectors.py" in meta["code_sha256"]
+    meta["code_sha256"]["lowgrad/sketch.py"] = "0" * 64  # as if written before an edit of the sketch
+    (tmp_path / META).write_text(json.dumps(meta))
+    with pytest.raises(DetectorError, match=r"saved by other lowgrad code \(lowgrad/sketch.py differ"):
+        check_artifact(tmp_path)
+    del meta["thresholds"]
+    (tmp_path / META).write_text(json.dumps(meta))
+    with pytest.raises(DetectorError, match="lacks thresholds: not a complete saved detector"):
+        read_meta(tmp_path)

@@ -25,7 +25,7 @@ def _final(api: str, run_id: str) -> dict:
         _api(f"{api}/flow_runs/{run_id}")), 300, "the monitoring run")
 
 
-def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finished, tmp_path, prefect_api):
+def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finished, tmp_path, prefect_api, monkeypatch):
     watch = tmp_path / "incoming"
     watch.mkdir()
     for batch, source in (("id_batch", "id_test"), ("ood_batch", "digits_7to9")):
@@ -33,6 +33,12 @@ def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finishe
             np.savez(watch / f"{batch}.npz", images=z["images"][:60])
     detector_digest = sha256(tiny_finished / "artifacts/detector")
     env = {**_env(), "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "prefect")}
+    for args, fragment in ((["--rows", "grad_residual,nope"], "error: unknown row(s) nope: the run has msp"),
+                           (["--bound", "5"], "error: bound 5.0: a fraction of a batch")):  # refused before serving
+        refused = subprocess.run([sys.executable, "-m", "flows.monitor", "--run", str(tiny_finished), "--watch",
+                                  str(watch), *args, "--every", "3600"], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 1 and refused.stderr.startswith(fragment) and refused.stderr.count("\n") == 1
     log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen([sys.executable, "-m", "flows.monitor", "--run", str(tiny_finished), "--watch", str(watch),
                               "--rows", ",".join(ROWS), "--bound", str(BOUND), "--every", "3600"],
@@ -67,6 +73,9 @@ def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finishe
 
     from flows.monitor import monitor
 
+    from tests.test_detector_api import _no_fitting
+
+    _no_fitting(monkeypatch)  # in this process, any refit raises
     written = {p.name: p.stat().st_mtime_ns for p in (watch / ".lowgrad-monitor").iterdir()}
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         again = monitor(str(tiny_finished), str(watch), ROWS, BOUND)

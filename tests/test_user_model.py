@@ -100,6 +100,7 @@ def test_code_outside_architectures_or_not_the_projects_is_refused(project, tmp_
     ("exact", {}),
     ("kronecker", {"gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64}}),
     ("matrix_free", {"subspace": {"method": "exact_randomized", "k": 8, "oversample": 6, "power_iters": 1}}),
+    ("exact_nfk", {"gradient": {"sketch": "exact_nfk", "sketch_dim": 256, "factor_samples": 64}}),
 ])
 def test_the_pipeline_on_your_model(project, route, change):
     """Train the example on the tiny digits set, then every stage up to score in one process, as ``dvc repro``
@@ -129,7 +130,8 @@ def test_the_pipeline_on_your_model(project, route, change):
     _saved_detector_round_trip(project, set(metrics["methods"]))
     if route == "exact":
         _lowgrad_score_command(project)
-    _replaced_files_are_refused(project)
+        _your_code_is_read_from_the_project_only(project)
+    _replaced_files_are_refused(project, route)
 
 
 def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
@@ -152,6 +154,9 @@ def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(plain)), batch_size=40)
     np.testing.assert_allclose(detector.score(loader, rows=["grad_knn"])["grad_knn"],  # a DataLoader's batches
                                detector.score(images, rows=["grad_knn"])["grad_knn"], rtol=1e-5)  # (other batches)
+    forward = detector.score(images, rows=["knn", "msp"])  # forward rows only: no gradients computed
+    for row, s in forward.items():
+        np.testing.assert_allclose(s, stored[f"{row}/digits_7to9"], rtol=1e-4, atol=1e-6, err_msg=row)
     flagged = detector.predict(images, row="grad_residual")  # the OOD set
     np.testing.assert_array_equal(flagged, stored["grad_residual/digits_7to9"] < detector.thresholds["grad_residual"])
     assert np.mean(stored["grad_residual/id_test"] < detector.thresholds["grad_residual"]) <= 0.05
@@ -178,13 +183,50 @@ def _lowgrad_score_command(project: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads((project / "scores.json").read_text())
     assert set(out["rows"]) == {"knn", "grad_residual"} and len(out["rows"]["knn"]["flagged"]) == 90
-    proc = run("--rows", "knn,nope", "--out", "bad.csv")
-    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown row(s) nope") and proc.stderr.count("\n") == 1
-    assert not (project / "bad.csv").exists()
+    for args, fragment in ((["--rows", "knn,nope", "--out", "bad.csv"], "error: unknown row(s) nope"),
+                           (["--out", "bad.txt"], "error: --out bad.txt: write a .csv or a .json file"),
+                           (["--out", "nowhere/bad.csv"], "error: --out nowhere/bad.csv: the folder nowhere does not")):
+        proc = run(*args)
+        assert proc.returncode == 1 and proc.stderr.startswith(fragment) and proc.stderr.count("\n") == 1, proc.stderr
+    (project / "broken.npz").write_bytes(b"not an archive")
+    for images, fragment in (("missing.npz", "error: images not found: missing.npz"),
+                             ("broken.npz", "error: broken.npz: not a readable .npz file")):
+        proc = subprocess.run([str(script), "score", "--run", str(project), "--images", images, "--out", "bad.csv"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith(fragment) and proc.stderr.count("\n") == 1, proc.stderr
+    proc = subprocess.run([str(script), "score", "--run", str(project / "nothing"), "--images", "broken.npz", "--out",
+                           "bad.csv"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no saved detector" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not list(project.glob("bad*"))
 
 
-def _replaced_files_are_refused(project: Path) -> None:
-    """A model or a basis V replaced after ``score`` ran: loading the detector is refused with one line."""
+def _your_code_is_read_from_the_project_only(project: Path) -> None:
+    """A ``module:`` model is imported from the working directory's architectures/: loading the run from elsewhere is
+    refused (another project's file of that name would build another model); an edit of the code is refused too."""
+    import os
+
+    from lowgrad import OODDetector
+    from lowgrad.errors import DetectorError
+
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+    try:
+        with pytest.raises(DetectorError, match=r"the model is your own code .* run this from"):
+            OODDetector.load(project)
+    finally:
+        os.chdir(project)
+    code = project / "architectures/tiny_convnet.py"
+    original = code.read_text()
+    code.write_text(original + "\n# edited after the run\n")
+    with pytest.raises(DetectorError, match="architectures is not the one this detector was fitted with"):
+        OODDetector.load(project)
+    code.write_text(original)
+
+
+def _replaced_files_are_refused(project: Path, route: str) -> None:
+    """A model, a basis V or the sketch factors replaced after ``score`` ran: loading the detector is refused with one
+    line."""
     import zarr
 
     from lowgrad import OODDetector
@@ -197,6 +239,14 @@ def _replaced_files_are_refused(project: Path) -> None:
         OODDetector.load(project)
     basis[0, 0] = original
     OODDetector.load(project)  # restored: loads again
+    if route in ("kronecker", "exact_nfk"):
+        factors = project / "artifacts/sketch/factors.npz"
+        original_factors = factors.read_bytes()
+        with np.load(factors) as z:
+            np.savez(factors, **{k: z[k] * 1.01 for k in z.files})
+        with pytest.raises(DetectorError, match="factors.npz is not the one this detector was fitted with"):
+            OODDetector.load(project)
+        factors.write_bytes(original_factors)
     state = torch.load(project / "models/model.pt", weights_only=True)
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, project / "models/model.pt")
     with pytest.raises(DetectorError, match="models/model.pt is not the one this detector was fitted with"):

@@ -14,6 +14,7 @@ basis, then each saved row as ``score`` fitted it. Nothing is refitted.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lowgrad.errors import DataError, DetectorError
+from lowgrad.saved_detector import flagged
 
 
 def _as_array(batch: Any) -> np.ndarray:
@@ -47,11 +49,14 @@ class OODDetector:
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":
         """The saved detector of the project at ``run_dir`` (after ``dvc repro`` or ``dvc pull``). Refuses, with one
         :class:`DetectorError` line, an artifact whose model, basis, normaliser or factors were replaced since."""
-        from lowgrad.config import parse_params
+        from lowgrad.config import USER_CODE, USER_MODULE, parse_params
         from lowgrad.saved_detector import check_artifact
 
         root = Path(run_dir)
         meta = check_artifact(root)  # before anything is built from the run's files
+        if str(meta["params"]["model"]["arch"]).startswith(f"{USER_MODULE}:") and root.resolve() != Path.cwd().resolve():
+            raise DetectorError(f"{root}: the model is your own code ({meta['params']['model']['arch']}), imported from "
+                                f"the project's {USER_CODE}/ in the working directory: run this from {root.resolve()}")
         route_log = logging.getLogger("lowgrad.route")  # the saved params hold every value, defaults included: the
         level = route_log.level  # route would state each unused one, which the run has stated already
         route_log.setLevel(logging.ERROR)
@@ -150,10 +155,10 @@ class OODDetector:
         from lowgrad.data import ImageSet, to_tensor_batch
         from lowgrad.subspace import RowPasses
 
-        self._extractor.images = ImageSet(images, np.full(len(images), -1, np.int64))
-        extractor = self._extractor
-        if not gradients and extractor.gradients is not None:  # forward rows only: no gradients to compute
-            extractor = _without_gradients(extractor)
+        extractor = copy.copy(self._extractor)  # this call's images on a shallow copy: the detector is not changed
+        extractor.images = ImageSet(images, np.full(len(images), -1, np.int64))
+        if not gradients:  # forward rows only: no gradients to compute
+            extractor.gradients = None
         out = extractor.compute(slice(0, len(images)))
         data: dict[str, Any] = {"name": "new images", "logits": out["logits"], "features": out["features"]}
         if gradients:
@@ -192,13 +197,4 @@ class OODDetector:
     def predict(self, images: Any, row: str) -> np.ndarray:
         """``True`` where ``row`` flags an image as OOD: its score is below the row's saved threshold (95 % of the
         run's id_test score at or above it)."""
-        return self.score(images, rows=[row])[row] < self.thresholds[row]
-
-
-def _without_gradients(extractor):
-    """The extractor computing logits and features only (forward rows need no gradients)."""
-    import copy
-
-    plain = copy.copy(extractor)
-    plain.gradients = None
-    return plain
+        return flagged(self.score(images, rows=[row])[row], self.thresholds[row])

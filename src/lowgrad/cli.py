@@ -19,13 +19,19 @@ from pathlib import Path
 from lowgrad.errors import LowgradError
 
 
+def parse_rows(text: str | None) -> list[str] | None:
+    """``--rows knn,grad_residual`` as a list (None: every row)."""
+    return None if text is None else [r.strip() for r in text.split(",") if r.strip()]
+
+
 def _write(out: Path, names: list[str], scores: dict, thresholds: dict[str, float]) -> None:
     from lowgrad.paths import atomic_path, write_json
+    from lowgrad.saved_detector import flagged
 
     if out.suffix == ".json":
         write_json(out, {
             "images": names,
-            "rows": {row: {"threshold": thresholds[row], "scores": s.tolist(), "flagged": (s < thresholds[row]).tolist()}
+            "rows": {row: {"threshold": thresholds[row], "scores": s.tolist(), "flagged": flagged(s, thresholds[row]).tolist()}
                      for row, s in scores.items()},
         })
         return
@@ -43,8 +49,10 @@ def score_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix not in (".csv", ".json"):
         raise LowgradError(f"--out {out}: write a .csv or a .json file")
+    if not out.parent.is_dir():
+        raise LowgradError(f"--out {out}: the folder {out.parent} does not exist")
     detector = OODDetector.load(args.run, device=args.device)
-    rows = detector.check_rows([r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None)
+    rows = detector.check_rows(parse_rows(args.rows))
     images, names = read_images(args.images, detector.params.data)
     logging.getLogger("lowgrad.cli").info("scoring %d images from %s with %s", len(images), args.images, args.run)
     scores = detector.score(images, rows=rows, progress=True)

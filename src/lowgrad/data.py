@@ -322,9 +322,10 @@ def to_tensor_batch(images: np.ndarray, mean: list[float], std: list[float]):
 
 def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[str]]:
     """New inputs to score (``lowgrad score``, the monitor): an ``.npz`` of either layout, a folder of images, or an
-    ImageFolder tree, brought to the run's ``data.image_size`` / ``channels`` as ``prepare`` does (short side
-    resized, centre crop; images of that size already are kept as they are). Returns the uint8 images and a name
-    per image (its file, or ``<file>#<index>``)."""
+    ImageFolder tree, brought to the run's ``data.image_size`` / ``channels`` as ``prepare`` brought its ``id_test``:
+    with ``resize: true`` every image is resized (short side) and centre-cropped, as there; otherwise images of the
+    run's shape are kept as they are and others resized the same way. Returns the uint8 images and a name per image
+    (its file, or ``<file>#<index>``)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -358,6 +359,7 @@ def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[st
     if not raw:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     expected = (data.image_size, data.image_size, data.channels)
-    images = np.stack([im if im.shape == expected
+    always = "id_test" in data.datasets and data.datasets["id_test"].resize
+    images = np.stack([im if im.shape == expected and not always
                        else resize_center_crop(im, data.image_size, data.channels, data.resize_short_side) for im in raw])
     return np.ascontiguousarray(images, dtype=np.uint8), names

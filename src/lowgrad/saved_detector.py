@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lowgrad.config import Params
+from lowgrad.config import USER_CODE, USER_MODULE, Params
 from lowgrad.detectors import Detector, Head
 from lowgrad.errors import DetectorError
 from lowgrad.paths import COMPONENTS, FACTORS, MODEL, SUBSPACE, atomic_path, sha256, write_json
@@ -47,10 +47,28 @@ def _saved_params(params: Params) -> dict[str, Any]:
     return out
 
 
+# the library code that decides how saved rows score new images (features, gradients on each route, G_low, the
+# detectors and fusion): its sha256 is saved, and an artifact written by other code is refused
+SCORING_CODE = ("data", "models", "gradients", "sketch", "dense_sketch", "extract", "matrix_free", "subspace",
+                "probe", "detectors", "fusion", "scoring", "saved_detector")
+
+
 def belongs_with(params: Params) -> list[str]:
-    """The files a saved detector scores with besides its own: the model, and on the gradient rows' route the basis
-    with its normaliser and the sketch factors."""
-    return [MODEL, SUBSPACE, COMPONENTS, *([FACTORS] if Route.from_params(params).needs_factors else [])]
+    """The files a saved detector scores with besides its own: the model (and the project's ``architectures/`` for a
+    ``module:`` model), and on the gradient rows' route the basis with its normaliser and the sketch factors."""
+    user_code = [USER_CODE] if params.model.arch.startswith(f"{USER_MODULE}:") else []
+    return [MODEL, *user_code, SUBSPACE, COMPONENTS, *([FACTORS] if Route.from_params(params).needs_factors else [])]
+
+
+def code_digests() -> dict[str, str]:
+    """``{module file: sha256}`` of :data:`SCORING_CODE` as installed here."""
+    import importlib.util
+
+    out = {}
+    for name in SCORING_CODE:
+        origin = Path(importlib.util.find_spec(f"lowgrad.{name}").origin)
+        out[f"lowgrad/{origin.name}"] = sha256(origin)
+    return out
 
 
 def _state(det: Detector, where: str) -> dict[str, np.ndarray]:
@@ -100,8 +118,14 @@ def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], r
         "fusion_members": entries["members"],
         "belongs_with": {path: sha256(root / path) for path in belongs_with(params)},
         "arrays_sha256": sha256(root / ARRAYS),
+        "code_sha256": code_digests(),
         "params": _saved_params(params),
     })
+
+
+def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Which scores a row flags as OOD: below its threshold (the run's id_test is at or above it 95 % of the time)."""
+    return np.asarray(scores) < threshold
 
 
 @dataclass
@@ -114,9 +138,9 @@ class SavedDetector:
     id_test_scores: dict[str, np.ndarray]
 
 
-def check_artifact(root: str | Path = ".") -> dict[str, Any]:
-    """``detector.json`` of the run at ``root``, after checking that ``arrays.npz`` and every file the detector
-    belongs with are the ones it was saved with (one :class:`DetectorError` line otherwise)."""
+def read_meta(root: str | Path = ".") -> dict[str, Any]:
+    """``detector.json`` of the run at ``root``, read and its keys checked, nothing hashed (what a monitor checks
+    before it knows whether there is anything to score)."""
     root = Path(root)
     meta_path = root / META
     if not meta_path.is_file():
@@ -129,6 +153,22 @@ def check_artifact(root: str | Path = ".") -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DetectorError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, expected "
                             f"{FORMAT}; rerun `dvc repro score` with this version of lowgrad")
+    missing = [k for k in ("thresholds", "rows", "fusion_members", "belongs_with", "arrays_sha256", "code_sha256",
+                           "params") if k not in meta]
+    if missing:
+        raise DetectorError(f"{meta_path} lacks {', '.join(missing)}: not a complete saved detector; rerun `dvc repro score`")
+    return meta
+
+
+def check_artifact(root: str | Path = ".") -> dict[str, Any]:
+    """``detector.json`` of the run at ``root``, after checking that ``arrays.npz``, every file the detector belongs
+    with and the scoring code here are the ones it was saved with (one :class:`DetectorError` line otherwise)."""
+    root = Path(root)
+    meta = read_meta(root)
+    changed = [f for f, digest in code_digests().items() if meta["code_sha256"].get(f) != digest]
+    if changed:
+        raise DetectorError(f"{root / META} was saved by other lowgrad code ({', '.join(changed)} differ): the rows "
+                            "would score new images differently from the run; rerun `dvc repro score` with this code")
     recorded = {ARRAYS: meta["arrays_sha256"], **meta["belongs_with"]}
     for path, digest in recorded.items():
         if not (root / path).exists():
@@ -144,11 +184,18 @@ def load_fitted(root: str | Path, ctx, meta: dict[str, Any], params: Params) -> 
     """Every row of the run at ``root`` restored from its arrays (``meta``: what :func:`check_artifact` returned;
     ``params``: parsed from it; ``ctx``: a :class:`lowgrad.scoring.ScoringContext` with the run's model head and
     input std)."""
-    from lowgrad.scoring import FittedRows, unfitted
-
     root = Path(root)
     with np.load(root / ARRAYS, allow_pickle=False) as z:
         arrays = {key: z[key] for key in z.files}
+    try:
+        return _restored(arrays, meta, params, ctx)
+    except KeyError as err:  # the digests matched, so this is an artifact written wrongly, not a damaged one
+        raise DetectorError(f"{root / ARRAYS} lacks {err}: not a complete saved detector; rerun `dvc repro score`") from None
+
+
+def _restored(arrays: dict[str, np.ndarray], meta: dict[str, Any], params: Params, ctx) -> SavedDetector:
+    from lowgrad.scoring import FittedRows, unfitted
+
     probes: dict[str, Head] = {}
 
     def probe(key: str | None) -> Head | None:
