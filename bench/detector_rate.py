@@ -33,6 +33,7 @@ def measure(run: Path, name: str, repeats: int) -> dict:
     from lowgrad.extract import build_extractor
     from lowgrad.paths import PREPARED, TIMINGS
     from lowgrad.route import Route
+    from lowgrad.rows import detector_row_name
 
     start = time.perf_counter()
     detector = OODDetector.load(run)
@@ -47,7 +48,9 @@ def measure(run: Path, name: str, repeats: int) -> dict:
         extractor = build_extractor(params, name, run)
     chunk = params.gradient.chunk_rows
     computed = [extractor.compute(slice(i, min(i + chunk, n))) for i in range(0, n, chunk)]
-    one_row = "grad_knn" if "grad_knn" in detector.rows else next(r for r in detector.rows if r.startswith("grad_"))
+    one_row = detector_row_name("knn", True)  # one gradient row: the same work as extract + project, plus KNN
+    if one_row not in detector.rows:
+        raise SystemExit(f"error: {run} has no {one_row} row (scoring.gradient.knn): the one-row figure needs it")
     work = {
         "extract": lambda: [extractor.compute(slice(i, min(i + chunk, n))) for i in range(0, n, chunk)],
         "score": lambda: detector.score(images),

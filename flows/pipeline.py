@@ -37,7 +37,7 @@ from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
 from lowgrad.config import (  # noqa: E402
-    drop_dotted, get_dotted, load_params, merge_profile, parse_params, parse_yaml, profile_chain, read_raw, set_dotted,
+    compose, drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted,
 )
 from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
@@ -203,12 +203,10 @@ def composed_document(source: Path, rt) -> Any:
     """``source`` as one ruamel document: a profile's ``extends`` chain merged by the rule of
     :func:`lowgrad.config.merge_profile` (comments kept), headed by the profile's own first comment and a line
     that says where it came from (params.yaml must be complete: DVC keys the stages by its values)."""
-    (root_file, doc), *profiles = profile_chain(source, lambda path: rt.load(path.read_text()))
-    for _, profile in profiles:
-        merge_profile(doc, profile)
-    if profiles:
-        names = " -> ".join(str(path.name) for path in [root_file, *(p for p, _ in profiles)])
-        own = profiles[-1][1].ca.comment
+    doc, chain = compose(source, lambda path: rt.load(path.read_text()))
+    if len(chain) > 1:
+        names = " -> ".join(path.name for path, _ in chain)
+        own = chain[-1][1].ca.comment
         header = "".join(token.value for token in (own[1] or [])) if own else ""
         lines = [line[2:] if line.startswith("# ") else line[1:] for line in header.rstrip("\n").splitlines()]
         lines.append(f"Written by flows.pipeline from {source.name}, merged as {names}: edit the profile, not this file.")

@@ -54,7 +54,7 @@ def _params(arch: str, change: dict):
     if arch.startswith("torchvision:mobilenet"):
         raw["model"]["checkpoint"] = CALIBRATED
     raw["data"].update(image_size=16, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
-    for (name, spec), n in zip(raw["data"]["datasets"].items(), (90, 60, 60)):
+    for (name, spec), n in zip(raw["data"]["datasets"].items(), (60, 50, 50)):
         spec.update(resize=True, max_samples=n)  # 8 x 8 greyscale digits -> 16 x 16 RGB; fewer than TINY's
     raw["model"]["arch"] = arch
     raw["train"] = {"epochs": 2, "batch_size": 32, "lr": 0.05}

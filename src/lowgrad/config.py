@@ -369,23 +369,21 @@ def merge_profile(base: Any, profile: Any) -> None:
     ``null`` removes the key (a data set dropped, a setting back to lowgrad's default), anything else (a scalar, a
     list) replaces. Works on plain dicts and on ruamel's commented maps (a replaced key takes the profile's
     comment)."""
+    comments, own = getattr(base, "ca", None), getattr(profile, "ca", None)
     for key, value in profile.items():
-        comments = getattr(base, "ca", None)
+        merged = value is not None and isinstance(value, dict) and isinstance(base.get(key), dict)
         if value is None:
             base.pop(key, None)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+        elif merged:
             merge_profile(base[key], value)
-            own = getattr(profile, "ca", None)
-            if comments is not None and own is not None and key in own.items:
-                comments.items[key] = own.items[key]  # a merged section keeps its comment unless the profile has one
-            continue
         else:
             base[key] = value
-        if comments is not None:  # ruamel: the comment that explained the base's value would now mislead
+        if comments is None:
+            continue
+        if not merged:  # ruamel: the comment that explained the base's value would now mislead
             comments.items.pop(key, None)
-            own = getattr(profile, "ca", None)
-            if own is not None and key in own.items and key in base:
-                comments.items[key] = own.items[key]
+        if own is not None and key in own.items and key in base:  # a merged section keeps its comment unless the
+            comments.items[key] = own.items[key]  # profile has one; a replaced value takes the profile's
 
 
 def profile_chain(path: str | Path, load: Callable[[Path], Any] = _read_mapping) -> list[tuple[Path, Any]]:
@@ -399,7 +397,7 @@ def profile_chain(path: str | Path, load: Callable[[Path], Any] = _read_mapping)
             raise ConfigError(f"{names} -> {path}: the profiles extend each other in a cycle")
         raw = load(path)
         chain.append((path, raw))
-        base = raw.pop(EXTENDS, None) if EXTENDS in raw else None
+        base = raw.pop(EXTENDS, None)
         if base is None:
             return chain[::-1]
         if not isinstance(base, str) or not base.strip():
@@ -417,12 +415,19 @@ def profile_chain(path: str | Path, load: Callable[[Path], Any] = _read_mapping)
         path = target
 
 
+def compose(path: str | Path, load: Callable[[Path], Any] = _read_mapping) -> tuple[Any, list[tuple[Path, Any]]]:
+    """A params file as one mapping, a profile's ``extends`` chain merged by :func:`merge_profile` (``load``: plain
+    dicts, or ruamel's commented maps), and that chain (:func:`profile_chain`)."""
+    chain = profile_chain(path, load)
+    merged = chain[0][1]
+    for _, profile in chain[1:]:
+        merge_profile(merged, profile)
+    return merged, chain
+
+
 def read_raw(path: str | Path) -> dict[str, Any]:
-    """A params file as one mapping: a profile's ``extends`` chain merged by :func:`merge_profile`."""
-    (_, raw), *profiles = profile_chain(path)
-    for _, profile in profiles:
-        merge_profile(raw, profile)
-    return raw
+    """A params file as one mapping (:func:`compose`)."""
+    return compose(path)[0]
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, scoring: bool = True) -> Params:
