@@ -152,7 +152,11 @@ def test_the_flow_refuses_to_start_beside_a_running_dvc_command(project):
         assert repro.poll() is None, "the dvc repro must still be running"
     finally:
         os.killpg(repro.pid, signal.SIGINT)
-        repro.wait(60)
+        try:
+            repro.wait(60)
+        except subprocess.TimeoutExpired:  # a loaded machine: how fast dvc winds down is not what this tests
+            os.killpg(repro.pid, signal.SIGKILL)
+            repro.wait(60)
     errors = [ln for ln in flow.stderr.splitlines() if ln.startswith("error: ")]
     assert flow.returncode == 1 and len(errors) == 1, flow.stderr[-2000:]
     assert f"a DVC command is running in this checkout (PID {repro.pid}: " in errors[0] and "repro" in errors[0]
