@@ -572,67 +572,53 @@ def test_dice_against_the_sparsified_layer_loop():
     assert make_detector("dice", {}, False, head).percentile == 90.0  # OpenOOD's p
 
 
+def _fused_msp_grad_knn(sets: dict, rng: np.random.Generator, calibration_fraction: float = 0.2, rule: str = "zscore"):
+    """``run_all`` of one fusion group of forward MSP and gradient KNN (k = 2) on ``sets``."""
+    from lowgrad.config import parse_params
+    from lowgrad.detectors import Head
+    from lowgrad.scoring import ScoringContext, run_all
+
+    params = parse_params({
+        "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
+            "id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS},
+            "ood": {"source": "npz", "path": DIGITS}}},
+        "model": {"arch": "small_cnn", "num_classes": 3},
+        "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {"k": 2}},
+                    "fusion": {"calibration_fraction": calibration_fraction,
+                               "groups": [{"name": "msp_grad_knn", "members": ["msp", "grad_knn"], "rule": rule}]}},
+    })
+    head = Head(weight=rng.standard_normal((3, 4)), bias=np.zeros(3))
+    return run_all(params, sets, ScoringContext(forward_head=head, num_classes=3))[0]
+
+
 def test_a_bank_too_small_for_the_stratified_calibration_split_is_one_line():
     """9 bank samples of 3 classes, calibration_fraction 0.2: 2 calibration samples cannot hold one of each class
     (scikit-learn's own error was a ValueError traceback); 0.34 leaves 4 and works."""
-    from lowgrad.config import parse_params
-    from lowgrad.detectors import Head
     from lowgrad.errors import ConfigError
-    from lowgrad.scoring import ScoringContext, run_all
 
     rng = np.random.default_rng(0)
     sets = {name: {"name": name, "logits": rng.standard_normal((n, 3)), "features": rng.standard_normal((n, 4)),
                    "labels": np.arange(n) % 3, "g_low": rng.standard_normal((n, 4))}
             for name, n in (("id_train", 9), ("id_test", 6), ("ood", 6))}
-
-    def run(fraction: float):
-        params = parse_params({
-            "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
-                "id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS},
-                "ood": {"source": "npz", "path": DIGITS}}},
-            "model": {"arch": "small_cnn", "num_classes": 3},
-            "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {"k": 2}},
-                        "fusion": {"calibration_fraction": fraction,
-                                   "groups": [{"name": "msp_grad_knn", "members": ["msp", "grad_knn"]}]}},
-        })
-        head = Head(weight=rng.standard_normal((3, 4)), bias=np.zeros(3))
-        return run_all(params, sets, ScoringContext(forward_head=head, num_classes=3))[0]
-
     with pytest.raises(ConfigError, match=r"splits the 9 id_train samples into 7 to fit and 2 to calibrate .* each of "
                                           r"the 3 classes") as err:
-        run(0.2)
+        _fused_msp_grad_knn(sets, rng, calibration_fraction=0.2)
     assert "\n" not in str(err.value)
-    assert np.isfinite(run(0.34)["fused_msp_grad_knn"]["ood"]).all()
+    assert np.isfinite(_fused_msp_grad_knn(sets, rng, calibration_fraction=0.34)["fused_msp_grad_knn"]["ood"]).all()
 
 
 def test_a_fusion_member_constant_on_the_calibration_part_is_one_line():
     """A degenerate member (every held-out ID sample scores the same: here identical G_low rows, so grad_knn is 0
     everywhere) cannot be z-scored: one ConfigError naming the row and the member, not fusion's ValueError. The
     same group with rule fisher (p-values need no spread) runs: the control."""
-    from lowgrad.config import parse_params
-    from lowgrad.detectors import Head
     from lowgrad.errors import ConfigError
-    from lowgrad.scoring import ScoringContext, run_all
 
     rng = np.random.default_rng(0)
     sets = {name: {"name": name, "logits": rng.standard_normal((n, 3)), "features": rng.standard_normal((n, 4)),
                    "labels": np.arange(n) % 3, "g_low": np.ones((n, 4))}
             for name, n in (("id_train", 30), ("id_test", 12), ("ood", 12))}
-
-    def run(rule: str):
-        params = parse_params({
-            "data": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "datasets": {
-                "id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS},
-                "ood": {"source": "npz", "path": DIGITS}}},
-            "model": {"arch": "small_cnn", "num_classes": 3},
-            "scoring": {"forward": {"msp": {}}, "gradient": {"knn": {"k": 2}},
-                        "fusion": {"groups": [{"name": "msp_grad_knn", "members": ["msp", "grad_knn"], "rule": rule}]}},
-        })
-        return run_all(params, sets, ScoringContext(forward_head=Head(rng.standard_normal((3, 4)), np.zeros(3)),
-                                                    num_classes=3))[0]
-
     with pytest.raises(ConfigError, match=r"fusion row fused_msp_grad_knn: grad_knn scores all 6 held-out ID samples "
                                           r"the same, .* rule: fisher") as err:
-        run("zscore")
+        _fused_msp_grad_knn(sets, rng, rule="zscore")
     assert "\n" not in str(err.value)
-    assert np.isfinite(run("fisher")["fused_msp_grad_knn"]["ood"]).all()
+    assert np.isfinite(_fused_msp_grad_knn(sets, rng, rule="fisher")["fused_msp_grad_knn"]["ood"]).all()
