@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 
 def measure(run: Path, name: str, repeats: int) -> dict:
-    import torch
+    from lowgrad import OODDetector  # first: lowgrad sets OpenMP's wait policy before torch loads
 
-    from lowgrad import OODDetector
+    import torch
     from lowgrad.data import load_image_set
     from lowgrad.extract import build_extractor
     from lowgrad.paths import PREPARED, TIMINGS
@@ -82,6 +83,7 @@ def measure(run: Path, name: str, repeats: int) -> dict:
     return {
         "run": str(run.resolve().name), "set": name, "images": n, "route": Route.from_params(params).name,
         "arch": params.model.arch, "rows": len(detector.rows), "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "(libgomp's default: spin, then sleep)",
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "detector_load_s": round(load_s, 3),
         "repeats": repeats, "spread_s": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()},
