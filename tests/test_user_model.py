@@ -101,6 +101,7 @@ def test_code_outside_architectures_or_not_the_projects_is_refused(project, tmp_
     ("kronecker", {"gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64}}),
     ("matrix_free", {"subspace": {"method": "exact_randomized", "k": 8, "oversample": 6, "power_iters": 1}}),
     ("exact_nfk", {"gradient": {"sketch": "exact_nfk", "sketch_dim": 256, "factor_samples": 64}}),
+    ("dense", {"gradient": {"sketch": "dense", "sketch_dim": 256, "factor_samples": 64}}),
 ])
 def test_the_pipeline_on_your_model(project, route, change):
     """Train the example on the tiny digits set, then every stage up to score in one process, as ``dvc repro``
@@ -240,7 +241,7 @@ def _replaced_files_are_refused(project: Path, route: str) -> None:
         OODDetector.load(project)
     basis[0, 0] = original
     OODDetector.load(project)  # restored: loads again
-    if route in ("kronecker", "exact_nfk"):
+    if route in ("kronecker", "exact_nfk", "dense"):  # the sketched routes: their NFK scale is in the factors
         factors = project / "artifacts/sketch/factors.npz"
         original_factors = factors.read_bytes()
         with np.load(factors) as z:
