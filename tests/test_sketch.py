@@ -325,19 +325,19 @@ def _exact_phi_reference(model, x_kernel, x):
 
 
 def _countsketch_loop(sketch: ExactNFKSketch, phi: dict, b: int) -> torch.Tensor:
-    """The CountSketch written out: every weight coordinate j adds sign_j * phi_j to bucket h(j) (read back from the
-    sketch's sparse matrix, one nonzero per column), then the exact biases / BatchNorm parameters."""
+    """The CountSketch written out: every weight coordinate j adds sign_j * phi_j to bucket h(j) (the sketch's seeded
+    buckets and signs, one each per coordinate), then the exact biases / BatchNorm parameters."""
     hashed = torch.zeros(b, sketch.sketch_dim, dtype=torch.float64)
     small = []
     for layer in sketch.layers:
         if layer.kind == "bn":
             small += [phi[f"{layer.name}.weight"], phi[f"{layer.name}.bias"]]
             continue
-        coo = sketch.hashes[layer.name].to_sparse_coo().coalesce()
-        bucket, column = coo.indices()
-        assert torch.equal(torch.sort(column).values, torch.arange(layer.module.weight.numel()))  # one bucket each
+        bucket, signs = sketch.buckets[layer.name], sketch.signs[layer.name].flatten()
+        assert bucket.shape == signs.shape == (layer.module.weight.numel(),)  # one bucket and one sign each
+        assert set(signs.tolist()) == {-1.0, 1.0} and int(bucket.min()) >= 0 and int(bucket.max()) < sketch.sketch_dim
         values = phi[f"{layer.name}.weight"]
-        for j_bucket, j, sign in zip(bucket.tolist(), column.tolist(), coo.values().tolist()):
+        for j, (j_bucket, sign) in enumerate(zip(bucket.tolist(), signs.tolist())):
             hashed[:, j_bucket] += sign * values[:, j]
         if layer.module.bias is not None:
             small.append(phi[f"{layer.name}.bias"])
@@ -518,3 +518,29 @@ def test_in_place_operations_after_a_layer_do_not_change_its_sketch():
 
     with pytest.raises(GradientError, match="layer conv runs more than once in a forward pass"):
         KroneckerSketch(Twice().eval(), rank=2, seed=0)(torch.randn(2, 3, 5, 5))
+
+
+@pytest.mark.parametrize("conv,size", [
+    (dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding=(2, 1)), 9),  # stride 1: one correlation
+    (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), 9),  # strided: unfolded patches
+    (dict(in_channels=3, out_channels=40, kernel_size=3, padding=1), 5),  # fewer positions than channels: patches
+])
+def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
+    """``exact_layer_gradients`` of a Conv2d equals each sample's own autograd gradient (float64), whether formed
+    as one correlation over the batch (stride 1, many positions) or from unfolded patches, written into ``out`` or
+    not. Negative control: another sample's output gradient gives another gradient."""
+    from lowgrad.sketch import _correlates, exact_layer_gradients
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(**conv, bias=False).double()
+    x = torch.randn(5, 3, size, size, dtype=torch.float64)
+    delta = torch.randn_like(layer(x))
+    expected = torch.stack([torch.autograd.grad((layer(x[i : i + 1]) * delta[i : i + 1]).sum(), layer.weight)[0]
+                            for i in range(len(x))]).reshape(len(x), layer.out_channels, -1)
+    assert _correlates(layer, delta) == (conv.get("stride", 1) == 1 and conv["out_channels"] < size * size)
+    got = exact_layer_gradients("conv", layer, x, delta)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    out = torch.full_like(expected, float("nan"))
+    assert exact_layer_gradients("conv", layer, x, delta, out=out) is out
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(exact_layer_gradients("conv", layer, x, delta.roll(1, dims=0)), expected)
