@@ -98,7 +98,8 @@ def route(name: str, n: int, batch: int, rank: int, dim: int = 16384) -> dict:
 
 
 def _run(name: str, n: int, batch: int, rank: int, dim: int = 16384) -> dict:
-    code = f"import json; from bench.extraction import route; print(json.dumps(route({name!r}, {n}, {batch}, {rank}, {dim})))"
+    code = (f"import lowgrad, json; from bench.extraction import route; "  # lowgrad first: its OpenMP wait policy
+            f"print(json.dumps(route({name!r}, {n}, {batch}, {rank}, {dim})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -372,6 +372,25 @@ def test_exact_nfk_sketch_is_the_countsketch_of_the_exact_nfk_rows(dtype, tol):
     assert not torch.allclose(other, got)
 
 
+def test_exact_nfk_sketch_without_normalisation_hashes_the_raw_gradient():
+    """The NTK kernel (no normalisation): the output is the CountSketch of the raw exact gradient (the signs alone
+    scale it) and the fourth output its exact squared norm. Negative control: the unsigned bucket sums differ."""
+    torch.manual_seed(2)
+    model = build_model("small_cnn", 6, 1).eval().double()
+    _randomise_bn(model)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    sketch = ExactNFKSketch(model, dim=48, seed=5, normalisation=None)
+    got, _, _, sqnorm = sketch(x)
+    raw = _exact_by_name(model, x)
+    torch.testing.assert_close(got, _countsketch_loop(sketch, raw, 4), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sqnorm, sum((v**2).sum(dim=1) for v in raw.values()), rtol=1e-9, atol=0)
+    unsigned = {k: v for k, v in raw.items()}
+    for layer in sketch.layers:  # the same buckets without the signs
+        if layer.kind != "bn":
+            unsigned[f"{layer.name}.weight"] = raw[f"{layer.name}.weight"] * sketch.signs[layer.name].flatten().double()
+    assert not torch.allclose(got, _countsketch_loop(sketch, unsigned, 4), rtol=1e-3)
+
+
 def test_exact_nfk_sketch_keeps_the_gram_matrix_of_resnet20_rows():
     """ResNet-20 at 32x32 (as the fidelity benchmark, smaller): with 8,192 buckets the CountSketch keeps the Gram
     matrix of exact NFK rows, off-diagonal correlation > 0.99, and the fourth output is the exact squared norm."""
@@ -537,7 +556,7 @@ def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
     delta = torch.randn_like(layer(x))
     expected = torch.stack([torch.autograd.grad((layer(x[i : i + 1]) * delta[i : i + 1]).sum(), layer.weight)[0]
                             for i in range(len(x))]).reshape(len(x), layer.out_channels, -1)
-    assert _correlates(layer, delta) == (conv.get("stride", 1) == 1 and conv["out_channels"] < size * size)
+    assert _correlates(layer, delta) == (conv.get("stride", 1) == 1 and conv["out_channels"] < delta[0, 0].numel())
     got = exact_layer_gradients("conv", layer, x, delta)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     out = torch.full_like(expected, float("nan"))

@@ -2,10 +2,11 @@
 
 import os
 
-# torch, scikit-learn and NumPy's OpenBLAS each keep a thread pool, and libgomp's threads spin for a while after
-# each parallel region: a pipeline that alternates between them (scoring, above all) has each library's idle threads
-# taking the cores from the next one. Passive waiting ends that (docs/benchmarks.md, "Thread pools"); it only takes
-# effect when set before torch is imported, and a value already set is kept.
+# torch and scikit-learn each load their own libgomp, whose threads spin for a while after each parallel region: a
+# pipeline that alternates between them and NumPy (scoring, above all) has one library's idle threads taking the
+# cores the next one needs. Passive waiting ends that (docs/benchmarks.md, "Thread pools"). A libgomp reads the
+# variable when it loads, so this reaches torch's only when lowgrad is imported first; a value already set is kept
+# (and, like any variable, passes to child processes).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -343,7 +344,7 @@ def fit_exact_nfk(
 class ExactNFKSketch(KroneckerSketch):
     """A CountSketch (sparse Johnson-Lindenstrauss, Clarkson & Woodruff 2013) of the *exactly* normalised gradient.
 
-    Per Conv2d / Linear layer the per-sample weight gradient ``G`` is formed (an unfold and a batched matmul: the
+    Per Conv2d / Linear layer the per-sample weight gradient ``G`` is formed (:func:`exact_layer_gradients`: the
     cost of a weight gradient, never the whole P-vector), normalised exactly, ``Phi = w * (G - z)`` with the kernel
     sample's ``w`` and ``z`` (:func:`fit_exact_nfk`), and hashed into ``dim`` shared coordinates: each parameter
     adds ``+-Phi_j`` to one seeded bucket (``O(P)`` per sample: the sign is folded into ``w`` and ``z``, and the
@@ -366,7 +367,7 @@ class ExactNFKSketch(KroneckerSketch):
         self.normalisation: dict[str, dict[str, torch.Tensor]] = {}
         self.buckets: dict[str, torch.Tensor] = {}  # layer -> the seeded bucket of each weight coordinate (flat)
         self.signs: dict[str, torch.Tensor] = {}  # layer -> the seeded sign of each weight coordinate (weight layout)
-        self._workspace = torch.empty(0, dtype=first.dtype, device=first.device)  # formed gradients, reused
+        self._blocks = threading.local()  # per thread: the block formed gradients are written in (:meth:`_block`)
         small = 0
         for layer in self.layers:
             parts = (normalisation or {}).get(layer.name, {})
@@ -416,20 +417,30 @@ class ExactNFKSketch(KroneckerSketch):
             return g.mul_(norm[f"{part}_w"])
         return torch.addcmul(norm[f"{part}_shift"], g, norm[f"{part}_w"], out=g)  # one pass: g * w - z * w
 
-    def _formed(self, rows: int, shape: tuple[int, int]) -> torch.Tensor:
-        """A ``rows x shape`` view of one buffer kept across batches: a fresh block of this size per layer and batch
-        costs as much again in page faults as forming the gradient in it (``bench.extraction``)."""
-        need = rows * shape[0] * shape[1]
-        if self._workspace.numel() < need:
-            self._workspace = torch.empty(need, dtype=self._workspace.dtype, device=self._workspace.device)
-        return self._workspace[:need].view(rows, *shape)
+    def _block(self, need: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``need`` floats that every layer's formed gradients are written in, kept across calls: a fresh block per
+        layer or call costs as much again in page faults as forming the gradient in it. One per thread, so threads
+        never share it."""
+        block = getattr(self._blocks, "block", None)
+        if block is None or block.numel() < need or block.dtype != dtype or block.device != device:
+            block = self._blocks.block = torch.empty(need, dtype=dtype, device=device)
+        return block[:need]
+
+    def _max_block(self, layer: _Layer, batch: int, positions: int) -> int:
+        """Samples of a layer whose patches and formed weight gradients fit in ``max_block_floats`` at once."""
+        c_out, c_in = self._shape(layer, "weight")
+        patch_floats = c_in * layer.module.groups * positions if layer.kind == "conv" else 0
+        return min(batch, max(1, self.max_block_floats // (c_out * c_in + patch_floats)))
 
     def __call__(self, x: torch.Tensor):
         inputs, deltas, logits, features = self.capture(x)
         hashed = torch.zeros(len(x), self.sketch_dim, dtype=logits.dtype, device=x.device)
         exact_parts, sqnorm = [], torch.zeros(len(x), dtype=torch.float64, device=x.device)
+        need = max((self._max_block(layer, len(x), deltas[layer.name][0].numel() // deltas[layer.name].shape[1])
+                    * layer.module.weight.numel() for layer in self.layers if layer.kind != "bn"), default=0)
+        block = self._block(need, logits.dtype, x.device)
         for layer in self.layers:
-            sq, small = self._exact_layer(layer, inputs[layer.name], deltas[layer.name], hashed)
+            sq, small = self._exact_layer(layer, inputs[layer.name], deltas[layer.name], hashed, block)
             sqnorm += sq
             if small is not None:
                 exact_parts.append(small)
@@ -439,24 +450,23 @@ class ExactNFKSketch(KroneckerSketch):
             raise GradientError(f"non-finite gradient sketches for batch rows {rows} (check inputs and weights)")
         return out, logits, features, sqnorm
 
-    def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor,
-                     hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Adds the layer's hashed weight gradient to ``hashed`` (B x dim); returns its exact squared norm (B,) and
-        its exact small parameters (B, n) or None."""
+    def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor, hashed: torch.Tensor,
+                     block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Adds the layer's hashed weight gradient to ``hashed`` (B x dim), forming it in ``block``; returns its exact
+        squared norm (B,) and its exact small parameters (B, n) or None."""
         m = layer.module
         if layer.kind == "bn":
             phi_w = self._normalised(layer, "weight", (delta * _bn_normalised(m, x)).sum(dim=(2, 3)))
             phi_b = self._normalised(layer, "bias", delta.sum(dim=(2, 3)))
-            block = torch.cat([phi_w, phi_b], dim=1)
-            return (block.double() ** 2).sum(dim=1), block
+            small = torch.cat([phi_w, phi_b], dim=1)
+            return (small.double() ** 2).sum(dim=1), small
         c_out, c_in = self._shape(layer, "weight")
-        positions = delta[0].numel() // c_out  # conv: output positions, each an unfolded patch of groups * c_in values
-        patch_floats = c_in * m.groups * positions if layer.kind == "conv" else 0
-        step = max(1, self.max_block_floats // (c_out * c_in + patch_floats))
+        step = self._max_block(layer, len(x), delta[0].numel() // c_out)  # conv: positions, each a patch
         sq = []
         for i in range(0, len(x), step):  # bounded memory: `step` samples' patches and weight gradients at a time
             xs, ds = x[i : i + step], delta[i : i + step]
-            formed = exact_layer_gradients(layer.kind, m, xs, ds, out=self._formed(len(xs), (c_out, c_in)))
+            out = block[: len(xs) * c_out * c_in].view(len(xs), c_out, c_in)
+            formed = exact_layer_gradients(layer.kind, m, xs, ds, out=out)
             flat = self._normalised(layer, "weight", formed).view(len(xs), -1)  # signed: sign * w * (g - z)
             hashed[i : i + step].index_add_(1, self.buckets[layer.name], flat)
             sq.append(torch.linalg.vector_norm(flat, dim=1).double() ** 2)
