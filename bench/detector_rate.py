@@ -1,8 +1,9 @@
 """Scoring rate of the saved detector (``lowgrad.OODDetector``) against the extract stage, on one finished run's
 route and one of its prepared sets, in one process:
 
-- ``extract_stage``: the ``extract@<set>`` stage's own recorded wall time (``artifacts/timings``: process start,
-  imports, model load, gradients and the zarr writes) per image;
+- ``extract_stage``: the ``extract@<set>`` stage's own recorded wall time (``artifacts/timings``: model load,
+  gradients and the zarr writes) per image; ``extract_and_project_stages``: with ``project@<set>``'s time added
+  (on the matrix-free route ``extract`` runs the forward pass only and ``project`` computes the gradients);
 - ``extract_compute``: the same stage's work in this process, model built, nothing written
   (``Extractor.compute`` over the set): what the stage spends per image once started;
 - ``extract_and_project_compute``: that plus the ``project`` stage's pass (``G_low`` and ``||phi||^2`` of those
@@ -44,6 +45,8 @@ def measure(run: Path, name: str, repeats: int) -> dict:
     n = len(images)
     recorded = run / TIMINGS / f"extract@{name}.json"  # absent where the stages ran in one process (tests)
     stage = json.loads(recorded.read_text()) if recorded.is_file() else None
+    projected = run / TIMINGS / f"project@{name}.json"  # the matrix-free route computes the gradients here
+    project_stage = json.loads(projected.read_text()) if projected.is_file() else None
 
     with torch.inference_mode(False):
         extractor = build_extractor(params, name, run)
@@ -80,6 +83,8 @@ def measure(run: Path, name: str, repeats: int) -> dict:
         rates["extract_and_project_compute"] = n / (compute_s + project_s)
     if stage is not None:
         rates["extract_stage"] = n / stage["wall_s"]
+        if project_stage is not None:
+            rates["extract_and_project_stages"] = n / (stage["wall_s"] + project_stage["wall_s"])
     return {
         "run": str(run.resolve().name), "set": name, "images": n, "route": Route.from_params(params).name,
         "arch": params.model.arch, "rows": len(detector.rows), "torch_threads": torch.get_num_threads(),
@@ -88,6 +93,8 @@ def measure(run: Path, name: str, repeats: int) -> dict:
         "detector_load_s": round(load_s, 3),
         "repeats": repeats, "spread_s": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()},
         "ratio_score_over_extract_stage": round(rates["detector_score"] / rates["extract_stage"], 3) if stage else None,
+        "ratio_score_over_extract_and_project_stages": round(rates["detector_score"] / rates["extract_and_project_stages"], 3)
+        if "extract_and_project_stages" in rates else None,
         "ratio_score_over_extract_compute": round(rates["detector_score"] / rates["extract_compute"], 3),
         "ratio_score_over_extract_and_project_compute":
             round(rates["detector_score"] / rates["extract_and_project_compute"], 3) if project_s else None,
