@@ -33,9 +33,10 @@ def measure(run: Path, name: str, repeats: int) -> dict:
     import torch
     from lowgrad.data import load_image_set
     from lowgrad.extract import build_extractor
-    from lowgrad.paths import PREPARED, TIMINGS
+    from lowgrad.paths import PREPARED
     from lowgrad.route import Route
     from lowgrad.rows import detector_row_name
+    from lowgrad.timing import collect
 
     start = time.perf_counter()
     detector = OODDetector.load(run)
@@ -43,10 +44,9 @@ def measure(run: Path, name: str, repeats: int) -> dict:
     params = detector.params  # the run's, as the detector saved them
     images = load_image_set(run / PREPARED.format(name=name)).images
     n = len(images)
-    recorded = run / TIMINGS / f"extract@{name}.json"  # absent where the stages ran in one process (tests)
-    stage = json.loads(recorded.read_text()) if recorded.is_file() else None
-    projected = run / TIMINGS / f"project@{name}.json"  # the matrix-free route computes the gradients here
-    project_stage = json.loads(projected.read_text()) if projected.is_file() else None
+    recorded = collect(run)  # the stages' own timings; absent where the stages ran in one process (tests)
+    stage = recorded.get(f"extract@{name}")
+    project_stage = recorded.get(f"project@{name}")  # the matrix-free route computes the gradients here
 
     with torch.inference_mode(False):
         extractor = build_extractor(params, name, run)
