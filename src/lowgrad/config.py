@@ -371,7 +371,7 @@ def merge_profile(base: Any, profile: Any) -> None:
     comment)."""
     comments, own = getattr(base, "ca", None), getattr(profile, "ca", None)
     for key, value in profile.items():
-        merged = value is not None and isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged = isinstance(value, dict) and isinstance(base.get(key), dict)
         if value is None:
             base.pop(key, None)
         elif merged:
