@@ -418,9 +418,9 @@ class ExactNFKSketch(KroneckerSketch):
         return torch.addcmul(norm[f"{part}_shift"], g, norm[f"{part}_w"], out=g)  # one pass: g * w - z * w
 
     def _block(self, need: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``need`` floats that every layer's formed gradients are written in, kept across calls: a fresh block per
-        layer or call costs as much again in page faults as forming the gradient in it. One per thread, so threads
-        never share it."""
+        """``need`` floats that the formed gradients are written in, kept across layers and calls and grown when a
+        layer needs more: a fresh block per layer or call costs as much again in page faults as forming the gradient
+        in it. One per thread, so threads never share it."""
         block = getattr(self._blocks, "block", None)
         if block is None or block.numel() < need or block.dtype != dtype or block.device != device:
             block = self._blocks.block = torch.empty(need, dtype=dtype, device=device)
@@ -436,11 +436,8 @@ class ExactNFKSketch(KroneckerSketch):
         inputs, deltas, logits, features = self.capture(x)
         hashed = torch.zeros(len(x), self.sketch_dim, dtype=logits.dtype, device=x.device)
         exact_parts, sqnorm = [], torch.zeros(len(x), dtype=torch.float64, device=x.device)
-        need = max((self._max_block(layer, len(x), deltas[layer.name][0].numel() // deltas[layer.name].shape[1])
-                    * layer.module.weight.numel() for layer in self.layers if layer.kind != "bn"), default=0)
-        block = self._block(need, logits.dtype, x.device)
         for layer in self.layers:
-            sq, small = self._exact_layer(layer, inputs[layer.name], deltas[layer.name], hashed, block)
+            sq, small = self._exact_layer(layer, inputs[layer.name], deltas[layer.name], hashed)
             sqnorm += sq
             if small is not None:
                 exact_parts.append(small)
@@ -450,10 +447,10 @@ class ExactNFKSketch(KroneckerSketch):
             raise GradientError(f"non-finite gradient sketches for batch rows {rows} (check inputs and weights)")
         return out, logits, features, sqnorm
 
-    def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor, hashed: torch.Tensor,
-                     block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Adds the layer's hashed weight gradient to ``hashed`` (B x dim), forming it in ``block``; returns its exact
-        squared norm (B,) and its exact small parameters (B, n) or None."""
+    def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor,
+                     hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Adds the layer's hashed weight gradient to ``hashed`` (B x dim), formed in :meth:`_block`; returns its
+        exact squared norm (B,) and its exact small parameters (B, n) or None."""
         m = layer.module
         if layer.kind == "bn":
             phi_w = self._normalised(layer, "weight", (delta * _bn_normalised(m, x)).sum(dim=(2, 3)))
@@ -465,7 +462,7 @@ class ExactNFKSketch(KroneckerSketch):
         sq = []
         for i in range(0, len(x), step):  # bounded memory: `step` samples' patches and weight gradients at a time
             xs, ds = x[i : i + step], delta[i : i + step]
-            out = block[: len(xs) * c_out * c_in].view(len(xs), c_out, c_in)
+            out = self._block(len(xs) * c_out * c_in, ds.dtype, ds.device).view(len(xs), c_out, c_in)
             formed = exact_layer_gradients(layer.kind, m, xs, ds, out=out)
             flat = self._normalised(layer, "weight", formed).view(len(xs), -1)  # signed: sign * w * (g - z)
             hashed[i : i + step].index_add_(1, self.buckets[layer.name], flat)
