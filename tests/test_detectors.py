@@ -211,6 +211,27 @@ def test_probe_learns_separable_classes():
     assert (head.logits(x).argmax(1) == y).mean() > 0.95
 
 
+def _probe_logits_on_reoriented_features():
+    """A probe trained on ``x`` and one trained on ``x``'s columns permuted and sign-flipped, on their inputs."""
+    rng = np.random.default_rng(9)
+    y = np.repeat(np.arange(3), 50)
+    x = rng.standard_normal((150, 6)) + 2 * np.eye(6)[y] + rng.exponential(size=(150, 6))
+    perm, signs = rng.permutation(6), np.array([1, -1, -1, 1, -1, 1])
+    x_other = x[:, perm] * signs
+    here = train_probe(x, y, 3, epochs=3, batch_size=16, seed=0).logits(x)
+    return here, train_probe(x_other, y, 3, epochs=3, batch_size=16, seed=0).logits(x_other)
+
+
+def test_probe_does_not_depend_on_how_the_basis_orients_its_columns(monkeypatch):
+    """Zero-initialised linear layer: training commutes with flipping or permuting ``G_low``'s columns, so the
+    probe rows do not move with the PCA's column signs. Control: PyTorch's random start breaks it."""
+    here, there = _probe_logits_on_reoriented_features()
+    np.testing.assert_allclose(there, here, atol=1e-4)
+    monkeypatch.setattr(torch.nn.init, "zeros_", lambda tensor: tensor)
+    here, there = _probe_logits_on_reoriented_features()
+    assert np.abs(there - here).max() > 0.05
+
+
 def test_fusion_calibrators():
     cal = np.array([1.0, 2.0, 3.0, 4.0])
     z = ScoreCalibrator("zscore").fit(cal).transform(np.array([2.5]))

@@ -86,6 +86,8 @@ def test_full_width_sketch_recovers_the_exact_pca(setting):
     np.testing.assert_allclose(sub.singular_values_, setting["s"][:k], rtol=1e-4)
     v = sub.components_.cpu().numpy().astype(np.float64)
     np.testing.assert_allclose(np.abs(np.diag(setting["v"][:, :k].T @ v)), 1.0, atol=1e-4)
+    kernel_scores = ((setting["g"] - setting["mean"]) * setting["w"]) @ v
+    assert np.all(np.sum(kernel_scores**3, axis=0) > 0), "signs are decided by the kernel rows' scores"
     assert np.isclose(sub.total_sq_, (setting["s"] ** 2).sum(), rtol=1e-5)
     # the projection streams V through the recomputed test gradients
     g_low, sqnorm = transform_rows(sub, _rows(setting, setting["test"], batch_size=7))

@@ -133,3 +133,42 @@ def test_projection_pass_gives_phi_sqnorm_and_the_residual_detectors():
     rows = np.stack([inside_row, outside_row])
     ctrl = np.column_stack([rows @ v, (rows**2).sum(1)])
     np.testing.assert_allclose(residual.score_samples(ctrl), [1.0, 0.0], atol=1e-12)
+
+
+def _skewed_rows(n: int, p: int, seed: int) -> np.ndarray:
+    """Rows whose leading scores are skewed (centred exponentials) along a random orthonormal basis."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((p, 8)))
+    latent = (rng.exponential(size=(n, 8)) - 1.0) * (50.0 * 0.7 ** np.arange(8))
+    return latent @ basis.T + 0.01 * rng.standard_normal((n, p))
+
+
+def _largest_entry_signs(v: np.ndarray) -> np.ndarray:
+    """The rule ``orient_by_scores`` replaced (largest-magnitude entry of each column positive): the control."""
+    return v * np.sign(v[np.abs(v).argmax(axis=0), np.arange(v.shape[1])])
+
+
+@pytest.mark.parametrize("fit", ["randomized", "incremental"])
+def test_column_signs_follow_the_samples_not_the_coordinates(fit):
+    """The same rows in two coordinate systems (``phi`` and ``phi @ R``, R orthogonal: what a sketch changes
+    against the exact route) give the same scores on the basis, signs included, and every column's scores have
+    a positive third moment. The largest-entry rule, read off ``V``'s coordinates, flips some columns."""
+    k = 5
+    phi = _skewed_rows(400, 60, seed=5)
+    rotation, _ = np.linalg.qr(np.random.default_rng(6).standard_normal((60, 60)))
+
+    def basis(rows):
+        if fit == "randomized":
+            return randomized_svd(RowPasses(_blocks(rows, 64), 400, 60), k, oversample=10, power_iters=4, seed=0)[0]
+        return incremental_pca(_blocks(rows, 64), k, 60)[0]
+
+    def scores(rows, v):
+        return (rows - rows.mean(axis=0) if fit == "incremental" else rows) @ v
+
+    v, v_rotated = basis(phi), basis(phi @ rotation)
+    here, there = scores(phi, v), scores(phi @ rotation, v_rotated)
+    np.testing.assert_allclose(there, here, atol=1e-6 * np.abs(here).max())
+    assert np.all(np.sum(here**3, axis=0) > 0)
+    old_here = scores(phi, _largest_entry_signs(v))
+    old_there = scores(phi @ rotation, _largest_entry_signs(v_rotated))
+    assert np.any(np.sum(old_here * old_there, axis=0) < 0)

@@ -61,15 +61,14 @@ class TorchOps:
         return torch.linalg.qr(a)[0]
 
     @staticmethod
-    def top_right_vectors(bt: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray]:
+    def top_right_vectors(bt: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """From ``B^T = Phi^T Q`` (P x width): ``B^T = Qz R = (Qz W) S U^T``, so ``B``'s right singular vectors
-        are ``Qz W`` (only the small ``R`` is decomposed, in float64); deterministic signs."""
+        are ``Qz W`` (only the small ``R`` is decomposed, in float64); the third value is ``U[:, :k]``, whose
+        column ``j`` times ``Q`` is the kernel rows' scores on ``V``'s column ``j`` over ``s_j`` (as in
+        :meth:`lowgrad.subspace.NumpyOps.top_right_vectors`)."""
         qz, r = torch.linalg.qr(bt)
-        w, s, _ = torch.linalg.svd(r.double())
-        v = qz @ w[:, :k].to(qz.dtype)
-        signs = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
-        signs[signs == 0] = 1.0
-        return v * signs, s[:k].cpu().numpy()
+        w, s, ut = torch.linalg.svd(r.double())
+        return qz @ w[:, :k].to(qz.dtype), s[:k].cpu().numpy(), ut[:k].T.to(qz.dtype)
 
 
 @dataclass(frozen=True)
