@@ -3,7 +3,9 @@
 Each route runs the pipeline's stage functions in this process (no DVC or Prefect needed, so it runs on a bare
 GPU machine) in its own work directory, then one JSON object is printed: per route the stage timings (wall s;
 peak GPU MB per stage; peak RSS of this one process so far, so it only grows), the set sizes and the gradient
-detectors' OOD table; and per OOD set the AUROC / FPR95 differences of every other route from the first. Example (CUDA machine beside ../shared)::
+detectors' OOD table; per OOD set the AUROC / FPR95 differences of every other route from the first; and, per
+other route, the verdict readings (better / worse / no detectable difference) it shares with the first route and
+each one it reads differently (``readings_differing_from_first``). Example (CUDA machine beside ../shared)::
 
     python -m bench.routes --params-file configs/cifar10_resnet18_gpu.yaml --routes matrix_free kronecker
 
@@ -98,6 +100,26 @@ def differences(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[
     return out
 
 
+def differing_readings(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per other route: how many verdict readings (row x comparison x mean FPR95 / AUROC) it shares with the first
+    route, and each one it reads differently (better / worse / no detectable difference), with both intervals."""
+    first, *others = results
+    out: dict[str, dict[str, Any]] = {}
+    for route in others:
+        compared, differing = 0, []
+        for row, kinds in results[first]["verdicts"].items():
+            for kind, comp in kinds.items():
+                other = results[route]["verdicts"].get(row, {}).get(kind)
+                for metric in ("fpr95", "auroc"):
+                    compared += 1
+                    theirs = other[metric] if other is not None and other["against"] == comp["against"] else None
+                    if theirs is None or theirs["verdict"] != comp[metric]["verdict"]:
+                        differing.append({"row": row, "comparison": kind, "against": comp["against"],
+                                          "metric": metric, first: comp[metric], route: theirs})
+        out[route] = {"same": compared - len(differing), "compared": compared, "differing": differing}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params-file", type=Path, required=True)
@@ -126,6 +148,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": device, "routes": results, "differences_from_first": differences(results),
+                      "readings_differing_from_first": differing_readings(results),
                       "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
 
 

@@ -214,3 +214,27 @@ def test_bench_routes_exact_against_stored_gradients(tmp_path):
         for key, delta in cells.items():
             if key.endswith("auroc"):
                 assert abs(delta) <= 1.5, (det, key, delta)
+
+
+def test_bench_routes_counts_the_readings_a_route_changes():
+    """``differing_readings``: a reading is a row x comparison x metric verdict; a changed verdict, a changed
+    comparator and a missing row each count as differing."""
+    from bench.routes import differing_readings
+
+    def reading(verdict, ci=(-1.0, 1.0)):
+        return {"delta": 0.0, "ci": list(ci), "verdict": verdict}
+
+    def route(knn_fpr, res_against, with_res=True):
+        verdicts = {"grad_knn": {"twin": {"against": "knn", "fpr95": reading(knn_fpr), "auroc": reading("worse")}}}
+        if with_res:
+            verdicts["grad_residual"] = {"best_forward_only": {"against": res_against, "fpr95": reading("better"),
+                                                               "auroc": reading("better")}}
+        return {"verdicts": verdicts}
+
+    first = route("no detectable difference", "vim")
+    same = differing_readings({"a": first, "b": route("no detectable difference", "vim")})["b"]
+    assert same == {"same": 4, "compared": 4, "differing": []}
+    changed = differing_readings({"a": first, "b": route("better", "knn"), "c": route("worse", "vim", False)})
+    assert changed["b"]["same"] == 1 and [(d["row"], d["metric"]) for d in changed["b"]["differing"]] == [
+        ("grad_knn", "fpr95"), ("grad_residual", "fpr95"), ("grad_residual", "auroc")]
+    assert changed["c"]["same"] == 1 and changed["c"]["differing"][-1]["c"] is None
