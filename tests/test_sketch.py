@@ -540,23 +540,26 @@ def test_in_place_operations_after_a_layer_do_not_change_its_sketch():
 
 
 @pytest.mark.parametrize("conv,size", [
-    (dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding=(2, 1)), 9),  # stride 1: one correlation
-    (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), 9),  # strided: unfolded patches
+    (dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding=(2, 1)), 9),  # many positions: grouped conv
+    (dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1), 9),  # strided, 25 positions: grouped
+    (dict(in_channels=4, out_channels=6, kernel_size=3, stride=(2, 1), dilation=2, padding=2, groups=2), 9),
     (dict(in_channels=3, out_channels=40, kernel_size=3, padding=1), 5),  # fewer positions than channels: patches
+    (dict(in_channels=3, out_channels=40, kernel_size=3, stride=2, padding=1), 9),  # strided, few positions: patches
+    (dict(in_channels=4, out_channels=40, kernel_size=3, padding=1, groups=2), 5),  # grouped, few positions
 ])
 def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
     """``exact_layer_gradients`` of a Conv2d equals each sample's own autograd gradient (float64), whether formed
-    as one correlation over the batch (stride 1, many positions) or from unfolded patches, written into ``out`` or
-    not. Negative control: another sample's output gradient gives another gradient."""
+    as one grouped weight-gradient convolution over the batch (more positions than output channels) or from
+    unfolded patches, written into ``out`` or not. Negative control: another sample's output gradient gives another gradient."""
     from lowgrad.sketch import _correlates, exact_layer_gradients
 
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(**conv, bias=False).double()
-    x = torch.randn(5, 3, size, size, dtype=torch.float64)
+    x = torch.randn(5, conv["in_channels"], size, size, dtype=torch.float64)
     delta = torch.randn_like(layer(x))
     expected = torch.stack([torch.autograd.grad((layer(x[i : i + 1]) * delta[i : i + 1]).sum(), layer.weight)[0]
                             for i in range(len(x))]).reshape(len(x), layer.out_channels, -1)
-    assert _correlates(layer, delta) == (conv.get("stride", 1) == 1 and conv["out_channels"] < delta[0, 0].numel())
+    assert _correlates(layer, delta) == (conv["out_channels"] < delta[0, 0].numel())
     got = exact_layer_gradients("conv", layer, x, delta)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     out = torch.full_like(expected, float("nan"))

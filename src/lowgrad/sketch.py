@@ -233,25 +233,25 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
 
 
 def _correlates(module: nn.Module, delta: torch.Tensor) -> bool:
-    """Whether a conv layer's per-sample weight gradients are cheaper as one correlation than through unfolded
-    patches: stride 1, no dilation, no groups, and more output positions than output channels (the patches hold
-    ``C_in*kh*kw`` values per position, the correlation's output ``C_out*C_in*kh*kw`` in all)."""
-    return (module.groups == 1 and tuple(module.stride) == (1, 1) and tuple(module.dilation) == (1, 1)
-            and not isinstance(module.padding, str) and delta[0, 0].numel() > delta.shape[1])
+    """Whether a conv layer's per-sample weight gradients are cheaper as one grouped weight-gradient convolution
+    over the batch than through unfolded patches: numeric padding and more output positions than output channels
+    (the patches hold ``C_in*kh*kw`` values per position, the result ``C_out*C_in*kh*kw`` in all). Measured on
+    ResNet-18 (CPU): 2-3x faster on layer1 / layer2, 2-3x slower on layer3 / layer4, where positions are few."""
+    return not isinstance(module.padding, str) and delta[0, 0].numel() > delta.shape[1]
 
 
 def _correlated_conv_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor,
                                out: torch.Tensor | None) -> torch.Tensor:
-    """Per-sample weight gradients of a stride-1 Conv2d as one convolution over the batch: sample ``b``'s gradient
-    is its padded input correlated with its output gradient (channels as the batch, samples as groups)."""
-    b, c_in, c_out = x.shape[0], x.shape[1], delta.shape[1]
-    taps = module.weight.shape[2] * module.weight.shape[3]
-    corr = F.conv2d(x.transpose(0, 1), delta.reshape(b * c_out, 1, *delta.shape[2:]), padding=module.padding, groups=b)
-    grads = corr.reshape(c_in, b, c_out, taps).permute(1, 2, 0, 3)  # (B, C_out, C_in, kh*kw): the weight's layout
-    if out is None:
-        return grads.reshape(b, c_out, c_in * taps)
-    out.view(b, c_out, c_in, taps).copy_(grads)
-    return out
+    """Per-sample weight gradients of a Conv2d as the weight gradient of one grouped convolution: the batch is
+    folded into the channels (``1 x B*C_in`` input, ``1 x B*C_out`` output gradient, ``groups * B`` groups), so
+    the weight gradient of group ``b`` is sample ``b``'s own, already in the weight's layout."""
+    b, c_out = x.shape[0], delta.shape[1]
+    size = (b * c_out, *module.weight.shape[1:])
+    grads = torch.ops.aten.convolution_backward(
+        delta.reshape(1, b * c_out, *delta.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+        x.new_empty(1).expand(size), None, module.stride, module.padding, module.dilation, False, [0, 0],
+        module.groups * b, [False, True, False])[1].view(b, c_out, -1)
+    return grads if out is None else out.copy_(grads)
 
 
 def bias_gradients(layer_kind: str, delta: torch.Tensor) -> torch.Tensor:
