@@ -224,10 +224,12 @@ def _probe_logits_on_reoriented_features():
 
 def test_probe_does_not_depend_on_how_the_basis_orients_its_columns(monkeypatch):
     """Zero-initialised linear layer: training commutes with flipping or permuting ``G_low``'s columns, so the
-    probe rows do not move with the PCA's column signs. Control: PyTorch's random start breaks it."""
+    probe rows do not move with the PCA's column signs. Control: PyTorch's random start of the linear weight breaks
+    it (only the 2-D weight keeps it: BatchNorm's bias, zeroed by the same function, must not stay uninitialised)."""
     here, there = _probe_logits_on_reoriented_features()
     np.testing.assert_allclose(there, here, atol=1e-4)
-    monkeypatch.setattr(torch.nn.init, "zeros_", lambda tensor: tensor)
+    zeros = torch.nn.init.zeros_
+    monkeypatch.setattr(torch.nn.init, "zeros_", lambda tensor: tensor if tensor.dim() == 2 else zeros(tensor))
     here, there = _probe_logits_on_reoriented_features()
     assert np.abs(there - here).max() > 0.05
 
