@@ -551,7 +551,7 @@ def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
     """``exact_layer_gradients`` of a Conv2d equals each sample's own autograd gradient (float64), whether formed
     as one grouped weight-gradient convolution over the batch (more positions than output channels) or from
     unfolded patches, written into ``out`` or not. Negative control: another sample's output gradient gives another gradient."""
-    from lowgrad.sketch import _correlates, exact_layer_gradients
+    from lowgrad.sketch import _forms_by_grouped_convolution, exact_layer_gradients
 
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(**conv, bias=False).double()
@@ -559,7 +559,7 @@ def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
     delta = torch.randn_like(layer(x))
     expected = torch.stack([torch.autograd.grad((layer(x[i : i + 1]) * delta[i : i + 1]).sum(), layer.weight)[0]
                             for i in range(len(x))]).reshape(len(x), layer.out_channels, -1)
-    assert _correlates(layer, delta) == (conv["out_channels"] < delta[0, 0].numel())
+    assert _forms_by_grouped_convolution(layer, delta) == (conv["out_channels"] < delta[0, 0].numel())
     got = exact_layer_gradients("conv", layer, x, delta)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     out = torch.full_like(expected, float("nan"))

@@ -214,8 +214,8 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
     """Exact per-sample weight gradients of one Conv2d (grouped too) / Linear (on tokens too) layer,
     ``(B, C_out, C_in/groups*kh*kw)``, the layout of its weight; written into ``out`` (that shape) when given."""
     b = x.shape[0]
-    if layer_kind == "conv" and _correlates(module, delta):
-        return _correlated_conv_gradients(module, x, delta, out)
+    if layer_kind == "conv" and _forms_by_grouped_convolution(module, delta):
+        return _grouped_conv_gradients(module, x, delta, out)
     if layer_kind == "conv":
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
         d = delta.flatten(2)  # (B, C_out, T); patches: (B, C_in*kh*kw, T), channel-major, so a group is a block
@@ -232,7 +232,7 @@ def exact_layer_gradients(layer_kind: str, module: nn.Module, x: torch.Tensor, d
     return grads if out is None else out.copy_(grads)
 
 
-def _correlates(module: nn.Module, delta: torch.Tensor) -> bool:
+def _forms_by_grouped_convolution(module: nn.Module, delta: torch.Tensor) -> bool:
     """Whether a conv layer's per-sample weight gradients are cheaper as one grouped weight-gradient convolution
     over the batch than through unfolded patches: numeric padding and more output positions than output channels
     (the patches hold ``C_in*kh*kw`` values per position, the result ``C_out*C_in*kh*kw`` in all). Measured on
@@ -240,7 +240,7 @@ def _correlates(module: nn.Module, delta: torch.Tensor) -> bool:
     return not isinstance(module.padding, str) and delta[0, 0].numel() > delta.shape[1]
 
 
-def _correlated_conv_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor,
+def _grouped_conv_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor,
                                out: torch.Tensor | None) -> torch.Tensor:
     """Per-sample weight gradients of a Conv2d as the weight gradient of one grouped convolution: the batch is
     folded into the channels (``1 x B*C_in`` input, ``1 x B*C_out`` output gradient, ``groups * B`` groups), so
