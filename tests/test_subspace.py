@@ -172,3 +172,31 @@ def test_column_signs_follow_the_samples_not_the_coordinates(fit):
     old_here = scores(phi, _largest_entry_signs(v))
     old_there = scores(phi @ rotation, _largest_entry_signs(v_rotated))
     assert np.any(np.sum(old_here * old_there, axis=0) < 0)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_block_moments_merge_to_the_whole_sets_mean_and_sum_of_squares(as_tensor):
+    """``add_block_moments`` over uneven blocks (arrays: two passes; tensors: ``torch.var_mean``) gives the float64
+    mean and ``M2 = sum (x - mean)^2`` of all rows at once, far from zero mean too (where a one-pass sum of
+    squares cancels). Negative control: leaving out one block changes both."""
+    import torch
+
+    from lowgrad.subspace import add_block_moments
+
+    rng = np.random.default_rng(0)
+    rows = 1e4 + rng.standard_normal((23, 7)) * np.arange(1, 8)
+    expected_mean, expected_m2 = rows.mean(0), ((rows - rows.mean(0)) ** 2).sum(0)
+
+    def moments(blocks):
+        acc = None
+        for b in blocks:
+            acc = add_block_moments(acc, torch.from_numpy(b) if as_tensor else b)
+        n, mean, m2 = acc
+        return n, np.asarray(mean), np.asarray(m2)
+
+    n, mean, m2 = moments([rows[:1], rows[1:9], rows[9:]])
+    assert n == 23
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-14)
+    np.testing.assert_allclose(m2, expected_m2, rtol=1e-9)
+    _, mean_less, m2_less = moments([rows[:1], rows[9:]])
+    assert not np.allclose(mean_less, expected_mean, rtol=1e-9) and not np.allclose(m2_less, expected_m2, rtol=1e-3)

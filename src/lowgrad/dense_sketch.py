@@ -68,7 +68,7 @@ def fit_dense_nfk(model: FeatureClassifier, param_names: list[str], batches) -> 
     for x in batches:
         if len(x) == 0:
             continue
-        moments = add_block_moments(moments, gradients(x)[0].double().cpu())
+        moments = add_block_moments(moments, gradients(x)[0].cpu())
     if moments is None:
         raise ValueError("no kernel samples to estimate the NFK scale from")
     n, _, m2 = moments

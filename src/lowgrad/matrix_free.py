@@ -130,7 +130,7 @@ class GradientRows:
         if kind == "moments":
             acc = None
             for _, phi in self:
-                acc = add_block_moments(acc, phi.double())
+                acc = add_block_moments(acc, phi)
             return None if acc is None else (acc[0], acc[1].cpu().numpy(), acc[2].cpu().numpy())
         m = self._device_array(arg)
         if kind == "times":

@@ -272,7 +272,7 @@ def layer_gradient_moments(
     moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
-        moments[key] = add_block_moments(moments.get(key), values.double().cpu())  # NumPy moments on any device
+        moments[key] = add_block_moments(moments.get(key), values.cpu())  # float64 moments, kept on the CPU
 
     for x in batches:
         if len(x) == 0:
