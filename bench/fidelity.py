@@ -10,7 +10,11 @@
   exact and exact-NFK routes, the sketched row's on the others).
 
 Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kronecker|exact_nfk|dense] [--dim 8192]
-[--device cuda]
+[--device cuda] [--probe-seeds 1,2,3]
+
+``--probe-seeds``: the probe rows (``G_low`` through the linear probe) are scored again with each probe seed, on both
+routes; ``probe_seed_control`` gives, per row, the routes' |Delta AUROC| with each seed beside the row's spread
+over the seeds on one route, the resolution below which a difference between routes cannot be read.
 
 ``--route exact_nfk``: a CountSketch into ``--dim`` buckets of the exactly normalised gradient (w and z of the
 first ``--factor-samples`` kernel images) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
@@ -47,6 +51,7 @@ from lowgrad.subspace import GradientSubspace
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWGRAD_SHARED", ROOT.parent / "shared"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+OOD_SETS = ("textures", "tinyimagenet", "fashionmnist")
 
 
 def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
@@ -61,6 +66,53 @@ def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[n
     return np.concatenate(rows), (np.concatenate(sqnorms) if sqnorms else None)
 
 
+def _sets_low(route: str, sub, rows: dict, exact_sub, sketched_with_norms: dict, sets: dict) -> dict:
+    """Each set's ``G_low``, ``||phi||^2`` (exact on the exact route, the stored or the sketched row's on the
+    other) and labels, as the scoring stage reads them."""
+    out = {}
+    for name, r in rows.items():
+        if route == "exact":
+            sqnorm = (exact_sub.normalizer_.transform(r) ** 2).sum(1)
+        else:
+            stored = sketched_with_norms[name][1]
+            sqnorm = stored if stored is not None else (sub.normalizer_.transform(r) ** 2).sum(1)
+        out[name] = {"name": name, "g_low": sub.transform(r), "phi_sqnorm": sqnorm, "labels": sets[name].labels}
+    return out
+
+
+def _table(model, detectors: dict, sets_low: dict, probe_seed: int) -> dict:
+    """``{row: {ood set: {route: {fpr95, auroc}, abs_delta_auroc}}}``, the probe trained with ``probe_seed``."""
+    table: dict = {}
+    for route, low in sets_low.items():
+        ctx = ScoringContext(forward_head=Head.from_linear(head_of(model)), num_classes=10, seed=probe_seed,
+                             probe_options=ProbeConfig().model_dump())
+        targets = {name: d for name, d in low.items() if name != "id_train"}
+        for det_name, kwargs in detectors.items():
+            scores = score_detector(det_name, kwargs, True, low["id_train"], targets, ctx)
+            for ood in OOD_SETS:
+                m = ood_metrics(scores["id_test"], scores[ood])
+                table.setdefault(detector_row_name(det_name, True), {}).setdefault(ood, {})[route] = {
+                    "fpr95": round(m["fpr95"], 2), "auroc": round(m["auroc"], 2)}
+    for det_rows in table.values():
+        for cell in det_rows.values():
+            cell["abs_delta_auroc"] = round(abs(cell["exact"]["auroc"] - cell["sketch"]["auroc"]), 2)
+    return table
+
+
+def _probe_seed_control(tables: dict) -> dict:
+    """Per gradient row, the largest |Delta AUROC| over the OOD sets: between the two routes with each probe seed
+    (``between_routes``: one value per seed, seed 0 first), and within each route between probe seed 0 and every
+    other seed (``within_exact`` / ``within_sketch``: the row's own spread, the same on any route)."""
+    out = {}
+    for row in tables[0]:
+        between = [max(c["abs_delta_auroc"] for c in t[row].values()) for t in tables.values()]
+        within = {route: max(abs(t[row][ood][route]["auroc"] - tables[0][row][ood][route]["auroc"])
+                             for t in tables.values() for ood in OOD_SETS) for route in ("exact", "sketch")}
+        out[row] = {"between_routes": between, "within_exact": round(within["exact"], 2),
+                    "within_sketch": round(within["sketch"], 2)}
+    return out
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +124,9 @@ def main() -> None:
     parser.add_argument("--route", choices=["kronecker", "exact_nfk", "dense"], default="kronecker")
     parser.add_argument("--dim", type=int, default=8192, help="dense / exact_nfk routes: sketch dimension")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--probe-seeds", type=lambda v: [int(s) for s in v.split(",") if s], default=[],
+                        help="comma-separated probe seeds besides 0: the control of how far the probe rows move "
+                             "with the probe's own seed, on each route, against how far they move between routes")
     args = parser.parse_args()
     device = pick_device(args.device)
     ckpt = SHARED / "models/resnet20-12fca82f.th"
@@ -136,33 +191,14 @@ def main() -> None:
     v_back, _ = np.linalg.qr(phi_k.T @ u_s)
     overlap = float(np.linalg.norm(exact_sub.components_.T @ v_back) ** 2 / args.k)
 
-    # OOD tables on G_low: every gradient detector of the cpu profile
+    # OOD tables on G_low: every gradient detector of the cpu profile, the probe trained with each seed
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
-    table = {}
-    for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched)):
-        ctx = ScoringContext(forward_head=Head.from_linear(head_of(model)), num_classes=10, seed=0,
-                             probe_options=ProbeConfig().model_dump())
-        sets_low = {}
-        for name, r in rows.items():
-            if route == "exact":
-                sqnorm = (exact_sub.normalizer_.transform(r) ** 2).sum(1)
-            else:
-                stored = sketched_with_norms[name][1]
-                sqnorm = stored if stored is not None else (sketch_sub.normalizer_.transform(r) ** 2).sum(1)
-            sets_low[name] = {"name": name, "g_low": sub.transform(r), "phi_sqnorm": sqnorm,
-                              "labels": sets[name].labels}
-        targets = {name: d for name, d in sets_low.items() if name != "id_train"}
-        for det_name, kwargs in detectors.items():
-            scores = score_detector(det_name, kwargs, True, sets_low["id_train"], targets, ctx)
-            for ood in ("textures", "tinyimagenet", "fashionmnist"):
-                m = ood_metrics(scores["id_test"], scores[ood])
-                table.setdefault(detector_row_name(det_name, True), {}).setdefault(ood, {})[route] = {
-                    "fpr95": round(m["fpr95"], 2), "auroc": round(m["auroc"], 2)}
-    worst = 0.0
-    for det_rows in table.values():
-        for cell in det_rows.values():
-            cell["abs_delta_auroc"] = round(abs(cell["exact"]["auroc"] - cell["sketch"]["auroc"]), 2)
-            worst = max(worst, cell["abs_delta_auroc"])
+    sets_low = {route: _sets_low(route, sub, rows, exact_sub, sketched_with_norms, sets)
+                for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched))}
+    seeds = [0] + [s for s in args.probe_seeds if s != 0]
+    tables = {seed: _table(model, detectors, sets_low, seed) for seed in seeds}
+    table = tables[0]
+    worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({
         "model": "resnet20_cifar (269,722 parameters)", "kernel": args.kernel, "samples_per_set": n, "k": args.k,
         "route": args.route, "sketch_rank": args.rank if args.route == "kronecker" else None,
@@ -172,6 +208,7 @@ def main() -> None:
         "gram_relative_error": round(gram_error, 4), "gram_offdiag_correlation": round(corr, 4),
         "subspace_overlap": round(overlap, 4),
         "ood": table, "max_abs_delta_auroc": worst, "target_abs_delta_auroc_le_1": worst <= 1.0,
+        "probe_seed_control": _probe_seed_control(tables) if len(seeds) > 1 else None,
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "device": str(device),
     }, indent=2))
 

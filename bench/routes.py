@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from lowgrad import paths, pipeline, timing
+from lowgrad.comparison import evaluate
 from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, read_raw, set_dotted
 from lowgrad.route import ROUTES, Route
 
@@ -71,17 +73,54 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
     finally:
         os.chdir(here)
     table = {d: metrics["methods"][d] for d in DETECTORS if d in metrics["methods"]}
-    verdicts = {  # the report's verdict table: mean FPR95 / AUROC differences with their paired intervals
-        row: {kind: {"against": comp["against"], **{m: comp["mean"][m] for m in ("fpr95", "auroc")}}
-              for kind, comp in kinds.items()}
-        for row, kinds in metrics.get("deltas", {}).items()
-    }
     return {
         "overrides": overrides, "samples": metrics["samples"], "id_accuracy": metrics["id_accuracy"],
         "probe_accuracy": metrics.get("probe_accuracy"), "stages": stages,
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
         "rows": {d: metrics["rows"][d] for d in table},
-        "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts,
+        "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts_of(metrics),
+    }
+
+
+def verdicts_of(evidence: dict[str, Any]) -> dict[str, Any]:
+    """The report's verdict table: per gradient row and comparison, the mean FPR95 / AUROC differences with their
+    paired intervals and readings."""
+    return {
+        row: {kind: {"against": comp["against"], **{m: comp["mean"][m] for m in ("fpr95", "auroc")}}
+              for kind, comp in kinds.items()}
+        for row, kinds in evidence.get("deltas", {}).items()
+    }
+
+
+def reseeded_verdicts(params_file: Path, overrides: dict[str, Any], workdir: Path, seeds: list[int]) -> dict[int, Any]:
+    """A finished route's verdict table with the bootstrap redrawn from each seed: the same scores, other
+    resamples (``scoring.bootstrap.seed``)."""
+    with np.load(workdir / paths.SCORES) as stored:
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        for key in stored.files:
+            label, _, name = key.rpartition("/")
+            scores.setdefault(label, {})[name] = stored[key]
+    return {seed: verdicts_of(evaluate(scores, route_params(params_file, {**overrides, "scoring.bootstrap.seed": seed})))
+            for seed in seeds}
+
+
+def bootstrap_seed_control(results: dict[str, dict[str, Any]], reseeded: dict[str, dict[int, Any]]) -> dict[str, Any]:
+    """How many readings the bootstrap's own seed moves: per route, the readings each other seed shares with the
+    route's own run (``within``), and per other route, the readings it shares with the first route when both
+    draw the same seed (``between_first_and``: the run's seed, then each other): a difference between routes no
+    larger than the spread within one route is below what the protocol can read."""
+    first, *others = results
+    seeds = list(reseeded[first])
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> int:
+        return differing_readings({"a": {"verdicts": a}, "b": {"verdicts": b}})["b"]["same"]
+
+    return {
+        "seeds": seeds,
+        "compared": differing_readings({"a": results[first], "b": results[first]})["b"]["compared"],
+        "within": {route: [same(results[route]["verdicts"], reseeded[route][seed]) for seed in seeds] for route in results},
+        "between_first_and": {route: [same(results[first]["verdicts"], results[route]["verdicts"])]
+                              + [same(reseeded[first][seed], reseeded[route][seed]) for seed in seeds] for route in others},
     }
 
 
@@ -129,15 +168,23 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, default=50, help="randomized SVD extra test vectors (every route)")
     parser.add_argument("--workdir", type=Path, default=Path("bench/routes-work"))
     parser.add_argument("--out", type=Path, default=None, help="copy each route's report and metrics here")
+    parser.add_argument("--bootstrap-seeds", type=lambda v: [int(s) for s in v.split(",") if s], default=[],
+                        help="comma-separated bootstrap seeds besides the params file's: each route's verdicts "
+                             "redrawn from each, the control of how many readings the resampling alone moves")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     common = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     results: dict[str, dict[str, Any]] = {}
+    reseeded: dict[str, dict[int, Any]] = {}
     started = time.perf_counter()
     for route in args.routes:
         overrides = {**common, **Route.SWITCH[ALIASES.get(route, route)], "subspace.power_iters": args.power_iters,
                      "subspace.oversample": args.oversample}
         results[route] = run_route(args.params_file, overrides, args.workdir / route)
+        own_seed = route_params(args.params_file, overrides).scoring.bootstrap.seed
+        if [s for s in args.bootstrap_seeds if s != own_seed]:
+            reseeded[route] = reseeded_verdicts(args.params_file, overrides, args.workdir / route,
+                                                [s for s in args.bootstrap_seeds if s != own_seed])
         if args.out is not None:
             dest = args.out / route
             dest.mkdir(parents=True, exist_ok=True)
@@ -149,6 +196,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": device, "routes": results, "differences_from_first": differences(results),
                       "readings_differing_from_first": differing_readings(results),
+                      "bootstrap_seed_control": bootstrap_seed_control(results, reseeded) if reseeded else None,
                       "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
 
 

@@ -204,12 +204,19 @@ def test_bench_routes_exact_against_stored_gradients(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.routes", "--params-file", str(root / "params.yaml"), "--routes",
          "exact_randomized", "stored", "--power-iters", "3", "--workdir", str(tmp_path / "w"), "--out",
-         str(tmp_path / "out"), *lean],
+         str(tmp_path / "out"), "--bootstrap-seeds", "0,1", *lean],
         cwd=root, capture_output=True, text=True, timeout=600, check=True,
     )
     result = json.loads(proc.stdout)
     exact = result["routes"]["exact_randomized"]
     assert exact["stages"]["subspace"]["wall_s"] > 0 and (tmp_path / "out/exact_randomized/report.md").is_file()
+    control = result["bootstrap_seed_control"]  # seed 0 is the params file's own: only seed 1 is redrawn
+    assert control["seeds"] == [1] and len(control["between_first_and"]["stored"]) == 2
+    readings = 2 * sum(len(kinds) for kinds in exact["verdicts"].values())  # row x comparison x FPR95 / AUROC
+    assert 0 <= control["within"]["stored"][0] <= control["compared"] == readings > 0
+    from bench.routes import reseeded_verdicts  # the stored scores, re-evaluated with the run's own seed: its verdicts
+
+    assert reseeded_verdicts(root / "params.yaml", exact["overrides"], tmp_path / "w/exact_randomized", [0])[0] == exact["verdicts"]
     for det, cells in result["differences_from_first"]["stored"].items():
         for key, delta in cells.items():
             if key.endswith("auroc"):
@@ -238,3 +245,23 @@ def test_bench_routes_counts_the_readings_a_route_changes():
     assert changed["b"]["same"] == 1 and [(d["row"], d["metric"]) for d in changed["b"]["differing"]] == [
         ("grad_knn", "fpr95"), ("grad_residual", "fpr95"), ("grad_residual", "auroc")]
     assert changed["c"]["same"] == 1 and changed["c"]["differing"][-1]["c"] is None
+
+
+def test_bench_routes_bootstrap_seed_control_counts_readings_within_and_between_routes():
+    """``bootstrap_seed_control``: ``within`` compares each route's redrawn verdicts with its own run,
+    ``between_first_and`` the two routes at the same seed (the run's, then each redrawn one)."""
+    from bench.routes import bootstrap_seed_control
+
+    def table(knn, res):
+        reading = lambda v: {"delta": 0.0, "ci": [-1.0, 1.0], "verdict": v}  # noqa: E731
+        return {"grad_knn": {"twin": {"against": "knn", "fpr95": reading(knn), "auroc": reading("worse")}},
+                "grad_residual": {"twin": {"against": "vim", "fpr95": reading(res), "auroc": reading("better")}}}
+
+    nd = "no detectable difference"
+    results = {"exact": {"verdicts": table("better", "better")}, "sketch": {"verdicts": table(nd, "better")}}
+    reseeded = {"exact": {1: table(nd, "better"), 2: table("better", "better")},
+                "sketch": {1: table(nd, nd), 2: table(nd, "better")}}
+    control = bootstrap_seed_control(results, reseeded)
+    assert control["seeds"] == [1, 2] and control["compared"] == 4
+    assert control["within"] == {"exact": [3, 4], "sketch": [3, 4]}
+    assert control["between_first_and"] == {"sketch": [3, 3, 3]}
