@@ -13,6 +13,10 @@ Routes (:mod:`lowgrad.route`) are overrides of the params file: ``matrix_free`` 
 alias ``exact_randomized``), ``kronecker`` / ``dense`` (the file's sketch settings with that sketch), ``exact``
 (exact gradients stored, PCA of the store: small models only; alias ``stored``); settings a route does not use
 are dropped; every route's randomized SVD takes ``--power-iters`` and ``--oversample``.
+
+``--bootstrap-seeds 1,2,3``: each route's verdicts are redrawn from its stored scores with each bootstrap seed;
+``bootstrap_seed_control`` counts the readings a seed alone moves within a route, beside the readings two routes
+share at the same seed (the protocol's resolution: a reading at an interval's edge flips with the resampling).
 """
 
 from __future__ import annotations
@@ -182,9 +186,9 @@ def main() -> None:
                      "subspace.oversample": args.oversample}
         results[route] = run_route(args.params_file, overrides, args.workdir / route)
         own_seed = route_params(args.params_file, overrides).scoring.bootstrap.seed
-        if [s for s in args.bootstrap_seeds if s != own_seed]:
-            reseeded[route] = reseeded_verdicts(args.params_file, overrides, args.workdir / route,
-                                                [s for s in args.bootstrap_seeds if s != own_seed])
+        redrawn = [s for s in args.bootstrap_seeds if s != own_seed]
+        if redrawn:
+            reseeded[route] = reseeded_verdicts(args.params_file, overrides, args.workdir / route, redrawn)
         if args.out is not None:
             dest = args.out / route
             dest.mkdir(parents=True, exist_ok=True)
