@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from lowgrad import paths, pipeline, timing
 from lowgrad.comparison import evaluate
 from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, read_raw, set_dotted
 from lowgrad.route import ROUTES, Route
+from lowgrad.stages.score import read_scores
 
 ALIASES = {"stored": "exact", "exact_randomized": "matrix_free"}  # the names earlier results use
 DETECTORS = ("grad_knn", "grad_mahalanobis", "knn", "mahalanobis")
@@ -99,11 +99,7 @@ def verdicts_of(evidence: dict[str, Any]) -> dict[str, Any]:
 def reseeded_verdicts(params_file: Path, overrides: dict[str, Any], workdir: Path, seeds: list[int]) -> dict[int, Any]:
     """A finished route's verdict table with the bootstrap redrawn from each seed: the same scores, other
     resamples (``scoring.bootstrap.seed``)."""
-    with np.load(workdir / paths.SCORES) as stored:
-        scores: dict[str, dict[str, np.ndarray]] = {}
-        for key in stored.files:
-            label, _, name = key.rpartition("/")
-            scores.setdefault(label, {})[name] = stored[key]
+    scores = read_scores(str(workdir / paths.SCORES))
     return {seed: verdicts_of(evaluate(scores, route_params(params_file, {**overrides, "scoring.bootstrap.seed": seed})))
             for seed in seeds}
 

@@ -241,7 +241,7 @@ def _forms_by_grouped_convolution(module: nn.Module, delta: torch.Tensor) -> boo
 
 
 def _grouped_conv_gradients(module: nn.Module, x: torch.Tensor, delta: torch.Tensor,
-                               out: torch.Tensor | None) -> torch.Tensor:
+                            out: torch.Tensor | None) -> torch.Tensor:
     """Per-sample weight gradients of a Conv2d as the weight gradient of one grouped convolution: the batch is
     folded into the channels (``1 x B*C_in`` input, ``1 x B*C_out`` output gradient, ``groups * B`` groups), so
     the weight gradient of group ``b`` is sample ``b``'s own, already in the weight's layout."""

@@ -45,6 +45,16 @@ def stage_timings(params: Params) -> dict[str, dict[str, Any]]:
     return {stage: t for stage, t in timing.collect().items() if stage.partition("@")[2] in configured}
 
 
+def read_scores(path: str = SCORES) -> dict[str, dict[str, np.ndarray]]:
+    """The scores :func:`score` wrote, ``{row: {set: scores}}`` (stored flat, one array per ``row/set``)."""
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as stored:
+        for key in stored.files:
+            row, _, name = key.rpartition("/")
+            scores.setdefault(row, {})[name] = stored[key]
+    return scores
+
+
 def score(params: Params) -> None:
     import torch
 
@@ -73,7 +83,6 @@ def score(params: Params) -> None:
         all_scores, extras, fitted = run_all(params, sets, ctx)
     save_fitted(fitted, params, {label: per_set["id_test"] for label, per_set in all_scores.items()})
     evidence = evaluate(all_scores, params)
-    flat = {f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()}
     for label, table in evidence["methods"].items():
         mean = table["mean"]
         log.info("%-36s mean FPR95 %6.2f [%6.2f, %6.2f]  AUROC %6.2f", label, mean["fpr95"], *mean["ci"]["fpr95"], mean["auroc"])
@@ -89,7 +98,7 @@ def score(params: Params) -> None:
         log.info("scoring.k_sweep skipped: the average-gradient basis has one component per class")
     id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
     with atomic_path(SCORES) as tmp:
-        np.savez(tmp, **flat)
+        np.savez(tmp, **{f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()})
     write_json(METRICS, {
         "id_accuracy": id_acc, **extras, **evidence, "k_sweep": sweep,
         "samples": {name: len(d["labels"]) for name, d in sets.items()},
