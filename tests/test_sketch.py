@@ -333,7 +333,7 @@ def _countsketch_loop(sketch: ExactNFKSketch, phi: dict, b: int) -> torch.Tensor
         if layer.kind == "bn":
             small += [phi[f"{layer.name}.weight"], phi[f"{layer.name}.bias"]]
             continue
-        bucket, signs = sketch.buckets[layer.name], sketch.signs[layer.name].flatten()
+        bucket, signs = sketch.buckets(layer.name), sketch.signs[layer.name].flatten()
         assert bucket.shape == signs.shape == (layer.module.weight.numel(),)  # one bucket and one sign each
         assert set(signs.tolist()) == {-1.0, 1.0} and int(bucket.min()) >= 0 and int(bucket.max()) < sketch.sketch_dim
         values = phi[f"{layer.name}.weight"]
@@ -370,6 +370,22 @@ def test_exact_nfk_sketch_is_the_countsketch_of_the_exact_nfk_rows(dtype, tol):
     assert not torch.allclose((got.double() ** 2).sum(1), exact_sq, rtol=1e-2)
     other = ExactNFKSketch(model, dim=64, seed=4, normalisation=fit_exact_nfk(model, [x_kernel]))(x)[0]
     assert not torch.allclose(other, got)
+
+
+def test_exact_nfk_sketch_hashes_alike_with_the_cpu_kernel_and_with_torch_ops():
+    """The one-pass CPU kernel and the torch ops other devices run (``index_add_`` at each coordinate's bucket) give
+    the same sketch and squared norms through the whole sketch, sub-batches included."""
+    torch.manual_seed(1)
+    model = build_model("small_cnn", 6, 1).eval()
+    _randomise_bn(model)
+    x_kernel, x = torch.randn(16, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    sketch = ExactNFKSketch(model, dim=40, seed=3, normalisation=fit_exact_nfk(model, [x_kernel]))
+    sketch.max_block_floats = 3 * 32 * 288
+    got, _, _, sqnorm = sketch(x)
+    sketch.cpu_kernel = False
+    by_torch, _, _, sqnorm_torch = sketch(x)
+    torch.testing.assert_close(got, by_torch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sqnorm, sqnorm_torch, rtol=1e-6, atol=0)
 
 
 def test_exact_nfk_sketch_without_normalisation_hashes_the_raw_gradient():

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowgrad import countsketch
 from lowgrad.errors import GradientError
 from lowgrad.models import FeatureClassifier
 from lowgrad.subspace import add_block_moments, nfk_scale
@@ -347,15 +348,17 @@ class ExactNFKSketch(KroneckerSketch):
     Per Conv2d / Linear layer the per-sample weight gradient ``G`` is formed (:func:`exact_layer_gradients`: the
     cost of a weight gradient, never the whole P-vector), normalised exactly, ``Phi = w * (G - z)`` with the kernel
     sample's ``w`` and ``z`` (:func:`fit_exact_nfk`), and hashed into ``dim`` shared coordinates: each parameter
-    adds ``+-Phi_j`` to one seeded bucket (``O(P)`` per sample: the sign is folded into ``w`` and ``z``, and the
-    signed rows are summed into their buckets with ``index_add_``, one pass in memory order). Inner products are
-    unbiased with variance at most a dense Gaussian sketch's, and NFK rows, whose mass sits on few coordinates, are
-    kept *better* than by a Gaussian or Kronecker projection (a Kronecker sketch of rank 16 keeps their Gram matrix
-    only to a 0.93 correlation on ResNet-20). Biases and BatchNorm parameters are kept exact. ``||phi||^2`` is summed
-    exactly from the same formed gradients (:meth:`__call__` returns it as a fourth output). Rows are final NFK
-    rows: the subspace neither centres nor scales them again. Without ``normalisation`` (NTK): ``w = 1, z = 0``."""
+    adds ``+-Phi_j`` to one seeded bucket, the buckets laid out in runs of consecutive coordinates
+    (:mod:`lowgrad.countsketch`: ``O(P)`` per sample in one pass, the sign folded into ``w`` and ``z``). Inner
+    products are unbiased with variance at most a dense Gaussian sketch's, and NFK rows, whose mass sits on few
+    coordinates, are kept *better* than by a Gaussian or Kronecker projection (a Kronecker sketch of rank 16 keeps
+    their Gram matrix only to a 0.93 correlation on ResNet-20). Biases and BatchNorm parameters are kept exact.
+    ``||phi||^2`` is summed exactly from the same formed gradients (:meth:`__call__` returns it as a fourth output).
+    Rows are final NFK rows: the subspace neither centres nor scales them again. Without ``normalisation`` (NTK):
+    ``w = 1, z = 0``."""
 
     exact_sqnorm = True
+    cpu_kernel = True  # hash CPU tensors with the one-pass kernel (False: the torch ops every device runs)
     max_block_floats = 2**25  # unfolded patches + weight gradients formed at once per layer (128 MB of float32)
 
     def __init__(self, model: FeatureClassifier, dim: int, seed: int,
@@ -365,7 +368,9 @@ class ExactNFKSketch(KroneckerSketch):
         first = next(model.parameters())
         self.sketch_dim = dim
         self.normalisation: dict[str, dict[str, torch.Tensor]] = {}
-        self.buckets: dict[str, torch.Tensor] = {}  # layer -> the seeded bucket of each weight coordinate (flat)
+        self.run = countsketch.run_length(dim)  # weight coordinates hashed to consecutive buckets
+        self.run_offsets: dict[str, torch.Tensor] = {}  # layer -> the seeded first bucket of each run
+        self._bucket_index: dict[str, torch.Tensor] = {}  # layer -> each coordinate's bucket (off the CPU only)
         self.signs: dict[str, torch.Tensor] = {}  # layer -> the seeded sign of each weight coordinate (weight layout)
         self._blocks = threading.local()  # per thread: the block formed gradients are written in (:meth:`_block`)
         small = 0
@@ -384,7 +389,7 @@ class ExactNFKSketch(KroneckerSketch):
                 continue
             size = layer.module.weight.numel()
             gen = torch.Generator().manual_seed(_layer_seed(seed, f"countsketch:{layer.name}"))
-            self.buckets[layer.name] = torch.randint(0, dim, (size,), generator=gen).to(first.device)
+            self.run_offsets[layer.name] = torch.randint(0, dim, (-(-size // self.run),), generator=gen)
             sign = torch.randint(0, 2, (size,), generator=gen).to(first.dtype) * 2 - 1
             self.signs[layer.name] = sign.to(first.device).reshape(self._shape(layer, "weight"))
             # the hashed value is sign * w * (g - z) = g * (sign * w) - sign * z * w: the sign joins the scale
@@ -395,7 +400,9 @@ class ExactNFKSketch(KroneckerSketch):
             if layer.module.bias is not None:
                 small += layer.module.weight.shape[0]
         self.dim = dim + small
-        self.layout = [("countsketch", "weights", dim)] + [
+        if first.device.type == "cpu" and self.cpu_kernel:
+            countsketch.warm_up(first.dtype)
+        self.layout = [("countsketch", f"weights in runs of {self.run}", dim)] + [  # the store's meta: checked on reopen
             (layer.name, "bn" if layer.kind == "bn" else "bias", 2 * layer.module.num_features if layer.kind == "bn"
              else layer.module.weight.shape[0]) for layer in self.layers if layer.kind == "bn" or layer.module.bias is not None
         ]
@@ -416,6 +423,12 @@ class ExactNFKSketch(KroneckerSketch):
         if f"{part}_shift" not in norm:
             return g.mul_(norm[f"{part}_w"])
         return torch.addcmul(norm[f"{part}_shift"], g, norm[f"{part}_w"], out=g)  # one pass: g * w - z * w
+
+    def buckets(self, layer_name: str) -> torch.Tensor:
+        """The bucket of each weight coordinate of a layer (flat, in the weight's memory order)."""
+        offsets = self.run_offsets[layer_name]
+        size = self.signs[layer_name].numel()
+        return countsketch.bucket_index(offsets, self.run, size, self.sketch_dim)
 
     def _block(self, need: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``need`` floats that the formed gradients are written in, kept across layers and calls and grown when a
@@ -447,6 +460,19 @@ class ExactNFKSketch(KroneckerSketch):
             raise GradientError(f"non-finite gradient sketches for batch rows {rows} (check inputs and weights)")
         return out, logits, features, sqnorm
 
+    def _hash(self, layer_name: str, formed: torch.Tensor, hashed: torch.Tensor) -> torch.Tensor:
+        """Adds the signed, normalised rows ``sign * w * (formed - z)`` into ``hashed`` (their rows); returns their
+        squared norms (float64). On the CPU one pass of :func:`lowgrad.countsketch.hash_rows`, elsewhere torch ops
+        (``formed`` is overwritten there)."""
+        norm = self.normalisation[layer_name]
+        scale, shift = norm["weight_w"], norm.get("weight_shift")
+        if formed.device.type == "cpu" and self.cpu_kernel:
+            return countsketch.hash_rows(formed, scale, shift, self.run_offsets[layer_name], self.run, hashed)
+        if layer_name not in self._bucket_index:
+            self._bucket_index[layer_name] = self.buckets(layer_name).to(formed.device)
+        shift = None if shift is None else shift.reshape(-1)
+        return countsketch.hash_rows_torch(formed, scale.reshape(-1), shift, self._bucket_index[layer_name], hashed)
+
     def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor,
                      hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Adds the layer's hashed weight gradient to ``hashed`` (B x dim), formed in :meth:`_block`; returns its
@@ -463,10 +489,8 @@ class ExactNFKSketch(KroneckerSketch):
         for i in range(0, len(x), step):  # bounded memory: `step` samples' patches and weight gradients at a time
             xs, ds = x[i : i + step], delta[i : i + step]
             out = self._block(len(xs) * c_out * c_in, ds.dtype, ds.device).view(len(xs), c_out, c_in)
-            formed = exact_layer_gradients(layer.kind, m, xs, ds, out=out)
-            flat = self._normalised(layer, "weight", formed).view(len(xs), -1)  # signed: sign * w * (g - z)
-            hashed[i : i + step].index_add_(1, self.buckets[layer.name], flat)
-            sq.append(torch.linalg.vector_norm(flat, dim=1).double() ** 2)
+            formed = exact_layer_gradients(layer.kind, m, xs, ds, out=out).view(len(xs), -1)
+            sq.append(self._hash(layer.name, formed, hashed[i : i + step]))
         sqnorm = torch.cat(sq)
         if m.bias is None:
             return sqnorm, None

@@ -1,0 +1,79 @@
+"""The exact-NFK route's hash (lowgrad.countsketch): the runs layout, the one-pass CPU kernel against the torch ops
+every other device runs and against the CountSketch written out in float64, with negative controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowgrad import countsketch
+
+
+def _loop(formed, scale, shift, buckets, dim):
+    """The definition, float64: coordinate j of row b adds scale_j * formed_bj + shift_j to bucket buckets_j."""
+    f, w = formed.double().numpy(), scale.double().numpy().ravel()
+    s = np.zeros_like(w) if shift is None else shift.double().numpy().ravel()
+    out = np.zeros((f.shape[0], dim))
+    for j, bucket in enumerate(buckets.tolist()):
+        out[:, bucket] += f[:, j] * w[j] + s[j]
+    return out, ((f * w + s) ** 2).sum(axis=1)
+
+
+def test_runs_go_to_consecutive_buckets_and_never_collide_within_a_run():
+    offsets = torch.tensor([0, 5, 9, 3])
+    buckets = countsketch.bucket_index(offsets, run=4, size=14, dim=10)
+    assert buckets.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]  # the third run wraps from 9 to 0
+    assert countsketch.run_length(64) == 64 and countsketch.run_length(1 << 16) == countsketch.RUN_LENGTH
+    # two coordinates of different runs share a bucket with probability 1/dim, as in a CountSketch
+    gen = torch.Generator().manual_seed(0)
+    dim, run, trials = 50, 8, 20000
+    hits = sum(int(countsketch.bucket_index(torch.randint(0, dim, (2,), generator=gen), run, 2 * run, dim)[3]
+                   == countsketch.bucket_index(torch.randint(0, dim, (2,), generator=gen), run, 2 * run, dim)[run + 6])
+               for _ in range(trials))
+    assert abs(hits / trials - 1 / dim) < 4 * np.sqrt(1 / dim / trials), hits / trials
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
+    """Runs that wrap past the last bucket, a last run shorter than the others, rows split over threads: the kernel,
+    the torch ops and the float64 loop agree, and so do the squared norms. Negative control: other run starts
+    hash elsewhere."""
+    torch.manual_seed(0)
+    n, p, dim, run = 7, 1000, 96, 32
+    formed = torch.randn(n, p, dtype=dtype)
+    scale = (torch.rand(p, dtype=dtype) + 0.5) * (torch.randint(0, 2, (p,)) * 2 - 1).to(dtype)
+    shift = torch.randn(p, dtype=dtype) if with_shift else None
+    offsets = torch.randint(0, dim, (-(-p // run),))
+    offsets[0] = dim - 3  # the first run wraps after three buckets
+    buckets = countsketch.bucket_index(offsets, run, p, dim)
+    expected, expected_sq = _loop(formed, scale, shift, buckets, dim)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    hashed = torch.full((n, dim), 0.25, dtype=dtype)  # adds to what is there
+    sq = countsketch.hash_rows(formed, scale, shift, offsets, run, hashed)
+    np.testing.assert_allclose(hashed.double().numpy(), expected + 0.25, rtol=rtol, atol=rtol * 10)
+    np.testing.assert_allclose(sq.numpy(), expected_sq, rtol=rtol)
+
+    by_torch = torch.full((n, dim), 0.25, dtype=dtype)
+    sq_torch = countsketch.hash_rows_torch(formed.clone(), scale, shift, buckets, by_torch)
+    torch.testing.assert_close(by_torch, hashed, rtol=rtol, atol=rtol * 10)
+    torch.testing.assert_close(sq_torch, sq, rtol=rtol, atol=0)
+
+    threads = torch.get_num_threads()
+    try:  # one thread: the same rows, not split
+        torch.set_num_threads(1)
+        single = torch.full((n, dim), 0.25, dtype=dtype)
+        countsketch.hash_rows(formed, scale, shift, offsets, run, single)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(single, hashed, rtol=0, atol=0)
+
+    other = torch.full((n, dim), 0.25, dtype=dtype)
+    countsketch.hash_rows(formed, scale, shift, (offsets + 1) % dim, run, other)
+    assert not torch.allclose(other, hashed, rtol=1e-3)
+    if with_shift:  # the shift is added, not ignored
+        unshifted = torch.full((n, dim), 0.25, dtype=dtype)
+        countsketch.hash_rows(formed, scale, None, offsets, run, unshifted)
+        assert not torch.allclose(unshifted, hashed, rtol=1e-3)
