@@ -77,3 +77,27 @@ def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
         unshifted = torch.full((n, dim), 0.25, dtype=dtype)
         countsketch.hash_rows(formed, scale, None, offsets, run, unshifted)
         assert not torch.allclose(unshifted, hashed, rtol=1e-3)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_hashes_with_its_own_threads():
+    """The rows are hashed by a pool of threads; a child forked after the parent used it must not wait on the
+    parent's threads, which the fork does not copy (it would hang)."""
+    import multiprocessing
+
+    torch.manual_seed(0)
+    formed, scale = torch.randn(6, 300), torch.rand(300) + 0.5
+    offsets = torch.randint(0, 64, (-(-300 // 32),))
+    expected = torch.zeros(6, 64)
+    countsketch.hash_rows(formed, scale, None, offsets, 32, expected)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_hash_in_child, (formed, scale, offsets)).get(timeout=120)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _hash_in_child(formed, scale, offsets):
+    torch.set_num_threads(2)  # split the rows over two threads, as the parent did on a 2-core machine
+    out = torch.zeros(6, 64)
+    countsketch.hash_rows(formed, scale, None, offsets, 32, out)
+    return out

@@ -15,6 +15,7 @@ Both add each bucket's values in coordinate order, so they agree to float roundi
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,13 +82,15 @@ _POOL_LOCK = threading.Lock()
 
 
 @functools.cache
-def _pool_for(workers: int) -> ThreadPoolExecutor:
+def _pool_for(pid: int, workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowgrad-hash")
 
 
 def _pool() -> ThreadPoolExecutor:
+    """One pool per process (a forked child gets its own: its parent's threads do not survive the fork) and thread
+    count."""
     with _POOL_LOCK:
-        return _pool_for(torch.get_num_threads())
+        return _pool_for(os.getpid(), torch.get_num_threads())
 
 
 def _kernel():
