@@ -25,18 +25,41 @@ def test_runs_go_to_consecutive_buckets_and_never_collide_within_a_run():
     buckets = countsketch.bucket_index(offsets, run=4, size=14, dim=10)
     assert buckets.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]  # the third run wraps from 9 to 0
     assert countsketch.run_length(64) == 64 and countsketch.run_length(1 << 16) == countsketch.RUN_LENGTH
-    # two coordinates of different runs share a bucket with probability 1/dim, as in a CountSketch
+    # two coordinates of different runs share a bucket with probability 1/dim, as in a CountSketch: one hash (one
+    # draw of run starts) per trial, coordinate 3 of the first run against coordinate 6 of the second
     gen = torch.Generator().manual_seed(0)
     dim, run, trials = 50, 8, 20000
-    hits = sum(int(countsketch.bucket_index(torch.randint(0, dim, (2,), generator=gen), run, 2 * run, dim)[3]
-                   == countsketch.bucket_index(torch.randint(0, dim, (2,), generator=gen), run, 2 * run, dim)[run + 6])
-               for _ in range(trials))
+    starts = torch.randint(0, dim, (trials, 2), generator=gen)
+    hits = sum(int(b[3] == b[run + 6]) for b in (countsketch.bucket_index(o, run, 2 * run, dim) for o in starts))
     assert abs(hits / trials - 1 / dim) < 4 * np.sqrt(1 / dim / trials), hits / trials
+    # negative control: one start for every run (a broken layout) makes the pair collide whenever 3 + o == 6 + o
+    same = countsketch.bucket_index(torch.tensor([7, 7]), run, 2 * run, dim)
+    assert same[3] != same[run + 6] and same[3] == same[run + 3]
+
+
+class _CountingPool:
+    """Wraps the hash's thread pool and counts the row blocks handed to it."""
+
+    def __init__(self, pool) -> None:
+        self.pool, self.submitted = pool, 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        return self.pool.submit(*args, **kwargs)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, so the rows are split over two pool threads (the test runner may have set one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_shift", [True, False])
-def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
+def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift, two_threads, monkeypatch):
     """Runs that wrap past the last bucket, a last run shorter than the others, rows split over threads: the kernel,
     the torch ops and the float64 loop agree, and so do the squared norms. Negative control: other run starts
     hash elsewhere."""
@@ -51,8 +74,11 @@ def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
     expected, expected_sq = _loop(formed, scale, shift, buckets, dim)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
 
+    counting = _CountingPool(countsketch._pool())
+    monkeypatch.setattr(countsketch, "_pool", lambda: counting)
     hashed = torch.full((n, dim), 0.25, dtype=dtype)  # adds to what is there
     sq = countsketch.hash_rows(formed, scale, shift, offsets, run, hashed)
+    assert counting.submitted == 2  # the rows were split over two threads
     np.testing.assert_allclose(hashed.double().numpy(), expected + 0.25, rtol=rtol, atol=rtol * 10)
     np.testing.assert_allclose(sq.numpy(), expected_sq, rtol=rtol)
 
@@ -61,13 +87,10 @@ def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
     torch.testing.assert_close(by_torch, hashed, rtol=rtol, atol=rtol * 10)
     torch.testing.assert_close(sq_torch, sq, rtol=rtol, atol=0)
 
-    threads = torch.get_num_threads()
-    try:  # one thread: the same rows, not split
-        torch.set_num_threads(1)
-        single = torch.full((n, dim), 0.25, dtype=dtype)
-        countsketch.hash_rows(formed, scale, shift, offsets, run, single)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # one thread: the same rows, not split (the fixture restores the count)
+    single = torch.full((n, dim), 0.25, dtype=dtype)
+    countsketch.hash_rows(formed, scale, shift, offsets, run, single)
+    assert counting.submitted == 2
     torch.testing.assert_close(single, hashed, rtol=0, atol=0)
 
     other = torch.full((n, dim), 0.25, dtype=dtype)
@@ -80,16 +103,18 @@ def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift):
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_a_forked_child_hashes_with_its_own_threads():
+def test_a_forked_child_hashes_with_its_own_threads(two_threads):
     """The rows are hashed by a pool of threads; a child forked after the parent used it must not wait on the
-    parent's threads, which the fork does not copy (it would hang)."""
+    parent's threads, which the fork does not copy (it hangs when the pool is shared: checked by keying the pool
+    without the process id)."""
     import multiprocessing
 
     torch.manual_seed(0)
     formed, scale = torch.randn(6, 300), torch.rand(300) + 0.5
     offsets = torch.randint(0, 64, (-(-300 // 32),))
     expected = torch.zeros(6, 64)
-    countsketch.hash_rows(formed, scale, None, offsets, 32, expected)  # the parent's pool now exists
+    countsketch.hash_rows(formed, scale, None, offsets, 32, expected)
+    assert countsketch._pool_for.cache_info().currsize >= 1  # the parent's pool now exists, with its threads
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
         got = pool.apply_async(_hash_in_child, (formed, scale, offsets)).get(timeout=120)
@@ -101,3 +126,19 @@ def _hash_in_child(formed, scale, offsets):
     out = torch.zeros(6, 64)
     countsketch.hash_rows(formed, scale, None, offsets, 32, out)
     return out
+
+
+def test_inputs_the_kernel_cannot_take_are_refused():
+    """Runs longer than the buckets, a wrong number of run starts, starts outside the buckets or a strided output
+    would write the wrong buckets (bounds are not checked inside the kernel): each is refused."""
+    formed, scale = torch.randn(2, 10), torch.ones(10)
+    good = torch.tensor([0, 3, 5])
+    countsketch.hash_rows(formed, scale, None, good, 4, torch.zeros(2, 6))  # the control: accepted
+    with pytest.raises(ValueError, match="run starts of 8 coordinates"):
+        countsketch.hash_rows(formed, scale, None, torch.tensor([0, 1]), 8, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="2 run starts of 4 coordinates for 10"):
+        countsketch.hash_rows(formed, scale, None, good[:2], 4, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"outside \[0, 6\)"):
+        countsketch.hash_rows(formed, scale, None, torch.tensor([0, 3, 6]), 4, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="contiguous"):
+        countsketch.hash_rows(formed, scale, None, good, 4, torch.zeros(6, 2).T)

@@ -1,6 +1,6 @@
 """The exact-NFK route's hash: a CountSketch whose buckets come in runs, and the CPU kernel that applies it.
 
-A layer's ``P`` weight coordinates (in the weight's memory order) are cut into runs of ``run`` consecutive
+A layer's ``P`` weight coordinates (its formed gradient flattened in ``(C_out, C_in*kh*kw)`` order) are cut into runs of ``run`` consecutive
 coordinates; run ``r`` starts at a seeded bucket ``o_r`` and its coordinates go to the next buckets in turn, so
 coordinate ``j`` lands in bucket ``(o_{j // run} + j % run) mod dim``, with its own seeded sign. Two coordinates of
 one run never share a bucket; two of different runs share one with probability ``1/dim``, as in a CountSketch
@@ -9,7 +9,8 @@ same variance formula (a sum over pairs of their collision probability). What ru
 normalised values of a run are added to consecutive buckets, so the hash, the NFK scale and the squared norm
 are one vectorised pass over the formed gradient (:func:`hash_rows`, numba on the CPU) instead of three passes and
 a scatter (``addcmul``, ``index_add_``, ``vector_norm``), which is what other devices run (:func:`hash_rows_torch`).
-Both add each bucket's values in coordinate order, so they agree to float rounding (tested).
+On the CPU both add each bucket's values in coordinate order (tested equal); on CUDA ``index_add_`` adds atomically,
+in no fixed order, so the sketches agree to float rounding.
 """
 
 from __future__ import annotations
@@ -50,8 +51,17 @@ def hash_rows(formed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
               run: int, hashed: torch.Tensor) -> torch.Tensor:
     """:func:`hash_rows_torch` for CPU tensors in one pass per row: the rows are split over ``torch.get_num_threads()``
     threads (each adds into its own rows of ``hashed``, so no two threads write one bucket). ``formed`` is left as
-    it is; every tensor must be contiguous."""
-    n = formed.shape[0]
+    it is; ``hashed`` must be contiguous (it is written in place); ``offsets`` holds one start in ``[0, dim)`` per run
+    of ``run <= dim`` coordinates."""
+    n, size = formed.shape
+    dim = hashed.shape[1]
+    if not hashed.is_contiguous() or hashed.shape[0] != n:
+        raise ValueError(f"hashed must be a contiguous ({n}, dim) tensor, got {tuple(hashed.shape)}")
+    if not 0 < run <= dim or offsets.numel() != -(-size // run):
+        raise ValueError(f"{offsets.numel()} run starts of {run} coordinates for {size} coordinates and {dim} buckets")
+    if offsets.numel() and not (0 <= int(offsets.min()) and int(offsets.max()) < dim):
+        raise ValueError(f"run starts outside [0, {dim})")
+    formed = formed.contiguous()
     sqnorm = torch.zeros(n, dtype=torch.float64)
     args = [t.detach().numpy() for t in (formed, scale.reshape(-1),
                                          (scale if shift is None else shift).reshape(-1), offsets, hashed, sqnorm)]

@@ -49,8 +49,8 @@ def _saved_params(params: Params) -> dict[str, Any]:
 
 # the library code that decides how saved rows score new images (features, gradients on each route, G_low, the
 # detectors and fusion): its sha256 is saved, and an artifact written by other code is refused
-SCORING_CODE = ("data", "models", "gradients", "sketch", "dense_sketch", "extract", "matrix_free", "subspace",
-                "probe", "detectors", "fusion", "scoring", "saved_detector")
+SCORING_CODE = ("data", "models", "gradients", "sketch", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
+                "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
 
 
 def belongs_with(params: Params) -> list[str]:

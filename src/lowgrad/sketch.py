@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowgrad import countsketch
+from lowgrad.countsketch import bucket_index, hash_rows, hash_rows_torch, run_length, warm_up
 from lowgrad.errors import GradientError
 from lowgrad.models import FeatureClassifier
 from lowgrad.subspace import add_block_moments, nfk_scale
@@ -368,7 +368,7 @@ class ExactNFKSketch(KroneckerSketch):
         first = next(model.parameters())
         self.sketch_dim = dim
         self.normalisation: dict[str, dict[str, torch.Tensor]] = {}
-        self.run = countsketch.run_length(dim)  # weight coordinates hashed to consecutive buckets
+        self.run = run_length(dim)  # weight coordinates hashed to consecutive buckets
         self.run_offsets: dict[str, torch.Tensor] = {}  # layer -> the seeded first bucket of each run
         self._bucket_index: dict[str, torch.Tensor] = {}  # layer -> each coordinate's bucket (off the CPU only)
         self.signs: dict[str, torch.Tensor] = {}  # layer -> the seeded sign of each weight coordinate (weight layout)
@@ -401,7 +401,7 @@ class ExactNFKSketch(KroneckerSketch):
                 small += layer.module.weight.shape[0]
         self.dim = dim + small
         if first.device.type == "cpu" and self.cpu_kernel:
-            countsketch.warm_up(first.dtype)
+            warm_up(first.dtype)
         self.layout = [("countsketch", f"weights in runs of {self.run}", dim)] + [  # the store's meta: checked on reopen
             (layer.name, "bn" if layer.kind == "bn" else "bias", 2 * layer.module.num_features if layer.kind == "bn"
              else layer.module.weight.shape[0]) for layer in self.layers if layer.kind == "bn" or layer.module.bias is not None
@@ -415,8 +415,8 @@ class ExactNFKSketch(KroneckerSketch):
         return (m.weight.shape[0], int(np.prod(m.weight.shape[1:])))
 
     def _normalised(self, layer: _Layer, part: str, g: torch.Tensor) -> torch.Tensor:
-        """``w * (g - z)``, computed in place in ``g`` (a freshly formed gradient); a layer's weight gradient also
-        takes its CountSketch signs here (``sign * w * (g - z)``: its square, so ``||phi||^2``, is unchanged)."""
+        """``w * (g - z)`` of a bias or BatchNorm parameter, computed in place in ``g`` (a freshly formed gradient);
+        weight gradients are normalised, signed and hashed in one pass by :meth:`_hash`."""
         norm = self.normalisation[layer.name]
         if f"{part}_w" not in norm:
             return g
@@ -425,10 +425,11 @@ class ExactNFKSketch(KroneckerSketch):
         return torch.addcmul(norm[f"{part}_shift"], g, norm[f"{part}_w"], out=g)  # one pass: g * w - z * w
 
     def buckets(self, layer_name: str) -> torch.Tensor:
-        """The bucket of each weight coordinate of a layer (flat, in the weight's memory order)."""
+        """The bucket of each weight coordinate of a layer (flat, in the ``(C_out, C_in*kh*kw)`` order of its formed
+        gradient)."""
         offsets = self.run_offsets[layer_name]
         size = self.signs[layer_name].numel()
-        return countsketch.bucket_index(offsets, self.run, size, self.sketch_dim)
+        return bucket_index(offsets, self.run, size, self.sketch_dim)
 
     def _block(self, need: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``need`` floats that the formed gradients are written in, kept across layers and calls and grown when a
@@ -467,11 +468,11 @@ class ExactNFKSketch(KroneckerSketch):
         norm = self.normalisation[layer_name]
         scale, shift = norm["weight_w"], norm.get("weight_shift")
         if formed.device.type == "cpu" and self.cpu_kernel:
-            return countsketch.hash_rows(formed, scale, shift, self.run_offsets[layer_name], self.run, hashed)
+            return hash_rows(formed, scale, shift, self.run_offsets[layer_name], self.run, hashed)
         if layer_name not in self._bucket_index:
             self._bucket_index[layer_name] = self.buckets(layer_name).to(formed.device)
         shift = None if shift is None else shift.reshape(-1)
-        return countsketch.hash_rows_torch(formed, scale.reshape(-1), shift, self._bucket_index[layer_name], hashed)
+        return hash_rows_torch(formed, scale.reshape(-1), shift, self._bucket_index[layer_name], hashed)
 
     def _exact_layer(self, layer: _Layer, x: torch.Tensor, delta: torch.Tensor,
                      hashed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
