@@ -93,6 +93,18 @@ def tiny_project(tiny_finished, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_finished, tmp_path / "tiny", symlinks=True))
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for one test, so the exact-NFK hash splits its rows over two pool threads (the test runner
+    sets one thread per worker); the count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Longest first: files holding ``slow`` tests go to the workers before the others, which then fill the gaps (a
     slow file handed out last would run alone at the end). Files move as a whole; the order within one is kept."""

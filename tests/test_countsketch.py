@@ -48,15 +48,6 @@ class _CountingPool:
         return self.pool.submit(*args, **kwargs)
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads, so the rows are split over two pool threads (the test runner may have set one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_shift", [True, False])
 def test_the_kernel_is_the_countsketch_written_out(dtype, with_shift, two_threads, monkeypatch):

@@ -372,7 +372,7 @@ def test_exact_nfk_sketch_is_the_countsketch_of_the_exact_nfk_rows(dtype, tol):
     assert not torch.allclose(other, got)
 
 
-def test_exact_nfk_sketch_hashes_alike_with_the_cpu_kernel_and_with_torch_ops():
+def test_exact_nfk_sketch_hashes_alike_with_the_cpu_kernel_and_with_torch_ops(two_threads):
     """The one-pass CPU kernel and the torch ops other devices run (``index_add_`` at each coordinate's bucket) give
     the same sketch and squared norms through the whole sketch, sub-batches included."""
     torch.manual_seed(1)
@@ -381,12 +381,7 @@ def test_exact_nfk_sketch_hashes_alike_with_the_cpu_kernel_and_with_torch_ops():
     x_kernel, x = torch.randn(16, 1, 8, 8), torch.randn(5, 1, 8, 8)
     sketch = ExactNFKSketch(model, dim=40, seed=3, normalisation=fit_exact_nfk(model, [x_kernel]))
     sketch.max_block_floats = 3 * 32 * 288
-    threads = torch.get_num_threads()
-    try:  # the kernel's rows split over two threads (the test runner may have set one)
-        torch.set_num_threads(2)
-        got, _, _, sqnorm = sketch(x)
-    finally:
-        torch.set_num_threads(threads)
+    got, _, _, sqnorm = sketch(x)  # the kernel's rows split over two threads
     sketch.cpu_kernel = False
     by_torch, _, _, sqnorm_torch = sketch(x)
     torch.testing.assert_close(got, by_torch, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,7 @@
 """The exact-NFK route's hash: a CountSketch whose buckets come in runs, and the CPU kernel that applies it.
 
-A layer's ``P`` weight coordinates (its formed gradient flattened in ``(C_out, C_in*kh*kw)`` order) are cut into runs of ``run`` consecutive
-coordinates; run ``r`` starts at a seeded bucket ``o_r`` and its coordinates go to the next buckets in turn, so
+A layer's ``P`` weight coordinates (its formed gradient flattened in ``(C_out, C_in*kh*kw)`` order) are cut into
+runs of ``run`` consecutive coordinates; run ``r`` starts at a seeded bucket ``o_r`` and its coordinates go to the next buckets in turn, so
 coordinate ``j`` lands in bucket ``(o_{j // run} + j % run) mod dim``, with its own seeded sign. Two coordinates of
 one run never share a bucket; two of different runs share one with probability ``1/dim``, as in a CountSketch
 (Clarkson & Woodruff 2013), and with independent signs the estimate of an inner product is unbiased with the
