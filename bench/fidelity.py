@@ -5,6 +5,12 @@
   (S: sketched NFK rows, Phi: exact NFK rows);
 - ``subspace_overlap``: ||V_exact^T V_back||_F^2 / k, where V_back maps the sketch-space PCA back to parameter
   space through the exact rows (orth(Phi^T U_sketch), U_sketch = left singular vectors of the sketch);
+- ``g_low_relative_error_rotated``: ||G_exact R - G_sketch||_F / ||G_sketch||_F on the ID test set, R the best
+  rotation (orthogonal Procrustes): how far the routes' ``G_low`` differ beyond a change of basis;
+- ``basis_control``: the probe rows (a per-coordinate BatchNorm, so not invariant to a turn of ``G_low``) on the
+  exact ``G_low`` turned by that R alone (``sketch_route``) and by the turn a bootstrap resample of the kernel set
+  gives the exact basis (``kernel_set_bootstrap``), each against the exact route's own rows, with ``|diag R|``;
+  ``exact_explained_variance_ratio``: near-equal values are where a basis turns;
 - the OOD table of both routes on every OOD set of ../shared, with |Delta AUROC|: every gradient detector of the
   cpu profile (KNN, Mahalanobis, the probe-based ones, residual and -||phi||, which read ``||phi||^2``: exact on the
   exact and exact-NFK routes, the sketched row's on the others).
@@ -15,6 +21,11 @@ Usage: python -m bench.fidelity [--n 1000] [--k 64] [--rank 16] [--route kroneck
 ``--probe-seeds``: the probe rows (``G_low`` through the linear probe) are scored again with each probe seed, on both
 routes; ``probe_seed_control`` gives, per row, the routes' |Delta AUROC| with each seed beside the row's spread
 over the seeds on one route, the resolution below which a difference between routes cannot be read.
+
+``--perturbation-control 1e-6,1e-3``: the probe rows are scored once more on the exact route's ``G_low`` with every
+coordinate multiplied by ``1 + r * N(0, 1)`` for each relative size ``r``, the same probe seed;
+``perturbation_control`` gives, per ``r``, each probe row's largest |Delta AUROC| over the OOD sets: how far the
+probe's SGD carries a change of ``G_low`` of known size (1e-6: float32 round-off, which no route can avoid).
 
 ``--route exact_nfk``: a CountSketch into ``--dim`` buckets of the exactly normalised gradient (w and z of the
 first ``--factor-samples`` kernel images) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
@@ -33,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import orthogonal_procrustes
 
 from lowgrad.config import DataConfig, read_raw
 from lowgrad.rows import detector_row_name
@@ -113,6 +125,41 @@ def _probe_seed_control(tables: dict) -> dict:
     return out
 
 
+def _largest_moves(model, probe_rows: dict, low: dict, moved: dict) -> dict:
+    """Per probe row, the largest |Delta AUROC| over the OOD sets between ``low`` and ``moved`` (probe seed 0)."""
+    table = _table(model, probe_rows, {"exact": low, "sketch": moved}, 0)  # the pair it is given, whatever its names
+    return {row: max(c["abs_delta_auroc"] for c in cells.values()) for row, cells in table.items()}
+
+
+def _rotation_onto(g_from: np.ndarray, g_to: np.ndarray) -> tuple[np.ndarray, float]:
+    """The rotation ``R`` that best maps ``g_from`` onto ``g_to`` (orthogonal Procrustes) and the relative error left,
+    ``||g_from R - g_to||_F / ||g_to||_F``."""
+    rotation, _ = orthogonal_procrustes(g_from, g_to)
+    return rotation, float(np.linalg.norm(g_from @ rotation - g_to) / np.linalg.norm(g_to))
+
+
+def _basis_controls(model, probe_rows: dict, low: dict, rotations: dict[str, np.ndarray]) -> dict:
+    """Per named rotation ``R`` (from the exact basis onto another), the probe rows on the exact ``G_low`` turned into
+    that basis (``G_low R``: the same rows, another orientation of the same subspace) against the unturned ones, with
+    ``|diag R|``."""
+    out = {}
+    for name, rotation in rotations.items():
+        turned = {set_name: {**d, "g_low": d["g_low"] @ rotation} for set_name, d in low.items()}
+        out[name] = {"abs_delta_auroc": _largest_moves(model, probe_rows, low, turned),
+                     "abs_diagonal": [round(float(v), 3) for v in np.abs(np.diag(rotation))]}
+    return out
+
+
+def _bootstrap_basis(exact: dict, sub: GradientSubspace, labels: np.ndarray, k: int, blocks) -> np.ndarray:
+    """The exact route's ``G_low`` basis refitted on a bootstrap resample of the kernel set (seed 0), as a rotation
+    of the fitted one (Procrustes on the ID test rows): how much the basis turns between two equally likely kernel
+    sets, a resolution of the method itself."""
+    rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
+    resampled = GradientSubspace(sub.kernel, k=k, oversample=20, power_iters=4).fit(
+        blocks(exact["id_train"][rows]), len(rows), exact["id_train"].shape[1], labels[rows])
+    rotation, _ = _rotation_onto(sub.transform(exact["id_test"]), resampled.transform(exact["id_test"]))
+    return rotation
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,6 +171,9 @@ def main() -> None:
     parser.add_argument("--route", choices=["kronecker", "exact_nfk", "dense"], default="kronecker")
     parser.add_argument("--dim", type=int, default=8192, help="dense / exact_nfk routes: sketch dimension")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--perturbation-control", type=lambda v: [float(s) for s in v.split(",") if s], default=[],
+                        help="comma-separated relative sizes r: the probe rows scored again on the exact G_low "
+                             "multiplied by 1 + r * N(0, 1)")
     parser.add_argument("--probe-seeds", type=lambda v: [int(s) for s in v.split(",") if s], default=[],
                         help="comma-separated probe seeds besides 0: the control of how far the probe rows move "
                              "with the probe's own seed, on each route, against how far they move between routes")
@@ -195,11 +245,23 @@ def main() -> None:
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
     sets_low = {route: _sets_low(route, sub, rows, exact_sub, sketched_with_norms, sets)
                 for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched))}
+    # G_low of the ID test set in the sketch route's basis, best rotated onto the exact route's (the two bases differ
+    # by signs and by turns within near-equal eigenvalues): the error a change of basis does not explain
+    sketch_rotation, g_low_error = _rotation_onto(sets_low["exact"]["id_test"]["g_low"], sets_low["sketch"]["id_test"]["g_low"])
     seeds = [0] + [s for s in args.probe_seeds if s != 0]
     tables = {0: _table(model, detectors, sets_low, 0)}
     probe_rows = {name: kwargs for name, kwargs in detectors.items() if uses_probe(name)}
     for seed in seeds[1:]:  # only the probe rows depend on the probe's seed: the others are scored once
         tables[seed] = {**tables[0], **_table(model, probe_rows, sets_low, seed)}
+    perturbed = {}
+    for r in args.perturbation_control:
+        noise = np.random.default_rng(0)
+        moved = {name: {**d, "g_low": d["g_low"] * (1 + r * noise.standard_normal(d["g_low"].shape))}
+                 for name, d in sets_low["exact"].items()}
+        perturbed[f"{r:g}"] = _largest_moves(model, probe_rows, sets_low["exact"], moved)
+    basis = _basis_controls(model, probe_rows, sets_low["exact"], {
+        "sketch_route": sketch_rotation,
+        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, labels, args.k, blocks)})
     table = tables[0]
     worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({
@@ -209,9 +271,11 @@ def main() -> None:
         "rank_one_nfk_error_median": round(float(np.median(list(errors.values()))), 3),
         "rank_one_nfk_error_max": round(float(max(errors.values())), 3),
         "gram_relative_error": round(gram_error, 4), "gram_offdiag_correlation": round(corr, 4),
-        "subspace_overlap": round(overlap, 4),
+        "subspace_overlap": round(overlap, 4), "g_low_relative_error_rotated": round(g_low_error, 4),
         "ood": table, "max_abs_delta_auroc": worst, "target_abs_delta_auroc_le_1": worst <= 1.0,
         "probe_seed_control": _probe_seed_control(tables) if len(seeds) > 1 else None,
+        "perturbation_control": perturbed or None, "basis_control": basis,
+        "exact_explained_variance_ratio": [round(float(v), 5) for v in exact_sub.explained_variance_ratio_],
         "timings_s": {k: round(v, 1) for k, v in timings.items()}, "device": str(device),
     }, indent=2))
 
