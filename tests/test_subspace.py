@@ -200,3 +200,32 @@ def test_block_moments_merge_to_the_whole_sets_mean_and_sum_of_squares(as_tensor
     np.testing.assert_allclose(m2, expected_m2, rtol=1e-9)
     _, mean_less, m2_less = moments([rows[:1], rows[9:]])
     assert not np.allclose(mean_less, expected_mean, rtol=1e-9) and not np.allclose(m2_less, expected_m2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_tensor_moments_take_one_shifted_pass_and_match_a_float64_two_pass(dtype):
+    """Float CPU tensors of any trailing shape go through ``lowgrad.moments_kernel`` (columns in several tiles and a
+    short last one here): the float64 two-pass mean and ``M2`` of the same values, far from zero mean, in the
+    blocks' shape; a constant column has ``M2`` exactly 0 (``nfk_scale`` then treats it as zero variance).
+    Negative control: the one-pass ``sum x^2 - (sum x)^2 / n`` of the same values in float64 misses the tolerance."""
+    import torch
+
+    from lowgrad.moments_kernel import TILE
+    from lowgrad.subspace import add_block_moments
+
+    rng = np.random.default_rng(1)
+    shape = (3, TILE + 700)
+    rows = (1e5 + rng.standard_normal((37, *shape))).astype(dtype)
+    rows[:, 1, 5] = 3.0
+    values = rows.astype(np.float64)
+    expected_mean, expected_m2 = values.mean(0), ((values - values.mean(0)) ** 2).sum(0)
+    acc = None
+    for lo, hi in ((0, 1), (1, 20), (20, 37)):
+        acc = add_block_moments(acc, torch.from_numpy(rows[lo:hi]))
+    n, mean, m2 = acc
+    assert n == 37 and tuple(mean.shape) == shape and tuple(m2.shape) == shape
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-14)
+    np.testing.assert_allclose(m2.numpy(), expected_m2, rtol=1e-9)
+    assert m2[1, 5] == 0.0
+    one_pass = (values**2).sum(0) - values.sum(0) ** 2 / len(values)
+    assert not np.allclose(one_pass, expected_m2, rtol=1e-9)
