@@ -25,7 +25,8 @@ over the seeds on one route, the resolution below which a difference between rou
 ``--perturbation-control 1e-6,1e-3``: the probe rows are scored once more on the exact route's ``G_low`` with every
 coordinate multiplied by ``1 + r * N(0, 1)`` for each relative size ``r``, the same probe seed;
 ``perturbation_control`` gives, per ``r``, each probe row's largest |Delta AUROC| over the OOD sets: how far the
-probe's SGD carries a change of ``G_low`` of known size (1e-6: float32 round-off, which no route can avoid).
+probe's SGD carries a change of ``G_low`` of known size (1e-6: of the order of float32 round-off, which no route can
+avoid; one noise draw, scaled by each ``r``).
 
 ``--route exact_nfk``: a CountSketch into ``--dim`` buckets of the exactly normalised gradient (w and z of the
 first ``--factor-samples`` kernel images) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
@@ -132,7 +133,8 @@ def _largest_moves(model, probe_rows: dict, low: dict, moved: dict) -> dict:
 
 
 def _rotation_onto(g_from: np.ndarray, g_to: np.ndarray) -> tuple[np.ndarray, float]:
-    """The rotation ``R`` that best maps ``g_from`` onto ``g_to`` (orthogonal Procrustes) and the relative error left,
+    """The orthogonal map ``R`` (a rotation, with reflections for sign flips) that best maps ``g_from`` onto ``g_to``
+    (orthogonal Procrustes) and the relative error left,
     ``||g_from R - g_to||_F / ||g_to||_F``."""
     rotation, _ = orthogonal_procrustes(g_from, g_to)
     return rotation, float(np.linalg.norm(g_from @ rotation - g_to) / np.linalg.norm(g_to))
@@ -150,12 +152,12 @@ def _basis_controls(model, probe_rows: dict, low: dict, rotations: dict[str, np.
     return out
 
 
-def _bootstrap_basis(exact: dict, sub: GradientSubspace, labels: np.ndarray, k: int, blocks) -> np.ndarray:
-    """The exact route's ``G_low`` basis refitted on a bootstrap resample of the kernel set (seed 0), as a rotation
-    of the fitted one (Procrustes on the ID test rows): how much the basis turns between two equally likely kernel
-    sets, a resolution of the method itself."""
+def _bootstrap_basis(exact: dict, sub: GradientSubspace, labels: np.ndarray, blocks) -> np.ndarray:
+    """The exact route's ``G_low`` basis refitted (same settings) on a bootstrap resample of the kernel set (seed 0),
+    as an orthogonal map from the fitted one (Procrustes on the ID test rows): how far another kernel sample turns
+    the basis, which the exact route cannot avoid either (one resample, no spread)."""
     rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
-    resampled = GradientSubspace(sub.kernel, k=k, oversample=20, power_iters=4).fit(
+    resampled = GradientSubspace(sub.kernel, sub.basis, sub.method, sub.k, sub.oversample, sub.power_iters, sub.seed).fit(
         blocks(exact["id_train"][rows]), len(rows), exact["id_train"].shape[1], labels[rows])
     rotation, _ = _rotation_onto(sub.transform(exact["id_test"]), resampled.transform(exact["id_test"]))
     return rotation
@@ -245,8 +247,8 @@ def main() -> None:
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
     sets_low = {route: _sets_low(route, sub, rows, exact_sub, sketched_with_norms, sets)
                 for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched))}
-    # G_low of the ID test set in the sketch route's basis, best rotated onto the exact route's (the two bases differ
-    # by signs and by turns within near-equal eigenvalues): the error a change of basis does not explain
+    # the orthogonal map R that best turns the exact route's G_low of the ID test set into the sketch route's (the two
+    # bases differ by signs and by turns within near-equal eigenvalues), and the error that no change of basis explains
     sketch_rotation, g_low_error = _rotation_onto(sets_low["exact"]["id_test"]["g_low"], sets_low["sketch"]["id_test"]["g_low"])
     seeds = [0] + [s for s in args.probe_seeds if s != 0]
     tables = {0: _table(model, detectors, sets_low, 0)}
@@ -261,7 +263,7 @@ def main() -> None:
         perturbed[f"{r:g}"] = _largest_moves(model, probe_rows, sets_low["exact"], moved)
     basis = _basis_controls(model, probe_rows, sets_low["exact"], {
         "sketch_route": sketch_rotation,
-        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, labels, args.k, blocks)})
+        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, labels, blocks)})
     table = tables[0]
     worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({

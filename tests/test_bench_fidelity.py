@@ -1,4 +1,4 @@
-"""bench.fidelity's basis control: the rotation it reads between two routes' G_low, and which way it is applied."""
+"""bench.fidelity's basis control: the orthogonal map it reads between two routes' G_low, and its direction."""
 
 import numpy as np
 from scipy.stats import ortho_group
