@@ -203,29 +203,39 @@ def test_block_moments_merge_to_the_whole_sets_mean_and_sum_of_squares(as_tensor
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cpu_tensor_moments_take_one_shifted_pass_and_match_a_float64_two_pass(dtype):
-    """Float CPU tensors of any trailing shape go through ``lowgrad.moments_kernel`` (columns in several tiles and a
-    short last one here): the float64 two-pass mean and ``M2`` of the same values, far from zero mean, in the
-    blocks' shape; a constant column has ``M2`` exactly 0 (``nfk_scale`` then treats it as zero variance).
-    Negative control: the one-pass ``sum x^2 - (sum x)^2 / n`` of the same values in float64 misses the tolerance."""
+def test_cpu_tensor_moments_take_one_shifted_pass_and_match_a_float64_two_pass(dtype, monkeypatch):
+    """Float CPU tensors of any trailing shape, strided ones too, go through ``lowgrad.moments_kernel`` (counted;
+    columns in several tiles and a short last one): the float64 two-pass mean and ``M2`` of the same values, far from
+    zero mean, in the blocks' shape; a constant column has ``M2`` exactly 0 (``nfk_scale`` then treats it as zero
+    variance); an empty block changes nothing. Negative control: the same kernel shifted by 0 instead of the running
+    mean misses the tolerance (the shift is what keeps ``S2 - S1^2 / n`` from cancelling)."""
     import torch
 
+    from lowgrad import moments_kernel
     from lowgrad.moments_kernel import TILE
-    from lowgrad.subspace import add_block_moments
+    from lowgrad.subspace import _shifted_block_moments, add_block_moments
 
+    calls = []
+    kernel = moments_kernel.shifted_sums
+    monkeypatch.setattr(moments_kernel, "shifted_sums", lambda *a: calls.append(a[0].shape) or kernel(*a))
     rng = np.random.default_rng(1)
     shape = (3, TILE + 700)
     rows = (1e5 + rng.standard_normal((37, *shape))).astype(dtype)
     rows[:, 1, 5] = 3.0
     values = rows.astype(np.float64)
     expected_mean, expected_m2 = values.mean(0), ((values - values.mean(0)) ** 2).sum(0)
+    strided = torch.from_numpy(np.ascontiguousarray(rows.transpose(0, 2, 1))).transpose(1, 2)  # same values
+    assert not strided.is_contiguous()
     acc = None
-    for lo, hi in ((0, 1), (1, 20), (20, 37)):
-        acc = add_block_moments(acc, torch.from_numpy(rows[lo:hi]))
+    for block in (strided[:1], torch.from_numpy(rows[1:20]), strided[20:20], strided[20:]):
+        acc = add_block_moments(acc, block)
+    assert calls == [(1, rows[0].size), (19, rows[0].size), (17, rows[0].size)]
     n, mean, m2 = acc
     assert n == 37 and tuple(mean.shape) == shape and tuple(m2.shape) == shape
     np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-14)
     np.testing.assert_allclose(m2.numpy(), expected_m2, rtol=1e-9)
     assert m2[1, 5] == 0.0
-    one_pass = (values**2).sum(0) - values.sum(0) ** 2 / len(values)
-    assert not np.allclose(one_pass, expected_m2, rtol=1e-9)
+    _, _, m2_unshifted = _shifted_block_moments(torch.from_numpy(rows), np.zeros(rows[0].size))
+    assert not np.allclose(m2_unshifted.numpy(), expected_m2, rtol=1e-9)
+    with pytest.raises(ValueError, match="running mean"):
+        _shifted_block_moments(torch.from_numpy(rows), np.zeros(5))
