@@ -152,14 +152,15 @@ def _basis_controls(model, probe_rows: dict, low: dict, rotations: dict[str, np.
     return out
 
 
-def _bootstrap_basis(exact: dict, sub: GradientSubspace, labels: np.ndarray, blocks) -> np.ndarray:
+def _bootstrap_basis(exact: dict, sub: GradientSubspace, g_test: np.ndarray, labels: np.ndarray, blocks) -> np.ndarray:
     """The exact route's ``G_low`` basis refitted (same settings) on a bootstrap resample of the kernel set (seed 0),
-    as an orthogonal map from the fitted one (Procrustes on the ID test rows): how far another kernel sample turns
-    the basis, which the exact route cannot avoid either (one resample, no spread)."""
+    as an orthogonal map from the fitted one (Procrustes on the ID test rows, whose fitted ``G_low`` is ``g_test``):
+    how far another kernel sample turns the basis, which the exact route cannot avoid either (one resample, no
+    spread)."""
     rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
     resampled = GradientSubspace(sub.kernel, sub.basis, sub.method, sub.k, sub.oversample, sub.power_iters, sub.seed).fit(
         blocks(exact["id_train"][rows]), len(rows), exact["id_train"].shape[1], labels[rows])
-    rotation, _ = _rotation_onto(sub.transform(exact["id_test"]), resampled.transform(exact["id_test"]))
+    rotation, _ = _rotation_onto(g_test, resampled.transform(exact["id_test"]))
     return rotation
 
 
@@ -263,7 +264,7 @@ def main() -> None:
         perturbed[f"{r:g}"] = _largest_moves(model, probe_rows, sets_low["exact"], moved)
     basis = _basis_controls(model, probe_rows, sets_low["exact"], {
         "sketch_route": sketch_rotation,
-        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, labels, blocks)})
+        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, sets_low["exact"]["id_test"]["g_low"], labels, blocks)})
     table = tables[0]
     worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({

@@ -176,7 +176,7 @@ def test_column_signs_follow_the_samples_not_the_coordinates(fit):
 
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_block_moments_merge_to_the_whole_sets_mean_and_sum_of_squares(as_tensor):
-    """``add_block_moments`` over uneven blocks (arrays: two passes; tensors: ``torch.var_mean``) gives the float64
+    """``add_block_moments`` over uneven blocks (arrays: two passes; CPU tensors: one shifted pass) gives the float64
     mean and ``M2 = sum (x - mean)^2`` of all rows at once, far from zero mean too (where a one-pass sum of
     squares cancels). Negative control: leaving out one block changes both."""
     import torch
