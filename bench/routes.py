@@ -17,6 +17,13 @@ are dropped; every route's randomized SVD takes ``--power-iters`` and ``--oversa
 ``--bootstrap-seeds 1,2,3``: each route's verdicts are redrawn from its stored scores with each bootstrap seed;
 ``bootstrap_seed_control`` counts the readings a seed alone moves within a route, beside the readings two routes
 share at the same seed (the protocol's resolution: a reading at an interval's edge flips with the resampling).
+
+``--set seed=1 --input-seed 0 --compare-with <earlier metrics.json>``: the method's own draws redrawn on the same
+inputs. The stages that make the inputs (``prepare``: the sub-sampled images; ``train``: the classifier, when the run
+trains one) take ``--input-seed`` while every other stage takes ``seed`` (the sketch, the factors' kernel sample, the
+randomized SVD's start, the probe's initial order, the fusion split);
+``readings_against_earlier`` counts the readings each route shares with the earlier run's (a route's readings on
+the same images under another draw of its own randomness: what no approximation of it can be asked to beat).
 """
 
 from __future__ import annotations
@@ -60,7 +67,19 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
     return parse_params(raw, str(params_file))
 
 
-def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> dict[str, Any]:
+INPUT_STAGES = ("prepare", "train")  # what the method is applied to: the sub-sampled images, the trained classifier
+
+
+def stage_params(params: Params, stage: str, input_seed: int | None) -> Params:
+    """The params one stage runs with: the stages that make the inputs (:data:`INPUT_STAGES`) take ``input_seed``
+    (when given) as their seed, so images and classifier stay those of that seed while every other stage draws
+    from ``params.seed``."""
+    if input_seed is None or stage.partition("@")[0] not in INPUT_STAGES:
+        return params
+    return params.model_copy(update={"seed": input_seed})
+
+
+def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input_seed: int | None = None) -> dict[str, Any]:
     """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
     params = route_params(params_file, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +89,7 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
         stages = {}
         for name, func, args in pipeline.stage_bodies(params, here):
             timing.start()
-            func(params, *args)
+            func(stage_params(params, name, input_seed), *args)
             stages[name] = json.loads(timing.record(name).read_text())
             logging.info("%s: %.1f s", name, stages[name]["wall_s"])
         metrics = json.loads(Path(paths.METRICS).read_text())
@@ -83,7 +102,15 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path) -> di
         "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 1), "methods": table,
         "rows": {d: metrics["rows"][d] for d in table},
         "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts_of(metrics),
+        "seeds": {"inputs": params.seed if input_seed is None else input_seed, "method": params.seed},
     }
+
+
+def readings_against_earlier(earlier_metrics: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per route of this run: the verdict readings it shares with an earlier run's ``metrics.json``, and each one it
+    reads differently (:func:`differing_readings`, the earlier run first)."""
+    earlier = {"verdicts": verdicts_of(earlier_metrics)}
+    return {route: differing_readings({"earlier": earlier, route: result})[route] for route, result in results.items()}
 
 
 def verdicts_of(evidence: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +198,13 @@ def main() -> None:
     parser.add_argument("--bootstrap-seeds", type=lambda v: [int(s) for s in v.split(",") if s], default=[],
                         help="comma-separated bootstrap seeds besides the params file's: each route's verdicts "
                              "redrawn from each, the control of how many readings the resampling alone moves")
+    parser.add_argument("--input-seed", type=int, default=None,
+                        help="the seed of the prepare and train stages (default: the params' seed); with --set "
+                             "seed=N the images and the classifier stay while every other stage redraws its own")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="METRICS_JSON",
+                        help="an earlier run's metrics.json: count the readings each route shares with it")
     args = parser.parse_args()
+    earlier = json.loads(args.compare_with.read_text()) if args.compare_with is not None else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     common = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     results: dict[str, dict[str, Any]] = {}
@@ -180,7 +213,7 @@ def main() -> None:
     for route in args.routes:
         overrides = {**common, **Route.SWITCH[ALIASES.get(route, route)], "subspace.power_iters": args.power_iters,
                      "subspace.oversample": args.oversample}
-        results[route] = run_route(args.params_file, overrides, args.workdir / route)
+        results[route] = run_route(args.params_file, overrides, args.workdir / route, args.input_seed)
         own_seed = route_params(args.params_file, overrides).scoring.bootstrap.seed
         redrawn = [s for s in args.bootstrap_seeds if s != own_seed]
         if redrawn:
@@ -197,6 +230,7 @@ def main() -> None:
     print(json.dumps({"device": device, "routes": results, "differences_from_first": differences(results),
                       "readings_differing_from_first": differing_readings(results),
                       "bootstrap_seed_control": bootstrap_seed_control(results, reseeded) if reseeded else None,
+                      "readings_against_earlier": readings_against_earlier(earlier, results) if earlier else None,
                       "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
 
 

@@ -265,3 +265,39 @@ def test_bench_routes_bootstrap_seed_control_counts_readings_within_and_between_
     assert control["seeds"] == [1, 2] and control["compared"] == 4
     assert control["within"] == {"exact": [3, 4], "sketch": [3, 4]}
     assert control["between_first_and"] == {"sketch": [3, 3, 3]}
+
+
+def test_bench_routes_input_seed_keeps_the_inputs_and_redraws_the_rest():
+    """``--input-seed``: the stages that make the inputs (prepare, train) take it, every other stage the params'
+    seed; without it every stage takes the params' seed."""
+    from pathlib import Path
+
+    from bench.routes import stage_params
+    from lowgrad.config import parse_params, read_raw, set_dotted
+
+    raw = read_raw(Path(__file__).resolve().parents[1] / "params.yaml")
+    set_dotted(raw, "seed", 7)
+    params = parse_params(raw)
+    seeds = {stage: stage_params(params, stage, 3).seed for stage in
+             ("prepare@id_train", "prepare@digits_6to9", "train", "model", "factors", "extract@id_train", "subspace", "score")}
+    assert seeds == {"prepare@id_train": 3, "prepare@digits_6to9": 3, "train": 3, "model": 7, "factors": 7,
+                     "extract@id_train": 7, "subspace": 7, "score": 7}
+    assert stage_params(params, "prepare@id_train", None) is params  # negative control: no input seed, no change
+    assert stage_params(params, "prepare@id_train", 3).data == params.data  # only the seed differs
+
+
+def test_bench_routes_counts_the_readings_shared_with_an_earlier_run():
+    """``readings_against_earlier``: an earlier run's metrics.json (its ``deltas``) against each route of this run."""
+    from bench.routes import readings_against_earlier
+
+    def reading(verdict):
+        return {"delta": 0.0, "ci": [-1.0, 1.0], "verdict": verdict}
+
+    nd = "no detectable difference"
+    earlier = {"deltas": {"grad_knn": {"twin": {"against": "knn", "mean": {"fpr95": reading("better"), "auroc": reading(nd)},
+                                                "per_set": {}}}}}
+    now = {"exact": {"verdicts": {"grad_knn": {"twin": {"against": "knn", "fpr95": reading("better"), "auroc": reading(nd)}}}},
+           "sketch": {"verdicts": {"grad_knn": {"twin": {"against": "knn", "fpr95": reading(nd), "auroc": reading(nd)}}}}}
+    counted = readings_against_earlier(earlier, now)
+    assert (counted["exact"]["same"], counted["exact"]["compared"]) == (2, 2)
+    assert counted["sketch"]["same"] == 1 and counted["sketch"]["differing"][0]["earlier"]["verdict"] == "better"
