@@ -122,7 +122,10 @@ def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
         f"({metrics['bootstrap']['replicates']} replicates; ID test and each OOD set resampled independently, "
         "both rows on the same resamples). FPR95: negative is better; AUROC: positive is better. "
         "Twin: the same detector without the gradient, or a fusion group without its gradient members. "
-        "Intervals are per comparison (no correction for the number of comparisons).",
+        "Intervals are per comparison (no correction for the number of comparisons), and they cover the test "
+        "sets' sampling only, not the method's own random draws (`seed`: the linear probe's training, the "
+        "randomized SVD's start, the sketch, the fusion split), which can move a reading at an interval's edge "
+        "(docs/method.md, section 8).",
         "",
         "| gradient row | vs | baseline | Δ mean FPR95 | Δ mean AUROC | reading |",
         "|---|---|---|---|---|---|",
