@@ -21,9 +21,9 @@ share at the same seed (the protocol's resolution: a reading at an interval's ed
 ``--set seed=1 --input-seed 0 --compare-with <earlier metrics.json>``: the method's own draws redrawn on the same
 inputs. The stages that make the inputs (``prepare``: the sub-sampled images; ``train``: the classifier, when the run
 trains one) take ``--input-seed`` while every other stage takes ``seed`` (the sketch, the factors' kernel sample, the
-randomized SVD's start, the probe's initial order, the fusion split);
-``readings_against_earlier`` counts the readings each route shares with the earlier run's (a route's readings on
-the same images under another draw of its own randomness: what no approximation of it can be asked to beat).
+randomized SVD's start, the probe's minibatch order, the fusion split);
+``readings_against_earlier`` counts the readings each route shares with the earlier run's (the exact route's own
+spread under its draws: the scale to read an approximation's agreement against).
 """
 
 from __future__ import annotations
@@ -82,12 +82,15 @@ def stage_params(params: Params, stage: str, input_seed: int | None) -> Params:
 def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input_seed: int | None = None) -> dict[str, Any]:
     """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
     params = route_params(params_file, overrides)
+    plan = pipeline.stage_bodies(params, Path.cwd())
+    if input_seed is not None and not any(name.partition("@")[0] in INPUT_STAGES for name, _, _ in plan):
+        raise SystemExit(f"error: --input-seed: no stage of this plan makes the inputs ({', '.join(INPUT_STAGES)})")
     workdir.mkdir(parents=True, exist_ok=True)
     here = Path.cwd()
     os.chdir(workdir)
     try:
         stages = {}
-        for name, func, args in pipeline.stage_bodies(params, here):
+        for name, func, args in plan:
             timing.start()
             func(stage_params(params, name, input_seed), *args)
             stages[name] = json.loads(timing.record(name).read_text())
@@ -103,12 +106,20 @@ def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input
         "rows": {d: metrics["rows"][d] for d in table},
         "best_forward_only": metrics.get("best_forward_only"), "verdicts": verdicts_of(metrics),
         "seeds": {"inputs": params.seed if input_seed is None else input_seed, "method": params.seed},
+        "bootstrap": {k: metrics["bootstrap"][k] for k in ("replicates", "seed", "level")},
     }
 
 
 def readings_against_earlier(earlier_metrics: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per route of this run: the verdict readings it shares with an earlier run's ``metrics.json``, and each one it
-    reads differently (:func:`differing_readings`, the earlier run first)."""
+    """Per route of this run: the verdict readings of an earlier run's ``metrics.json`` it shares, and each one it reads
+    differently (:func:`differing_readings`, the earlier run first: a reading only this run has is not counted).
+    ``ValueError`` when the earlier run had other set sizes or bootstrap settings (not the same protocol)."""
+    boot = earlier_metrics.get("bootstrap", {})
+    for route, result in results.items():
+        theirs = {k: boot.get(k) for k in result["bootstrap"]}
+        if earlier_metrics.get("samples") != result["samples"] or theirs != result["bootstrap"]:
+            raise ValueError(f"the earlier run is not this protocol: samples {earlier_metrics.get('samples')} and "
+                             f"bootstrap {theirs} there, {result['samples']} and {result['bootstrap']} on {route}")
     earlier = {"verdicts": verdicts_of(earlier_metrics)}
     return {route: differing_readings({"earlier": earlier, route: result})[route] for route, result in results.items()}
 
@@ -227,10 +238,17 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    against_earlier = None
+    if earlier is not None:
+        try:
+            against_earlier = readings_against_earlier(earlier, results)
+        except ValueError as err:  # the runs' own results still print
+            logging.error("error: --compare-with %s: %s", args.compare_with, err)
+            against_earlier = {"error": str(err)}
     print(json.dumps({"device": device, "routes": results, "differences_from_first": differences(results),
                       "readings_differing_from_first": differing_readings(results),
                       "bootstrap_seed_control": bootstrap_seed_control(results, reseeded) if reseeded else None,
-                      "readings_against_earlier": readings_against_earlier(earlier, results) if earlier else None,
+                      "readings_against_earlier": against_earlier,
                       "wall_s": round(time.perf_counter() - started, 1)}, indent=1))
 
 

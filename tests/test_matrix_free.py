@@ -267,37 +267,77 @@ def test_bench_routes_bootstrap_seed_control_counts_readings_within_and_between_
     assert control["between_first_and"] == {"sketch": [3, 3, 3]}
 
 
-def test_bench_routes_input_seed_keeps_the_inputs_and_redraws_the_rest():
-    """``--input-seed``: the stages that make the inputs (prepare, train) take it, every other stage the params'
-    seed; without it every stage takes the params' seed."""
+def test_bench_routes_input_seed_keeps_the_inputs_and_redraws_the_rest(tmp_path, monkeypatch):
+    """``--input-seed``: in ``run_route`` the stages that make the inputs (prepare, train) run with it, every other
+    stage of the real plan with the params' seed; without it every stage takes the params' seed."""
+    import json
     from pathlib import Path
 
-    from bench.routes import stage_params
-    from lowgrad.config import parse_params, read_raw, set_dotted
+    from bench import routes
+    from lowgrad import paths, pipeline
 
-    raw = read_raw(Path(__file__).resolve().parents[1] / "params.yaml")
-    set_dotted(raw, "seed", 7)
-    params = parse_params(raw)
-    seeds = {stage: stage_params(params, stage, 3).seed for stage in
-             ("prepare@id_train", "prepare@digits_6to9", "train", "model", "factors", "extract@id_train", "subspace", "score")}
-    assert seeds == {"prepare@id_train": 3, "prepare@digits_6to9": 3, "train": 3, "model": 7, "factors": 7,
-                     "extract@id_train": 7, "subspace": 7, "score": 7}
-    assert stage_params(params, "prepare@id_train", None) is params  # negative control: no input seed, no change
-    assert stage_params(params, "prepare@id_train", 3).data == params.data  # only the seed differs
+    root = Path(__file__).resolve().parents[1]
+    real_plan = pipeline.stage_bodies
+    seen: dict[str, int] = {}
+
+    def recording_plan(params, where):
+        def body(name):
+            def run(stage_params, *args):
+                seen[name] = stage_params.seed
+                assert stage_params.model_dump() == {**params.model_dump(), "seed": stage_params.seed}  # only the seed
+                if name == "report":  # what run_route reads back
+                    Path(paths.METRICS).parent.mkdir(parents=True, exist_ok=True)
+                    Path(paths.METRICS).write_text(json.dumps({
+                        "methods": {}, "rows": {}, "deltas": {}, "samples": {"id_test": 1}, "id_accuracy": 1.0,
+                        "bootstrap": {"replicates": 10, "seed": 0, "level": 0.95}}))
+            return run
+        return [(name, body(name), args) for name, _, args in real_plan(params, where)]
+
+    monkeypatch.setattr(pipeline, "stage_bodies", recording_plan)
+    monkeypatch.chdir(root)
+    result = routes.run_route(root / "params.yaml", {"seed": 7}, tmp_path / "w", input_seed=3)
+    bases = {name.partition("@")[0] for name in seen}
+    assert {"prepare", "train", "model", "extract", "score", "report"} <= bases  # the real plan's stage names
+    assert {n: s for n, s in seen.items() if n.partition("@")[0] in ("prepare", "train")} == \
+        {n: 3 for n in seen if n.partition("@")[0] in ("prepare", "train")}
+    assert {s for n, s in seen.items() if n.partition("@")[0] not in ("prepare", "train")} == {7}
+    assert result["seeds"] == {"inputs": 3, "method": 7}
+    seen.clear()  # negative control: without an input seed every stage takes the params' seed
+    routes.run_route(root / "params.yaml", {"seed": 7}, tmp_path / "w2")
+    assert set(seen.values()) == {7}
 
 
 def test_bench_routes_counts_the_readings_shared_with_an_earlier_run():
-    """``readings_against_earlier``: an earlier run's metrics.json (its ``deltas``) against each route of this run."""
+    """``readings_against_earlier``: an earlier run's metrics.json (its ``deltas``) against each route of this run;
+    a changed verdict, a changed baseline and a missing row each differ; another protocol is refused."""
     from bench.routes import readings_against_earlier
 
     def reading(verdict):
         return {"delta": 0.0, "ci": [-1.0, 1.0], "verdict": verdict}
 
     nd = "no detectable difference"
-    earlier = {"deltas": {"grad_knn": {"twin": {"against": "knn", "mean": {"fpr95": reading("better"), "auroc": reading(nd)},
-                                                "per_set": {}}}}}
-    now = {"exact": {"verdicts": {"grad_knn": {"twin": {"against": "knn", "fpr95": reading("better"), "auroc": reading(nd)}}}},
-           "sketch": {"verdicts": {"grad_knn": {"twin": {"against": "knn", "fpr95": reading(nd), "auroc": reading(nd)}}}}}
-    counted = readings_against_earlier(earlier, now)
-    assert (counted["exact"]["same"], counted["exact"]["compared"]) == (2, 2)
-    assert counted["sketch"]["same"] == 1 and counted["sketch"]["differing"][0]["earlier"]["verdict"] == "better"
+    protocol = {"samples": {"id_test": 10, "ood": 5}, "bootstrap": {"replicates": 100, "seed": 0, "level": 0.95}}
+    earlier = {**protocol, "deltas": {
+        "grad_knn": {"twin": {"against": "knn", "mean": {"fpr95": reading("better"), "auroc": reading(nd)},
+                              "ood": {"fpr95": reading("better"), "auroc": reading(nd)}}},
+        "grad_residual": {"best_forward_only": {"against": "vim", "mean": {"fpr95": reading("better"), "auroc": reading(nd)}}}}}
+
+    def run(knn_fpr, residual_against):
+        verdicts = {"grad_knn": {"twin": {"against": "knn", "fpr95": reading(knn_fpr), "auroc": reading(nd)}}}
+        if residual_against is not None:
+            verdicts["grad_residual"] = {"best_forward_only": {"against": residual_against, "fpr95": reading("better"),
+                                                               "auroc": reading(nd)}}
+        return {**protocol, "verdicts": verdicts}
+
+    counted = readings_against_earlier(earlier, {"exact": run("better", "vim"), "sketch": run(nd, "knn"),
+                                                 "lean": run("better", None)})
+    assert (counted["exact"]["same"], counted["exact"]["compared"]) == (4, 4)
+    sketch = counted["sketch"]
+    assert sketch["same"] == 1 and [(d["row"], d["metric"]) for d in sketch["differing"]] == [
+        ("grad_knn", "fpr95"), ("grad_residual", "fpr95"), ("grad_residual", "auroc")]
+    assert sketch["differing"][0]["earlier"]["verdict"] == "better" and sketch["differing"][0]["sketch"]["verdict"] == nd
+    assert sketch["differing"][1]["sketch"] is None  # another baseline: not the same comparison
+    assert counted["lean"]["same"] == 2 and counted["lean"]["differing"][-1]["lean"] is None
+    other = {**run("better", "vim"), "samples": {"id_test": 11, "ood": 5}}
+    with pytest.raises(ValueError, match="not this protocol"):
+        readings_against_earlier(earlier, {"exact": other})

@@ -124,8 +124,8 @@ def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
         "Twin: the same detector without the gradient, or a fusion group without its gradient members. "
         "Intervals are per comparison (no correction for the number of comparisons), and they cover the test "
         "sets' sampling only, not the method's own random draws (`seed`: the linear probe's training, the "
-        "randomized SVD's start, the sketch, the fusion split), which can move a reading at an interval's edge "
-        "(docs/method.md, section 8).",
+        "randomized SVD's start, the sketch and its kernel sample, the fusion split), which can move a reading; "
+        "rows read through the linear probe by more than their interval (docs/method.md, section 8).",
         "",
         "| gradient row | vs | baseline | Δ mean FPR95 | Δ mean AUROC | reading |",
         "|---|---|---|---|---|---|",
