@@ -70,11 +70,16 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
 INPUT_STAGES = ("prepare", "train")  # what the method is applied to: the sub-sampled images, the trained classifier
 
 
+def makes_inputs(stage: str) -> bool:
+    """Whether a stage (``name`` or ``name@set``) is one of :data:`INPUT_STAGES`."""
+    return stage.partition("@")[0] in INPUT_STAGES
+
+
 def stage_params(params: Params, stage: str, input_seed: int | None) -> Params:
     """The params one stage runs with: the stages that make the inputs (:data:`INPUT_STAGES`) take ``input_seed``
     (when given) as their seed, so images and classifier stay those of that seed while every other stage draws
     from ``params.seed``."""
-    if input_seed is None or stage.partition("@")[0] not in INPUT_STAGES:
+    if input_seed is None or not makes_inputs(stage):
         return params
     return params.model_copy(update={"seed": input_seed})
 
@@ -82,11 +87,11 @@ def stage_params(params: Params, stage: str, input_seed: int | None) -> Params:
 def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input_seed: int | None = None) -> dict[str, Any]:
     """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
     params = route_params(params_file, overrides)
-    plan = pipeline.stage_bodies(params, Path.cwd())
-    if input_seed is not None and not any(name.partition("@")[0] in INPUT_STAGES for name, _, _ in plan):
+    here = Path.cwd()
+    plan = pipeline.stage_bodies(params, here)
+    if input_seed is not None and not any(makes_inputs(name) for name, _, _ in plan):
         raise SystemExit(f"error: --input-seed: no stage of this plan makes the inputs ({', '.join(INPUT_STAGES)})")
     workdir.mkdir(parents=True, exist_ok=True)
-    here = Path.cwd()
     os.chdir(workdir)
     try:
         stages = {}
