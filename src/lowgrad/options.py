@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from lowgrad.detectors import detector_options
-from lowgrad.rows import check_group_name, member_detector
+from lowgrad.rows import Row, check_group_name, configured, member_detector
 
 Int = StrictInt  # counts: `true` and "40" are refused, as everywhere in the params
 
@@ -68,6 +68,15 @@ class BootstrapConfig(_Strict):
     level: float = Field(0.95, gt=0.5, lt=1.0)
 
 
+class PrimaryComparison(_Strict):
+    """The one comparison declared before the run: a row that uses the gradient against a forward-only row. The
+    report's headline reads it at the nominal level; every other reading is secondary (docs/method.md, section 8)."""
+
+    row: str = Field(description="a row that uses the gradient: grad_<detector> or fused_<group>")
+    baseline: str = Field(description="a forward-only row: a forward detector, fused_<group>_forward_only, or a "
+                          "group without gradient members")
+
+
 class ProbeConfig(_Strict):
     """The linear probe (BatchNorm1d -> Linear) for probe-based gradient detectors (docs/method.md section 5)."""
 
@@ -88,6 +97,7 @@ class DetectorsConfig(_Strict):
         50, ge=1, description="OOD sets with fewer images are reported on their own and left out of the mean over "
         "sets and of the verdicts (a resample of a tiny set is nearly the set itself, so its interval says little)"
     )
+    primary: PrimaryComparison | None = None
     k_sweep: list[Annotated[Int, Field(gt=0)]] = Field(
         [], description="PCA basis: rescore the gradient detectors on the first k' components of G_low "
         "(values >= subspace.k are skipped, so `-S subspace.k=...` experiments need no second change)"
@@ -104,7 +114,22 @@ class DetectorsConfig(_Strict):
                 side = "gradient" if gradient else "forward"
                 if name not in (self.gradient if gradient else self.forward):
                     raise ValueError(f"fusion group '{group.name}': member '{member}' is not in scoring.{side}")
+        if self.primary is not None:
+            rows = self.rows()
+            gradient_rows = [n for n, r in rows.items() if r.gradient]
+            forward_rows = [n for n, r in rows.items() if not r.gradient]
+            if self.primary.row not in gradient_rows:
+                raise ValueError(f"scoring.primary.row: '{self.primary.row}' is not a configured row that uses the "
+                                 f"gradient (one of {', '.join(gradient_rows)})")
+            if self.primary.baseline not in forward_rows:
+                raise ValueError(f"scoring.primary.baseline: '{self.primary.baseline}' is not a configured "
+                                 f"forward-only row (one of {', '.join(forward_rows)})")
         return self
+
+    def rows(self) -> dict[str, Row]:
+        """Every row this configuration produces, by name, in the order they are scored and reported."""
+        return configured(list(self.forward), list(self.gradient),
+                          [(g.name, list(g.members), g.rule) for g in self.fusion.groups])
 
 
 def check_scoring(value: DetectorsConfig) -> DetectorsConfig:

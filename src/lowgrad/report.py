@@ -74,12 +74,37 @@ def _comparisons(metrics: dict[str, Any]) -> list[tuple[str, str, str, dict[str,
     return out
 
 
+def _reading(verdict: str) -> str:
+    return "no detectable difference" if verdict == "no detectable difference" else f"the gradient row is {verdict}"
+
+
 def _sentence(row: str, base: str, comp: dict[str, Any]) -> str:
     fpr, auc = comp["mean"]["fpr95"], comp["mean"]["auroc"]
     words = {"better": "better than", "worse": "worse than", "no detectable difference": "not distinguishable from"}
     if fpr["verdict"] == auc["verdict"]:
         return f"{row} is {words[fpr['verdict']]} {base} on both mean FPR95 and mean AUROC."
     return (f"{row} is {words[fpr['verdict']]} {base} on mean FPR95 and {words[auc['verdict']]} it on mean AUROC.")
+
+
+def _familywise_text(comp: dict[str, Any]) -> str:
+    """The comparison read at the family-wise level: each metric's simultaneous interval and reading."""
+    fpr, auc = comp["mean"]["fpr95"], comp["mean"]["auroc"]
+    if "ci_familywise" not in fpr:
+        return "not computed (metrics written before the family-wise intervals)"
+    return (f"FPR95 [{fpr['ci_familywise'][0]:+.2f}, {fpr['ci_familywise'][1]:+.2f}] {fpr['verdict_familywise']}; "
+            f"AUROC [{auc['ci_familywise'][0]:+.2f}, {auc['ci_familywise'][1]:+.2f}] {auc['verdict_familywise']}")
+
+
+def _survivors(metrics: dict[str, Any]) -> list[str]:
+    """``row vs baseline (metric: reading)`` of every comparison whose family-wise reading is not "no detectable
+    difference"."""
+    out = []
+    for row, _, base, comp in _comparisons(metrics):
+        for m, name in (("fpr95", "FPR95"), ("auroc", "AUROC")):
+            reading = comp["mean"][m].get("verdict_familywise", "no detectable difference")
+            if reading != "no detectable difference":
+                out.append(f"{row} vs {base} ({name}: {reading})")
+    return out
 
 
 def verdict_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,7 +115,7 @@ def verdict_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"gradient_row": row, "vs": kind, "baseline": base,
                      "delta_fpr95": round(fpr["delta"], 2), "fpr95_ci": "[{:+.2f}, {:+.2f}]".format(*fpr["ci"]),
                      "delta_auroc": round(auc["delta"], 2), "auroc_ci": "[{:+.2f}, {:+.2f}]".format(*auc["ci"]),
-                     "reading": _sentence(row, base, comp)})
+                     "reading": _sentence(row, base, comp), "familywise": _familywise_text(comp)})
     return rows
 
 
@@ -105,16 +130,33 @@ def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
         return lines + ["No row uses the gradient in this run.", ""]
     best_grad = min(deltas, key=lambda r: methods[r]["mean"]["fpr95"])
     fmt = lambda r: _with_interval(methods[r]["mean"]["fpr95"], methods[r]["mean"]["ci"]["fpr95"])  # noqa: E731
-    if best_fwd is not None:
+    family = metrics.get("familywise")
+    primary = metrics.get("primary")
+    if primary is not None:
+        head = primary["mean"]["fpr95"]
+        auc = primary["mean"]["auroc"]
+        lines += [
+            f"**Primary comparison (declared in `scoring.primary` before the run): `{primary['row']}`, mean FPR95 "
+            f"{fmt(primary['row'])}, against `{primary['against']}`, {fmt(primary['against'])}. Difference "
+            f"{_delta_text(head)} points: {_reading(head['verdict'])} at the {level:.0f} % level "
+            f"(AUROC {_delta_text(auc)}: {_reading(auc['verdict'])}).**",
+            "",
+            "Every other reading below is secondary: read it in the family-wise column.",
+            "",
+        ]
+    elif best_fwd is not None:
         head = deltas[best_grad]["best_forward_only"]["mean"]["fpr95"]
+        fw = (f" Family-wise ({family['comparisons']} comparisons): [{head['ci_familywise'][0]:+.2f}, "
+              f"{head['ci_familywise'][1]:+.2f}], {_reading(head['verdict_familywise'])}."
+              if family is not None and "ci_familywise" in head else "")
         lines += [
             f"**Best row using the gradient: `{best_grad}`, mean FPR95 {fmt(best_grad)}; best forward-only row: "
             f"`{best_fwd}`, {fmt(best_fwd)}. Difference {_delta_text(head)} points: "
-            f"{'the gradient row is ' + head['verdict'] if head['verdict'] != 'no detectable difference' else 'no detectable difference'}"
-            f" at the {level:.0f} % level.**",
+            f"{_reading(head['verdict'])} at the {level:.0f} % level.{fw}**",
             "",
-            "(Both rows are the best of their kind on these test sets, so this headline is chosen after the fact; "
-            "each line below is a comparison fixed by the configuration.)",
+            "(Both rows are the best of their kind on these test sets, so this headline is chosen after the fact: "
+            "read it at the family-wise level. No comparison was declared in advance (`scoring.primary`); each line "
+            "below is a comparison fixed by the configuration.)",
             "",
         ]
     lines += [
@@ -122,17 +164,31 @@ def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
         f"({metrics['bootstrap']['replicates']} replicates; ID test and each OOD set resampled independently, "
         "both rows on the same resamples). FPR95: negative is better; AUROC: positive is better. "
         "Twin: the same detector without the gradient, or a fusion group without its gradient members. "
-        "Intervals are per comparison (no correction for the number of comparisons), and they cover the test "
+        "The Δ columns' intervals are per comparison (about one reading in twenty may be wrong by chance); the "
+        "family-wise column's hold for every comparison at once. Both cover the test "
         "sets' sampling only, not the method's own random draws (`seed`: the linear probe's training, the "
         "randomized SVD's start, the sketch and its kernel sample, the fusion split), which can move a reading; "
         "rows read through the linear probe by more than their interval (docs/method.md, section 8).",
         "",
-        "| gradient row | vs | baseline | Δ mean FPR95 | Δ mean AUROC | reading |",
-        "|---|---|---|---|---|---|",
+    ]
+    if family is not None and family.get("alpha"):
+        survivors = _survivors(metrics)
+        lines += [
+            f"Family-wise: the {family['comparisons']} distinct comparisons below form one family per metric; their "
+            f"simultaneous {level:.0f} % intervals (each a percentile interval at tail probability "
+            f"{100 * family['alpha']['fpr95']:.2f} % for FPR95, {100 * family['alpha']['auroc']:.2f} % for AUROC, "
+            f"instead of {100 - level:.0f} %) hold all at once in {level:.0f} % of the paired replicates. "
+            + (f"Readings that survive at the family-wise level: {'; '.join(survivors)}." if survivors
+               else "No reading survives at the family-wise level."),
+            "",
+        ]
+    lines += [
+        "| gradient row | vs | baseline | Δ mean FPR95 | Δ mean AUROC | reading | family-wise |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row, kind, base, comp in _comparisons(metrics):
         lines.append(f"| {row} | {kind} | {base} | {_delta_text(comp['mean']['fpr95'])} | "
-                     f"{_delta_text(comp['mean']['auroc'])} | {_sentence(row, base, comp)} |")
+                     f"{_delta_text(comp['mean']['auroc'])} | {_sentence(row, base, comp)} | {_familywise_text(comp)} |")
     return lines + (["", "![paired differences](plots/deltas.png)", ""] if plot else [""])
 
 

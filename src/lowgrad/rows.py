@@ -86,6 +86,14 @@ def fusion_rows(groups: list[tuple[str, list[str], str]]) -> dict[str, tuple[Row
     return out
 
 
+def configured(forward: list[str], gradient: list[str], groups: list[tuple[str, list[str], str]]) -> dict[str, Row]:
+    """Every row of a scoring configuration by name, in the order they are scored and reported: the detectors'
+    rows, then the fusion rows (``groups`` as for :func:`fusion_rows`)."""
+    rows = {row.name: row for row in detector_rows(forward, gradient)}
+    rows.update({name: row for name, (row, _) in fusion_rows(groups).items()})
+    return rows
+
+
 def rows_from_metrics(metrics: dict[str, Any]) -> dict[str, Row]:
     """The rows a ``metrics.json`` describes, by name (``ValueError`` for one written before rows were recorded)."""
     if "rows" not in metrics:

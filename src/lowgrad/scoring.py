@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from lowgrad.config import Params
 from lowgrad.options import FusionGroup
-from lowgrad.rows import Row, detector_row_name, detector_rows, fusion_rows, member_detector
+from lowgrad.rows import Row, detector_row_name, fusion_rows, member_detector
 from lowgrad.errors import ConfigError
 from lowgrad.detectors import ODIN, Detector, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
@@ -150,13 +150,6 @@ def check_bank_size(params: Params, n_bank: int) -> None:
 def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[Row, str]]:
     """Every fusion row with its rule, forward-only baselines included (:func:`lowgrad.rows.fusion_rows`)."""
     return fusion_rows([(g.name, list(g.members), g.rule) for g in groups])
-
-
-def configured_rows(scoring) -> dict[str, Row]:
-    """Every row this ``scoring`` configuration produces, in the order they are scored and reported."""
-    rows = {row.name: row for row in detector_rows(list(scoring.forward), list(scoring.gradient))}
-    rows.update({name: row for name, (row, _) in fusion_plan(scoring.fusion.groups).items()})
-    return rows
 
 
 @dataclass
