@@ -164,10 +164,24 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """The train stage's recipe (``lowgrad.train``): SGD, optionally inside SAM, with a schedule and an augmentation.
+    The defaults are the embedded default's recipe; ``configs/cifar10_resnet18_authors.yaml`` states the paper's."""
+
     epochs: Int = Field(20, gt=0)
     batch_size: Int = Field(64, gt=0)
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, gt=0, description="peak learning rate (onecycle) or starting one (cosine, step, constant)")
     weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    schedule: Literal["onecycle", "cosine", "step", "constant"] = Field(
+        "onecycle", description="per step: onecycle (torch's OneCycleLR), cosine (annealed to 0), step (lr x 0.2 "
+        "after 30 %, 60 % and 80 % of the epochs), constant")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="torch's convention: 1 - s + s/C on the true class")
+    sam_rho: float = Field(0.0, ge=0, description="SAM's neighbourhood radius (Foret et al. 2021); 0 = plain SGD")
+    sam_adaptive: bool = Field(False, description="adaptive SAM (Kwon et al. 2021): the ascent scaled by |w|")
+    augment: Literal["batch_shift", "crop_flip"] = Field(
+        "batch_shift", description="batch_shift: one random shift of the whole batch by up to image_size/8 pixels; "
+        "crop_flip: each image its own random crop (zero padding image_size/8) and a left-right flip with p = 1/2")
 
 
 class GradientConfig(_Strict):

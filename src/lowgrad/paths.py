@@ -2,6 +2,7 @@
 
     data/prepared/<set>.npz               prepare    uint8 images + labels
     models/trained.pt                     train      the trained state_dict (a marker when a checkpoint is given)
+    models/trained.resume.pt              train      the last finished epoch's state while training (not tracked)
     models/model.pt, model.json           model      float32 state_dict (imported checkpoint) + metadata
     artifacts/sketch/factors.npz, .json   factors    NFK Kronecker / dense scale factors (a marker otherwise)
     artifacts/extract/<set>.zarr          extract    grads / logits / features / labels (chunked zarr)
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 PREPARED = "data/prepared/{name}.npz"
+TRAIN_RESUME = "models/trained.resume.pt"  # the train stage's resumable state; removed once models/trained.pt is saved
 MODEL = "models/model.pt"
 MODEL_INFO = "models/model.json"
 FACTORS = "artifacts/sketch/factors.npz"

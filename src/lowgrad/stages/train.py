@@ -10,17 +10,19 @@ from lowgrad.paths import PREPARED, write_text
 
 
 def train(params: Params) -> None:
-    """Train (seeded: the initial weights are part of the run), refuse a non-finite result, save its state_dict."""
+    """Train (seeded: the initial weights are part of the run; resumed after the last finished epoch when a kill
+    interrupted it), refuse a non-finite result, save its state_dict."""
     if not params.model.trains:
         write_text(TRAINED_CHECKPOINT, f"not trained: model.checkpoint is {params.model.checkpoint}\n")
         return
     import torch
 
     from lowgrad.models import check_finite_state, fresh_model, pick_device, save_state_dict
-    from lowgrad.train import train_classifier
+    from lowgrad.train import finish_training, train_classifier
 
     torch.manual_seed(params.seed)  # before building: the initial weights are part of the run
     model = fresh_model(params)
     model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, pick_device(params.device))
     check_finite_state(model, "the trained model")
     save_state_dict(model, TRAINED_CHECKPOINT)
+    finish_training()

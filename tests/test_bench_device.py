@@ -1,0 +1,29 @@
+"""The device run's script (bench/device.py) dry-run on the CPU: every part's plan passes the flow's --check, and
+the command it would run on the device is the matrix-free exact route on CUDA at the paper's sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import device
+from tests.conftest import shared_file
+
+
+def test_each_part_runs_the_matrix_free_exact_route_on_cuda_and_checks_on_the_cpu():
+    for part in device.PARTS.values():
+        run = device.command(part, [], check=False)
+        assert "--check" not in run and "device=cuda" in run
+        assert {"gradient.sketch=none", "subspace.method=exact_randomized"} <= set(run)
+        check = device.command(part, ["seed=3"], check=True)
+        assert check[-1] == "--check" and "device=cpu" in check and "device=cuda" not in check and "seed=3" in check
+    assert device.PARTS["authors"].params_file == "configs/cifar10_resnet18_authors.yaml"
+
+
+@pytest.mark.shared
+@pytest.mark.slow  # three flow --check runs: about 25 s each on 2 busy cores
+def test_every_part_passes_check_on_this_cpu(capsys):
+    shared_file("models/resnet18_cifar10_seed0.pt")
+    assert device.main(["check"]) == 0
+    # negative control: a part whose plan the flow refuses fails the dry-run with one error line
+    assert device.main(["check", "gpu_profile", "--set", "subspace.k=0"]) != 0
+    assert "error: bench.device: part gpu_profile does not pass --check" in capsys.readouterr().err
