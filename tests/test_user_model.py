@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -156,12 +157,35 @@ def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
                                          batch_size=detector.params.gradient.batch_size)  # the extractor's batches:
     np.testing.assert_allclose(detector.score(loader, rows=["grad_knn"])["grad_knn"],  # others round differently
                                detector.score(images, rows=["grad_knn"])["grad_knn"], rtol=1e-6)
+    _shared_by_threads(detector, {name: load_image_set(project / f"data/prepared/{name}.npz").images
+                                  for name in ("id_test", "digits_7to9")})
     forward = detector.score(images, rows=["knn", "msp"])  # forward rows only: no gradients computed
     for row, s in forward.items():
         np.testing.assert_allclose(s, stored[f"{row}/digits_7to9"], rtol=1e-4, atol=1e-6, err_msg=row)
     flagged = detector.predict(images, row="grad_residual")  # the OOD set
     np.testing.assert_array_equal(flagged, stored["grad_residual/digits_7to9"] < detector.thresholds["grad_residual"])
     assert np.mean(stored["grad_residual/id_test"] < detector.thresholds["grad_residual"]) <= 0.05
+
+
+def _shared_by_threads(detector, sets: dict[str, np.ndarray]) -> None:
+    """Four threads score four different sets through one detector at once: each gets exactly its serial scores
+    (before the lock, the exact route's functional_call swapped the one model's parameters under the others)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = [sets["id_test"], sets["digits_7to9"], sets["id_test"][::-1].copy(), sets["digits_7to9"][:37]]
+    serial = [detector.score(images) for images in work]
+    barrier = threading.Barrier(len(work))
+
+    def together(images):
+        barrier.wait()  # all four calls start at once
+        return detector.score(images)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        concurrent = list(pool.map(together, work))
+    for alone, shared in zip(serial, concurrent):
+        assert alone.keys() == shared.keys()
+        for row in alone:
+            np.testing.assert_array_equal(shared[row], alone[row], err_msg=row)
 
 
 def _lowgrad_score_command(project: Path) -> None:

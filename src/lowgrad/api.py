@@ -10,6 +10,11 @@ normalisation is applied here), or a torch ``DataLoader`` yielding such batches 
 New inputs go through the run's own code path: the ``extract`` stage's forward pass and gradient route (the
 saved model, sketch factors and seed), the ``project`` stage's ``G_low = phi(g) V`` with the saved normaliser and
 basis, then each saved row as ``score`` fitted it. Nothing is refitted.
+
+One detector may be shared by threads (a web handler, a thread pool): its calls take turns (a lock around the
+model-dependent work, whose gradient routes swap the model's parameters or hook its layers while they run), so
+each call gets exactly the result of that call made alone. Torch already spreads one call over every core, so
+taking turns costs little throughput; load one detector per process for parallel scoring.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ class OODDetector:
         self.params = saved.params
         self.thresholds: dict[str, float] = dict(saved.thresholds)  # every row's, at 95 % TPR on the run's id_test
         self.id_test_scores: dict[str, np.ndarray] = dict(saved.id_test_scores)  # the reference a monitor compares with
+        self._turns = threading.Lock()  # one call at a time through the shared model (module docstring)
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":
@@ -185,7 +192,7 @@ class OODDetector:
         gradients = self._needs_gradients(all_rows)
         with_images = any(row.uses_images for row in all_rows)
         parts: dict[str, list[np.ndarray]] = {}
-        with torch.inference_mode(False):
+        with self._turns, torch.inference_mode(False):
             for batch in tqdm(self._batches(images), desc="score", unit="batch", disable=not progress):
                 data = self._features(batch, gradients, with_images)
                 for label, s in selected.scores(data, self._ctx, fused).items():
