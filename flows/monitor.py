@@ -2,12 +2,17 @@
 saved detector (``artifacts/detector``; loaded and checked once per run, never refitted).
 
 A batch is an ``.npz`` (``images`` uint8 N x H x W x C, or the JPEG layout), a folder of images or an ImageFolder
-tree, directly inside the watched folder. For each one not scored before (a batch is known by its name and its
-content's sha256: one replaced in place is a new batch) the flow writes ``<results>/<batch>.json`` (per row: the
+tree (one rule for folders: ``lowgrad.data.folder_images``), directly inside the watched folder. Each result records
+what produced it: the batch's sha256, the detector's digest (the sha256 of its ``detector.json``, which names the
+sha256 of everything it was fitted with), the rows, the bound and the lowgrad version. A batch counts as scored
+before only when its record matches all of them; a batch replaced in place, a new detector (a rerun of ``score``),
+other rows, another bound or another lowgrad version score it again, and a batch that failed is retried at every
+run. For each batch to score the flow writes ``<results>/<batch>.json`` (per row: the
 fraction flagged as OOD at the row's threshold of 95 % ID TPR, a one-sided binomial p-value against the 5 % that ID
 data is flagged at, and the batch's score histogram beside the run's id_test one) and ``<results>/<batch>.png``,
 publishes them as Prefect artifacts, and fails the run, after writing every result, when a batch's flagged fraction
-passes ``bound`` on any watched row. ``results`` defaults to ``<watch>/.lowgrad-monitor``. ::
+passes ``bound`` on any watched row, or when a batch cannot be read or scored (its record holds the one-line reason;
+the other batches are scored; the run's message counts the failed batches). ``results`` defaults to ``<watch>/.lowgrad-monitor``. ::
 
     python -m flows.monitor --run . --watch incoming/ --rows grad_residual,knn --bound 0.25 --once  # one pass now
     prefect server start --host 127.0.0.1 &                      # schedules need a server (flows.deploy)
@@ -120,9 +125,31 @@ def plot(path: Path, batch: str, rows: dict[str, dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def setting(run: str | Path, rows: list[str] | None, bound: float) -> dict[str, Any]:
+    """What a batch's result belongs to besides the batch: the detector (the sha256 of its ``detector.json``), the
+    rows watched (None: every row), the bound and the lowgrad version."""
+    from lowgrad import __version__
+    from lowgrad.paths import sha256
+    from lowgrad.saved_detector import META
+
+    return {"detector": sha256(Path(run) / META), "watched_rows": rows, "bound": bound, "lowgrad": __version__}
+
+
+def scored_before(record: Path, sha: str, current: dict[str, Any]) -> bool:
+    """The batch's recorded result is this batch's, without error, and made by the detector and settings in force."""
+    import json
+
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False  # missing or unreadable: scored again
+    return (isinstance(old, dict) and old.get("sha256") == sha and "error" not in old
+            and all(old.get(key) == value for key, value in current.items()))
+
+
 @task(name="score-batch", task_run_name="{batch_name}", cache_policy=NO_CACHE)  # no retries: a bad batch is the user's
 def score_batch(detector, batch: Path, batch_name: str, sha: str, rows: list[str] | None, bound: float,
-                results: Path) -> dict[str, Any]:
+                results: Path, current: dict[str, Any]) -> dict[str, Any]:
     """Score one batch, write its JSON and PNG, publish its artifacts; returns the JSON's content."""
     from lowgrad.data import read_images
     from lowgrad.paths import write_json
@@ -132,14 +159,15 @@ def score_batch(detector, batch: Path, batch_name: str, sha: str, rows: list[str
     try:
         images, _ = read_images(batch, detector.params.data)
         scores = detector.score(images, rows=rows)
-    except (LowgradError, OSError, ValueError) as err:  # recorded (not rescored until the batch changes), reported
-        result = {"batch": batch_name, "sha256": sha, "error": str(err)}
-        write_json(results / f"{batch_name}.json", result)
-        logger.error("error: %s: %s", batch_name, err)
+    except Exception as err:  # noqa: BLE001 - any batch that fails is recorded with its reason; the others go on
+        reason = str(err) if isinstance(err, LowgradError) else f"{type(err).__name__}: {err}"
+        result = {"batch": batch_name, "sha256": sha, **current, "error": reason.replace("\n", " ")}
+        write_json(results / f"{batch_name}.json", result)  # retried at the next run (scored_before is False)
+        logger.error("error: %s: %s", batch_name, result["error"])
         return result
     per_row = summarise(scores, detector.thresholds, detector.id_test_scores, TPR)  # scores are finite (score checks)
     over = [row for row, r in per_row.items() if r["flagged_fraction"] > bound]
-    result = {"batch": batch_name, "sha256": sha, "images": len(images), "bound": bound, "over_bound": over,
+    result = {"batch": batch_name, "sha256": sha, **current, "images": len(images), "over_bound": over,
               "rows": per_row}
     plot(results / f"{batch_name}.png", batch_name, per_row)
     write_json(results / f"{batch_name}.json", result)  # last: a batch counts as scored once its JSON is there
@@ -164,14 +192,14 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
     out = Path(results) if results else watch_dir / RESULTS
     try:
         check_settings(run, rows, bound)
+        current = setting(run, rows, bound)
         todo, scored = [], []
         for batch in batches(watch_dir, out):
             try:
                 sha = sha256(batch)
             except OSError as err:
                 raise LowgradError(f"cannot read batch {batch}: {err.strerror or err}") from None
-            previous = out / f"{batch.name}.json"
-            if previous.is_file() and _recorded_sha(previous) == sha:
+            if scored_before(out / f"{batch.name}.json", sha, current):
                 scored.append(batch.name)
             else:
                 todo.append((batch, sha))
@@ -184,7 +212,7 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
     except LowgradError as err:
         logger.error("error: %s", err)
         return Failed(message=str(err))
-    new = [score_batch(detector, batch, batch.name, sha, rows, bound, out) for batch, sha in todo]
+    new = [score_batch(detector, batch, batch.name, sha, rows, bound, out, current) for batch, sha in todo]
     alerts = [f"{r['batch']} ({', '.join(r['over_bound'])})" for r in new if r.get("over_bound")]
     errors = [f"{r['batch']}: {r['error']}" for r in new if "error" in r]
     create_markdown_artifact(key="lowgrad-monitor", description="the last monitoring run", markdown="\n".join([
@@ -195,19 +223,11 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
             + (" — **over the bound**" if r["over_bound"] else "")) for r in new]]))
     if alerts or errors:
         message = "; ".join([*(["flagged fraction over the bound %.0f %% in %s" % (100 * bound, "; ".join(alerts))]
-                               if alerts else []), *errors])
+                               if alerts else []),
+                             *([f"{len(errors)} of {len(new)} batch(es) failed: " + "; ".join(errors)] if errors else [])])
         logger.error(message)
         return Failed(message=message)
     return {"scored": [r["batch"] for r in new], "skipped": scored}
-
-
-def _recorded_sha(path: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads(path.read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        return None  # unreadable: scored again
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """flows/monitor.py on a real Prefect server (the session's, tests/conftest.py): the scheduled deployment scores an
 ID batch and an OOD batch with the tiny run's saved detector; the OOD batch is over the bound and fails the run
 visibly, the ID batch is not; the detector is never refitted (its files' hash is unchanged); a batch scored before
-is not scored again, one replaced in place is, and a broken one is one error line."""
+is not scored again, one replaced in place is, and a broken one is one error line, counted as failed and retried;
+a new detector (a rerun of score), other rows or another bound score every batch again."""
 
 from __future__ import annotations
 
@@ -88,3 +89,60 @@ def test_monitoring_deployment_flags_the_ood_batch_and_never_refits(tiny_finishe
     assert state.is_failed() and "broken.npz: " in state.message and "not a readable .npz file" in state.message
     assert json.loads((watch / ".lowgrad-monitor/id_batch.npz.json").read_text())["images"] == 30  # rescored
     assert (watch / ".lowgrad-monitor/ood_batch.npz.json").stat().st_mtime_ns == written["ood_batch.npz.json"]
+
+    # the broken batch is a failed batch, counted and retried (never "scored before"); the good ones are kept
+    assert "1 of 2 batch(es) failed: broken.npz: " in state.message
+    broken = json.loads((watch / ".lowgrad-monitor/broken.npz.json").read_text())
+    assert broken["detector"] == sha256(tiny_finished / "artifacts/detector/detector.json") and "error" in broken
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        retried = monitor(str(tiny_finished), str(watch), ROWS, BOUND, return_state=True)
+    assert retried.is_failed() and "1 of 1 batch(es) failed: broken.npz" in retried.message
+    (watch / "broken.npz").unlink()
+    (watch / ".lowgrad-monitor/broken.npz.json").unlink()
+
+    # a channels-first batch beside a good one: the good one is scored, the bad one is one line, the run says 1 failed
+    np.savez(watch / "channels_first.npz", images=np.zeros((4, 1, 8, 8), np.uint8))
+    with np.load(tiny_finished / "data/prepared/id_test.npz") as z:
+        np.savez(watch / "good.npz", images=z["images"][:20])
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        mixed = monitor(str(tiny_finished), str(watch), ROWS, BOUND, return_state=True)
+    assert mixed.is_failed() and "1 of 2 batch(es) failed: channels_first.npz: " in mixed.message
+    assert "(channels first? store them as N x H x W x C)" in mixed.message
+    assert json.loads((watch / ".lowgrad-monitor/good.npz.json").read_text())["images"] == 20
+    (watch / "channels_first.npz").unlink()
+
+
+def test_the_monitor_rescores_under_a_new_detector_or_other_settings(tiny_project, tmp_path, prefect_api):
+    """A rerun of ``score`` with another option makes a new detector: the next monitor run scores every batch again
+    and its records name the new detector's digest; other rows or another bound do the same; the same settings
+    again score nothing (the negative control)."""
+    import yaml
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.monitor import monitor
+
+    run = tiny_project
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    with np.load(run / "data/prepared/digits_7to9.npz") as z:
+        np.savez(watch / "ood.npz", images=z["images"][:40])
+    records = watch / ".lowgrad-monitor/ood.npz.json"
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        monitor(str(run), str(watch), ["knn"], 1.0)
+        first = json.loads(records.read_text())
+        assert monitor(str(run), str(watch), ["knn"], 1.0)["skipped"] == ["ood.npz"]  # same settings: nothing new
+        params = yaml.safe_load((run / "params.yaml").read_text())
+        params["scoring"]["forward"]["knn"]["k"] = 2 * params["scoring"]["forward"]["knn"].get("k", 5)
+        (run / "params.yaml").write_text(yaml.safe_dump(params))
+        rerun = subprocess.run([sys.executable, "-m", "stages.score"], cwd=run, env=_env(), capture_output=True,
+                               text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        new_digest = sha256(run / "artifacts/detector/detector.json")
+        assert new_digest != first["detector"]
+        assert monitor(str(run), str(watch), ["knn"], 1.0)["scored"] == ["ood.npz"]
+        second = json.loads(records.read_text())
+        assert second["detector"] == new_digest and second["rows"]["knn"]["threshold"] != first["rows"]["knn"]["threshold"]
+        assert monitor(str(run), str(watch), ["knn", "msp"], 1.0)["scored"] == ["ood.npz"]  # other rows
+        assert monitor(str(run), str(watch), ["knn", "msp"], 0.9)["scored"] == ["ood.npz"]  # another bound
+        assert json.loads(records.read_text())["watched_rows"] == ["knn", "msp"]
+        assert monitor(str(run), str(watch), ["knn", "msp"], 0.9)["skipped"] == ["ood.npz"]

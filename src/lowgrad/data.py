@@ -96,10 +96,31 @@ def checked_labels(labels: np.ndarray, n_images: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _as_channels(img: Image.Image, channels: int) -> np.ndarray:
-    """``img`` as uint8 (H, W, channels): greyscale when ``channels`` is 1, else RGB."""
-    arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
-    return arr[..., None] if channels == 1 else arr
+def _as_channels(img: Image.Image, channels: int, where: str = "an image") -> np.ndarray:
+    """``img`` as uint8 (H, W, channels), greyscale when ``channels`` is 1, else RGB, at its true scale: 8-bit modes
+    (1, L, P, LA, RGB, RGBA, CMYK, YCbCr, ...) through Pillow's conversion (a palette expanded, alpha dropped),
+    16-bit greyscale by its full range (``v * 255 / 65535``), float greyscale in [0, 1] as ``v * 255``. 32-bit
+    integer pixels, floats outside [0, 1] and files of several frames have no one scale or image: each is a
+    :class:`DataError` naming the file and its mode."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise DataError(f"{where}: {frames} frames (an animation or a multi-page file, mode {img.mode}): give one "
+                        "image per file")
+    if img.mode.startswith("I;16"):
+        grey = np.rint(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not np.isfinite(values).all() or low < 0.0 or high > 1.0:
+            raise DataError(f"{where}: float pixels (mode F) from {low:g} to {high:g}: only [0, 1] has a known scale; "
+                            "save it as 8- or 16-bit, or as floats in [0, 1]")
+        grey = np.rint(values * 255.0).astype(np.uint8)
+    elif img.mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise DataError(f"{where}: 32-bit integer pixels (mode {img.mode}) have no known scale: save it as 8- or 16-bit")
+    else:
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+        return arr[..., None] if channels == 1 else arr
+    return grey[..., None] if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
 
 
 def _decode(data: bytes, where: str, channels: int) -> np.ndarray:
@@ -107,7 +128,7 @@ def _decode(data: bytes, where: str, channels: int) -> np.ndarray:
         raise DataError(f"corrupt image {where}: an empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return _as_channels(img, channels)
+            return _as_channels(img, channels, where)
     except UnidentifiedImageError:
         raise DataError(f"corrupt image {where}: not an image format Pillow can read") from None
     except OSError as err:
@@ -140,31 +161,54 @@ class _JpegImages:
         return _decode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes(), f"{i} in {self.path}", self.channels)
 
 
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    """The image files in ``folder`` (and below it when ``recursive``), sorted, hidden entries (``.name``) left out."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def folder_images(root: Path) -> tuple[list[Path], np.ndarray | None]:
+    """The one rule for every folder lowgrad reads (prepare's ``image_folder``, ``lowgrad score``, the monitor):
+    a folder holds either images at its top level (one unlabelled set: labels None) or class sub-folders of images,
+    an ImageFolder tree (torchvision's rule: classes in sorted order are labels 0..C-1, each class's images found
+    anywhere below its folder). Both at once, a class folder without images and a folder without any are each one
+    :class:`DataError`; nothing is dropped without a word. Hidden entries (``.name``) are not images."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    top = _images_in(root, recursive=False)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = {name: _images_in(root / name, recursive=True) for name in classes}
+    holding = [name for name, files in per_class.items() if files]
+    if top and holding:
+        raise DataError(f"{root}: images at its top level ({', '.join(f.name for f in top[:3])}{', ...' if len(top) > 3 else ''}) "
+                        f"beside class sub-folders of images ({', '.join(holding[:3])}{', ...' if len(holding) > 3 else ''}): "
+                        "a folder is one set of images or a tree of class folders, not both; move the top-level images "
+                        "into a sub-folder of their own")
+    if top:
+        return top, None
+    if not holding:
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, at its top level "
+                        "and in class sub-folders)")
+    empty = [name for name in classes if not per_class[name]]
+    if empty:
+        raise DataError(f"{root}: class folder(s) {', '.join(empty)} hold no images; every class sub-folder is a "
+                        "label (sorted order), so remove the empty ones or add their images")
+    files = [f for name in classes for f in per_class[name]]
+    labels = np.concatenate([np.full(len(per_class[name]), label, np.int64) for label, name in enumerate(classes)])
+    return files, labels
+
+
 class _FolderImages:
-    """``root/<class>/<image>``: classes in sorted order get labels 0..C-1 (torchvision's rule); an image file
-    is read and decoded only when indexed."""
+    """``root/<class>/<image>`` (:func:`folder_images`); an image file is read and decoded only when indexed."""
 
     def __init__(self, root: Path, channels: int) -> None:
         self.channels = channels
-        if not root.is_dir():
-            raise DataError(f"image folder not found: {root}")
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classes:
-            raise DataError(f"{root}: no class sub-folders")
-        self.files: list[Path] = []
-        labels = []
-        empty = []
-        for label, name in enumerate(classes):
-            found = [f for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-            empty += [name] if not found else []
-            self.files += found
-            labels += [label] * len(found)
-        if not self.files:
-            raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        if empty:
-            raise DataError(f"{root}: class folder(s) {', '.join(empty)} hold no images; every class sub-folder is a "
-                            "label (sorted order), so remove the empty ones or add their images")
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.files, labels = folder_images(root)
+        if labels is None:
+            raise DataError(f"{root}: images at its top level and no class sub-folders: source image_folder reads "
+                            "root/<class>/<image> (for one unlabelled set, put the images in one sub-folder)")
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -328,14 +372,9 @@ def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[st
     (its file, or ``<file>#<index>``)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            raw = [_decode(f.read_bytes(), str(f), data.channels) for f in files]
-            names = [f.name for f in files]
-        else:
-            folder = _FolderImages(path, data.channels)
-            raw = [folder[i] for i in range(len(folder))]
-            names = [str(f.relative_to(path)) for f in folder.files]
+        files, _ = folder_images(path)
+        raw = [_decode(f.read_bytes(), str(f), data.channels) for f in files]
+        names = [str(f.relative_to(path)) for f in files]
     elif path.suffix == ".npz" and path.is_file():
         try:
             with zipfile.ZipFile(path) as z:
@@ -348,9 +387,11 @@ def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[st
         else:
             arrays = _open_npz(path, ("images",))
             raw = list(arrays["images"])
-            if arrays["images"].dtype != np.uint8 or arrays["images"].ndim != 4:
-                raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C), got {arrays['images'].dtype} "
-                                f"{arrays['images'].shape}")
+            if arrays["images"].dtype != np.uint8 or arrays["images"].ndim != 4 or arrays["images"].shape[-1] not in (1, 3):
+                shape = arrays["images"].shape
+                hint = (" (channels first? store them as N x H x W x C)" if len(shape) == 4 and shape[1] in (1, 3) else "")
+                raise DataError(f"{path}: 'images' must be uint8 (N, H, W, C) with C 1 or 3, got "
+                                f"{arrays['images'].dtype} {shape}{hint}")
         names = [f"{path.name}#{i}" for i in range(len(raw))]
     elif path.exists():
         raise DataError(f"{path}: not an .npz file or a folder of images")

@@ -1,0 +1,119 @@
+"""Serving without silent wrong results (issue 38): one folder rule everywhere, every image decoded at its true
+scale or refused in one line, and batches the monitor or ``lowgrad score`` cannot read named as given."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowgrad.config import DataConfig
+from lowgrad.data import _FolderImages, _decode, folder_images, read_images
+from lowgrad.errors import DataError
+from tests.conftest import DIGITS
+
+
+def _data(channels: int = 1, size: int = 4) -> DataConfig:
+    return DataConfig(image_size=size, channels=channels, mean=[0.5] * channels, std=[0.5] * channels,
+                      datasets={"id_train": {"source": "npz", "path": DIGITS}, "id_test": {"source": "npz", "path": DIGITS},
+                                "ood": {"source": "npz", "path": DIGITS}})
+
+
+def _png(path: Path, value: int = 100, size: int = 4) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_images_at_the_top_beside_class_folders_are_refused_by_every_reader(tmp_path):
+    mixed = tmp_path / "t"
+    _png(mixed / "top.png"), _png(mixed / "cls_a/1.png"), _png(mixed / "cls_a/2.png")
+    for read in (lambda: read_images(mixed, _data()), lambda: _FolderImages(mixed, 1), lambda: folder_images(mixed)):
+        with pytest.raises(DataError) as err:
+            read()
+        assert "images at its top level (top.png) beside class sub-folders of images (cls_a)" in _one_line(err)
+    # negative controls: a tree of class folders, and a flat folder, are each read whole
+    tree = tmp_path / "tree"
+    _png(tree / "cls_a/1.png", 10), _png(tree / "cls_a/2.png", 20), _png(tree / "cls_b/deeper/3.png", 30)
+    _png(tree / ".hidden/4.png"), _png(tree / "cls_b/.x.png")
+    files, labels = folder_images(tree)
+    assert [str(f.relative_to(tree)) for f in files] == ["cls_a/1.png", "cls_a/2.png", "cls_b/deeper/3.png"]
+    assert labels.tolist() == [0, 0, 1]
+    images, names = read_images(tree, _data())
+    assert names == ["cls_a/1.png", "cls_a/2.png", "cls_b/deeper/3.png"] and images[:, 0, 0, 0].tolist() == [10, 20, 30]
+    flat = tmp_path / "flat"
+    _png(flat / "a.png"), _png(flat / "b.png")
+    assert folder_images(flat)[1] is None and len(read_images(flat, _data())[0]) == 2
+    with pytest.raises(DataError, match="no class sub-folders: source image_folder reads root/<class>/<image>"):
+        _FolderImages(flat, 1)
+
+
+def test_a_folder_without_images_says_so(tmp_path):
+    (tmp_path / "empty/sub").mkdir(parents=True)
+    (tmp_path / "empty/notes.txt").write_text("x")
+    with pytest.raises(DataError) as err:
+        read_images(tmp_path / "empty", _data())
+    assert "no images found" in _one_line(err) and "class sub-folders" not in str(err.value).split("(")[0]
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_and_float_images_keep_their_scale():
+    grey16 = np.array([[0, 257, 51000, 65535]], np.uint16)
+    data = _encoded(Image.fromarray(grey16), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    want = np.rint(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)  # 0, 1, 198, 255 (clipping gave 0, 255, 255, 255)
+    np.testing.assert_array_equal(_decode(data, "g.png", 1)[..., 0], want)
+    np.testing.assert_array_equal(_decode(data, "g.png", 3), np.repeat(want[..., None], 3, axis=2))
+    floats = np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(_decode(_encoded(Image.fromarray(floats), "TIFF"), "f.tif", 1)[..., 0],
+                                  [[0, 64, 128, 255]])
+    # negative controls: floats outside [0, 1] and 32-bit integers have no known scale: refused, naming file and mode
+    with pytest.raises(DataError) as err:
+        _decode(_encoded(Image.fromarray(floats * 300), "TIFF"), "big.tif", 1)
+    assert _one_line(err).startswith("big.tif: float pixels (mode F) from 0 to 300")
+    with pytest.raises(DataError) as err:
+        _decode(_encoded(Image.fromarray(np.array([[0, 70000]], np.int32)), "TIFF"), "i.tif", 1)
+    assert _one_line(err).startswith("i.tif: 32-bit integer pixels (mode I)")
+
+
+def test_eight_bit_modes_through_pillow_and_several_frames_refused():
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putdata([0, 1])
+    np.testing.assert_array_equal(_decode(_encoded(palette, "PNG"), "p.png", 3)[0], [[10, 20, 30], [200, 100, 50]])
+    cmyk = Image.frombytes("CMYK", (1, 1), bytes([40, 80, 120, 0]))  # no black: RGB = 255 - CMY
+    np.testing.assert_array_equal(_decode(_encoded(cmyk, "TIFF"), "c.tif", 3)[0, 0], [215, 175, 135])
+    rgba = Image.frombytes("RGBA", (1, 1), bytes([1, 2, 3, 0]))  # alpha dropped, colour kept as stored
+    np.testing.assert_array_equal(_decode(_encoded(rgba, "PNG"), "a.png", 3)[0, 0], [1, 2, 3])
+    la = Image.frombytes("LA", (1, 1), bytes([77, 9]))
+    assert _decode(_encoded(la, "PNG"), "la.png", 1)[0, 0, 0] == 77
+    bits = Image.frombytes("1", (8, 1), bytes([0b10100000]))
+    assert _decode(_encoded(bits, "PNG"), "b.png", 1)[0, :3, 0].tolist() == [255, 0, 255]
+    frames = [Image.new("L", (2, 2), v) for v in (0, 255)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError) as err:
+        _decode(gif.getvalue(), "anim.gif", 1)
+    assert _one_line(err).startswith("anim.gif: 2 frames")
+
+
+def test_a_channels_first_batch_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "batch.npz"
+    np.savez(path, images=np.zeros((3, 1, 8, 8), np.uint8))
+    with pytest.raises(DataError) as err:
+        read_images(path, _data(size=8))
+    assert _one_line(err) == (f"{path}: 'images' must be uint8 (N, H, W, C) with C 1 or 3, got uint8 (3, 1, 8, 8) "
+                              "(channels first? store them as N x H x W x C)")
