@@ -117,3 +117,79 @@ def test_a_channels_first_batch_is_one_line_naming_the_file(tmp_path):
         read_images(path, _data(size=8))
     assert _one_line(err) == (f"{path}: 'images' must be uint8 (N, H, W, C) with C 1 or 3, got uint8 (3, 1, 8, 8) "
                               "(channels first? store them as N x H x W x C)")
+
+
+def test_check_refuses_a_model_over_the_exact_routes_limit_before_any_stage(tmp_path):
+    from flows.pipeline import ROOT, check
+
+    args = {"model.arch": "torchvision:resnet18", "data.channels": 3, "data.mean": [0.5] * 3, "data.std": [0.5] * 3}
+    with pytest.raises(Exception) as err:
+        check(str(ROOT / "params.yaml"), args, ROOT)
+    assert "11,179,590 gradient parameters selected, more than gradient.max_params=2,000,000" in _one_line(err)
+    # negative controls: the last layer alone fits; so does the whole model on a sketched route
+    assert check(str(ROOT / "params.yaml"), {**args, "gradient.params": ["fc"]}, ROOT)[0].startswith("params ok")
+    assert "(route: exact_nfk)" in check(str(ROOT / "params.yaml"), {**args, "gradient.sketch": "exact_nfk"}, ROOT)[0]
+
+
+@pytest.mark.slow  # the session's tiny finished run (tests/conftest.py)
+def test_api_errors_name_the_callers_input_and_large_batches_are_split(tiny_finished, monkeypatch):
+    import torch
+
+    from lowgrad import OODDetector
+    from lowgrad.errors import DetectorError
+
+    det = OODDetector.load(tiny_finished)
+    size = det.params.data.image_size
+    images = np.load(tiny_finished / "data/prepared/id_test.npz")["images"]
+    plain = det.score(images, rows=["knn", "grad_knn"])
+    as_tensor = det.score(torch.from_numpy(images[:5].copy()), rows=["knn", "grad_knn"])  # a plain tensor is taken
+    np.testing.assert_array_equal(as_tensor["grad_knn"], det.score(images[:5], rows=["grad_knn"])["grad_knn"])
+    assert set(det.score(images[:5], rows="knn")) == {"knn"}  # one row's name alone
+    cases = [
+        (images.astype(np.float32), f"got a ndarray of float32 {len(images)} x {size} x {size} x 1: pass raw 8-bit"),
+        (torch.zeros(5, 1, size, size, dtype=torch.uint8),
+         f"got a Tensor of uint8 5 x 1 x {size} x {size}: channels first: move the channel axis last"),
+        (np.zeros((5, size + 1, size + 1, 1), np.uint8), f"got a ndarray of uint8 5 x {size + 1} x {size + 1} x 1: resize"),
+        (None, "images must be an array, a tensor or a DataLoader of images, got None"),
+    ]
+    for given, fragment in cases:
+        with pytest.raises(DataError) as err:
+            det.score(given)
+        assert fragment in _one_line(err)
+    with pytest.raises(DetectorError) as err:
+        det.predict(images, row=None)
+    assert _one_line(err).startswith("predict needs one row's name, got None")
+    # a DataLoader's one large batch is computed in the extract stage's chunks, as an array is
+    seen = []
+    features = det._features
+    monkeypatch.setattr(det, "_features", lambda batch, *a: seen.append(len(batch)) or features(batch, *a))
+    big = np.concatenate([images] * 5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(big)), batch_size=len(big))
+    scores = det.score(loader, rows=["grad_knn"])["grad_knn"]
+    chunk = det.params.gradient.chunk_rows
+    assert max(seen) <= chunk < len(big) and sum(seen) == len(big)
+    np.testing.assert_allclose(scores[: len(images)], plain["grad_knn"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_lowgrad_score_refuses_a_folder_as_out_and_ctrl_c_is_one_line(tiny_finished, tmp_path, capsys, monkeypatch):
+    from lowgrad import api, cli
+
+    images = str(tiny_finished / "data/prepared/digits_7to9.npz")
+    (tmp_path / "taken.csv").mkdir()
+    called = []
+    monkeypatch.setattr(api.OODDetector, "score", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit) as code:
+        cli.main(["score", "--run", str(tiny_finished), "--images", images, "--out", str(tmp_path / "taken.csv")])
+    err = capsys.readouterr().err
+    assert code.value.code == 1 and err.count("\n") == 1 and "a folder of that name exists" in err and not called
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.OODDetector, "score", interrupted)
+    with pytest.raises(SystemExit) as code:
+        cli.main(["score", "--run", str(tiny_finished), "--images", images, "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert code.value.code == 130 and err == "error: interrupted: nothing was written\n"
+    assert not (tmp_path / "s.csv").exists()

@@ -41,6 +41,18 @@ def _as_array(batch: Any) -> np.ndarray:
     return np.asarray(batch)
 
 
+def _describe(images: Any) -> str:
+    """The caller's input as given, for an error line: its type, dtype and shape."""
+    kind = type(images).__name__
+    shape = getattr(images, "shape", None)
+    dtype = getattr(images, "dtype", None)
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    if shape is None:
+        return "None" if images is None else f"{article} {kind}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{article} {kind} of {dtype_name} {' x '.join(map(str, tuple(shape)))}"
+
+
 class OODDetector:
     """A run's fitted rows with the model, route and basis they score with. Build it with :meth:`load`."""
 
@@ -116,9 +128,10 @@ class OODDetector:
         """Every row this detector scores, in the report's order (forward, gradient, fused)."""
         return list(self.thresholds)
 
-    def check_rows(self, rows: list[str] | None) -> list[str]:
-        """``rows`` (every row when None), each one this detector has (one :class:`DetectorError` line otherwise)."""
-        wanted = self.rows if rows is None else list(rows)
+    def check_rows(self, rows: list[str] | str | None) -> list[str]:
+        """``rows`` (every row when None; one row's name alone is that row), each one this detector has (one
+        :class:`DetectorError` line otherwise)."""
+        wanted = self.rows if rows is None else [rows] if isinstance(rows, str) else list(rows)
         unknown = [r for r in wanted if r not in self.thresholds]
         if unknown or not wanted:
             raise DetectorError(f"unknown row(s) {', '.join(unknown) or '(none given)'}: this detector has "
@@ -138,24 +151,39 @@ class OODDetector:
                               calibration={m: fitted.calibration[m] for m in members})
         return selected, fused
 
-    def _check_images(self, images: np.ndarray) -> np.ndarray:
+    def _check_images(self, images: np.ndarray, given: str) -> np.ndarray:
+        """``images`` (one batch of what the caller gave, described by ``given``) as the run takes them, or one
+        :class:`DataError` line that says what is wrong with the caller's input and what to do."""
         size, channels = self.params.data.image_size, self.params.data.channels
+        want = f"uint8 N x {size} x {size} x {channels} (the run's data.image_size and data.channels)"
         if images.ndim == 3 and channels == 1:
             images = images[..., None]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels):
-            raise DataError(f"images must be uint8 N x {size} x {size} x {channels} (the run's data.image_size and "
-                            f"data.channels), got {images.dtype} {'x'.join(map(str, images.shape))}; resize them as "
-                            "the run's prepare stage did (lowgrad.cli reads files and folders that way)")
-        return np.ascontiguousarray(images)
+        if images.dtype != np.uint8:
+            raise DataError(f"images must be {want}, got {given}: pass raw 8-bit pixels (0-255) as uint8; the run "
+                            "applies its own normalisation")
+        if images.ndim != 4:
+            raise DataError(f"images must be {want}, got {given}")
+        if images.shape[1:] != (size, size, channels):
+            first = images.shape[1] in (1, 3) and images.shape[1:] == (images.shape[1], size, size)
+            hint = ("channels first: move the channel axis last (N x H x W x C)" if first else "resize them as the "
+                    "run's prepare stage did (lowgrad score and lowgrad.data.read_images read files that way)")
+            raise DataError(f"images must be {want}, got {given}: {hint}")
+        return images
 
     def _batches(self, images: Any) -> Iterable[np.ndarray]:
-        if isinstance(images, np.ndarray):
-            step = self.params.gradient.chunk_rows
-            for start in range(0, len(images), step):
-                yield self._check_images(images[start : start + step])
-        else:
-            for batch in images:
-                yield self._check_images(_as_array(batch))
+        """The caller's images, each array, tensor or DataLoader batch checked whole against what was given, then
+        split into ``gradient.chunk_rows`` rows (the extract stage's unit: a 4,000-image batch is never computed
+        at once, and scores are those of the pipeline's own chunks)."""
+        step = self.params.gradient.chunk_rows
+        if images is None or isinstance(images, (str, bytes, Path)):
+            raise DataError(f"images must be an array, a tensor or a DataLoader of images, got {_describe(images)}: "
+                            "read files with lowgrad.data.read_images or the lowgrad score command")
+        single = isinstance(images, np.ndarray) or hasattr(images, "numpy")
+        for batch in [images] if single else images:
+            shown = batch[0] if isinstance(batch, (tuple, list)) else batch
+            whole = self._check_images(_as_array(batch), _describe(shown) if single else f"a batch of {_describe(shown)}")
+            for start in range(0, len(whole), step):
+                yield np.ascontiguousarray(whole[start : start + step])
 
     def _features(self, images: np.ndarray, gradients: bool, with_images: bool) -> dict[str, Any]:
         """What ``score`` reads of a set, computed for ``images`` as the extract and project stages do."""
@@ -182,7 +210,7 @@ class OODDetector:
             data["images"] = to_tensor_batch(images, self.params.data.mean, self.params.data.std)
         return data
 
-    def score(self, images: Any, rows: list[str] | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    def score(self, images: Any, rows: list[str] | str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
         """``{row: scores}`` of every row (or of ``rows``), higher = more in-distribution, as in the report."""
         import torch
         from tqdm import tqdm
@@ -204,4 +232,6 @@ class OODDetector:
     def predict(self, images: Any, row: str) -> np.ndarray:
         """``True`` where ``row`` flags an image as OOD: its score is below the row's saved threshold (95 % of the
         run's id_test score at or above it)."""
+        if not isinstance(row, str):
+            raise DetectorError(f"predict needs one row's name, got {row!r}: one of {', '.join(self.rows)}")
         return flagged(self.score(images, rows=[row])[row], self.thresholds[row])

@@ -51,6 +51,8 @@ def score_command(args: argparse.Namespace) -> None:
         raise LowgradError(f"--out {out}: write a .csv or a .json file")
     if not out.parent.is_dir():
         raise LowgradError(f"--out {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise LowgradError(f"--out {out}: a folder of that name exists; name a file (FILE.csv or FILE.json)")
     detector = OODDetector.load(args.run, device=args.device)
     rows = detector.check_rows(parse_rows(args.rows))
     images, names = read_images(args.images, detector.params.data)
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         score_command(args)
+    except KeyboardInterrupt:
+        print("error: interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
     except LowgradError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
