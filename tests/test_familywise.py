@@ -122,6 +122,25 @@ def test_every_reading_gets_a_familywise_interval_and_verdict():
                 assert e["ci_familywise"][0] <= e["ci"][0] and e["ci_familywise"][1] >= e["ci"][1]
                 assert e["verdict_familywise"] == verdict(e["ci_familywise"], m)
     assert len(set(pairs)) == 5 < len(pairs)  # a pair read twice is one member of the family
+    from lowgrad.report import familywise_summary
+
+    summary = familywise_summary(out)
+    read = {(row, comp["against"], m): comp["mean"][m] for row, kinds in out["deltas"].items()
+            for comp in kinds.values() for m in ("fpr95", "auroc")}
+    kept = {k for k, e in read.items() if e["verdict_familywise"] != "no detectable difference"}
+    lost = {k for k, e in read.items() if e["verdict_familywise"] == "no detectable difference" != e["verdict"]}
+    assert len(summary["better"]) + len(summary["worse"]) == len(kept) and len(summary["lost"]) == len(lost)
+    # by hand: a gain read per comparison only is listed as lost, one read at both levels as better
+    entry = lambda v, fw: {"delta": -1.0, "ci": [0, 0], "verdict": v, "verdict_familywise": fw}  # noqa: E731
+    nd = "no detectable difference"
+    hand = {"methods": {}, "deltas": {
+        "grad_a": {"twin": {"against": "a", "mean": {"fpr95": entry("better", nd), "auroc": entry(nd, nd)}}},
+        "grad_b": {"twin": {"against": "b", "mean": {"fpr95": entry("better", "better"), "auroc": entry("worse", "worse")}}}}}
+    hand["methods"] = {r: {"mean": {"fpr95": 0.0}} for r in ("grad_a", "grad_b", "a", "b")}
+    hand["rows"] = {r: {"name": r, "kind": "gradient" if r.startswith("grad") else "forward", "gradient": r.startswith("grad"),
+                        "label": r, "detector": r.removeprefix("grad_"), "members": [], "twin": None} for r in hand["methods"]}
+    assert familywise_summary(hand) == {"better": ["grad_b vs b (FPR95)"], "worse": ["grad_b vs b (AUROC)"],
+                                        "lost": ["grad_a vs a (FPR95, better per comparison)"]}
 
 
 def test_the_primary_comparison_is_read_at_the_nominal_level_and_the_report_says_so():

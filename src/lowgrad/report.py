@@ -95,15 +95,18 @@ def _familywise_text(comp: dict[str, Any]) -> str:
             f"AUROC [{auc['ci_familywise'][0]:+.2f}, {auc['ci_familywise'][1]:+.2f}] {auc['verdict_familywise']}")
 
 
-def _survivors(metrics: dict[str, Any]) -> list[str]:
-    """``row vs baseline (metric: reading)`` of every comparison whose family-wise reading is not "no detectable
-    difference"."""
-    out = []
+def familywise_summary(metrics: dict[str, Any]) -> dict[str, list[str]]:
+    """The readings on mean FPR95 / AUROC, one per distinct comparison and metric: ``better`` and ``worse``, those
+    still better / worse at the family-wise level; ``lost``, those "better" or "worse" per comparison only."""
+    out: dict[str, list[str]] = {"better": [], "worse": [], "lost": []}
     for row, _, base, comp in _comparisons(metrics):
         for m, name in (("fpr95", "FPR95"), ("auroc", "AUROC")):
-            reading = comp["mean"][m].get("verdict_familywise", "no detectable difference")
-            if reading != "no detectable difference":
-                out.append(f"{row} vs {base} ({name}: {reading})")
+            entry = comp["mean"][m]
+            family = entry.get("verdict_familywise", "no detectable difference")
+            if family != "no detectable difference":
+                out[family].append(f"{row} vs {base} ({name})")
+            elif entry["verdict"] != "no detectable difference":
+                out["lost"].append(f"{row} vs {base} ({name}, {entry['verdict']} per comparison)")
     return out
 
 
@@ -172,14 +175,17 @@ def verdict_section(metrics: dict[str, Any], plot: bool = True) -> list[str]:
         "",
     ]
     if family is not None and family.get("alpha"):
-        survivors = _survivors(metrics)
+        summary = familywise_summary(metrics)
         lines += [
             f"Family-wise: the {family['comparisons']} distinct comparisons below form one family per metric; their "
             f"simultaneous {level:.0f} % intervals (each a percentile interval at tail probability "
             f"{100 * family['alpha']['fpr95']:.2f} % for FPR95, {100 * family['alpha']['auroc']:.2f} % for AUROC, "
-            f"instead of {100 - level:.0f} %) hold all at once in {level:.0f} % of the paired replicates. "
-            + (f"Readings that survive at the family-wise level: {'; '.join(survivors)}." if survivors
-               else "No reading survives at the family-wise level."),
+            f"instead of {100 - level:.0f} %) hold all at once in {level:.0f} % of the paired replicates "
+            f"({metrics['bootstrap']['replicates']} replicates: so thin a tail rests on the few most extreme of them; "
+            "more `scoring.bootstrap.replicates` make it finer). "
+            f"Better at the family-wise level: {'; '.join(summary['better']) or 'none'}. "
+            f"Worse at the family-wise level: {len(summary['worse'])} readings. "
+            f"Per comparison only (not at the family-wise level): {'; '.join(summary['lost']) or 'none'}.",
             "",
         ]
     lines += [
