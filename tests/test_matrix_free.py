@@ -341,3 +341,35 @@ def test_bench_routes_counts_the_readings_shared_with_an_earlier_run():
     other = {**run("better", "vim"), "samples": {"id_test": 11, "ood": 5}}
     with pytest.raises(ValueError, match="not this protocol"):
         readings_against_earlier(earlier, {"exact": other})
+
+
+def test_tall_qr_spans_numpy_qr_and_never_factorises_the_whole_matrix(monkeypatch):
+    """CholeskyQR2 in row blocks (issue 40): Q orthonormal to float32 rounding, Q R = A, the same column space as
+    numpy.linalg.qr, from blocks of a few rows (no torch QR called), also at a condition number of 1e6; linearly
+    dependent columns are one error line (the negative control)."""
+    from lowgrad import matrix_free
+    from lowgrad.matrix_free import tall_qr
+
+    def no_qr(*args, **kwargs):
+        raise AssertionError("torch.linalg.qr called on the tall matrix")
+
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5000, 40)) @ np.diag(np.logspace(0, 3, 40))  # condition number 1e3
+    q, r = tall_qr(torch.from_numpy(a.astype(np.float32)), block_rows=777)
+    q64 = q.double().numpy()
+    np.testing.assert_allclose(q64.T @ q64, np.eye(40), atol=1e-5)
+    np.testing.assert_allclose(q64 @ r.double().numpy(), a, rtol=0, atol=1e-3 * np.abs(a).max())
+    ref = np.linalg.qr(a)[0]
+    np.testing.assert_allclose(np.abs(ref.T @ q64), np.eye(40), atol=1e-4)  # the same columns up to sign
+    # negative control: dependent columns (a zero one) are refused in one line, not returned as a broken Q
+    from lowgrad.errors import GradientError
+
+    b = a.copy()
+    b[:, 1] = 0.0
+    with pytest.raises(GradientError, match="40 columns are linearly dependent"):
+        tall_qr(torch.from_numpy(b.astype(np.float32)), block_rows=1000)
+    c = rng.standard_normal((5000, 40)) @ np.diag(np.logspace(0, 6, 40))  # condition number 1e6: still orthonormal
+    qc, _ = tall_qr(torch.from_numpy(c.astype(np.float32)), block_rows=1000)
+    np.testing.assert_allclose(qc.double().numpy().T @ qc.double().numpy(), np.eye(40), atol=1e-4)
+    assert matrix_free.QR_BLOCK_ROWS * 220 < 2**31  # one block of the paper's P x 220 stays far below 2^31 elements

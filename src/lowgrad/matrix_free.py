@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lowgrad.data import to_tensor_batch
 from lowgrad.dense_sketch import BLOCK_ROWS, omega_block
+from lowgrad.errors import GradientError
 from lowgrad.gradients import PerSampleGradients
 from lowgrad.subspace import add_block_moments
 
@@ -47,6 +48,38 @@ def read_components(arr: zarr.Array, device: torch.device) -> torch.Tensor:
     return v
 
 
+QR_BLOCK_ROWS = 1 << 18  # rows of a tall matrix per float64 block of the Gram and the triangular solve
+
+
+def tall_qr(a: torch.Tensor, block_rows: int = QR_BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q, R`` of a tall ``m x w`` matrix by CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa and Yamamoto 2014):
+    twice, the ``w x w`` Gram matrix summed in float64 over blocks of ``block_rows`` rows, its Cholesky factor,
+    and the rows times its inverse (a triangular solve per block), in place. No factorisation ever sees the whole
+    matrix, so nothing indexes past 2^31 elements (CUDA's QR of a P x 220 matrix for ResNet-18 asks for an absurd
+    workspace, pytorch issue 134326) and the extra memory is one block. ``a`` is overwritten by ``Q``. Accurate
+    while ``a``'s condition number is below about 1e7 (the Gram squares it; float32 storage keeps an input's
+    condition near that, and the randomized SVD orthonormalises after every pass). Columns that are linearly
+    dependent (a Gram that is not positive definite) are a :class:`GradientError`: fewer independent rows than
+    columns."""
+    m, w = a.shape
+    r_total = torch.eye(w, dtype=torch.float64, device=a.device)
+    for _ in range(2):
+        gram = torch.zeros(w, w, dtype=torch.float64, device=a.device)
+        for start in range(0, m, block_rows):
+            block = a[start : start + block_rows].double()
+            gram += block.T @ block
+        r, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if int(info) != 0:
+            raise GradientError(f"the randomized SVD's {w} columns are linearly dependent (the Cholesky factor of their "
+                                f"Gram matrix breaks down at column {int(info)}): the rows span fewer dimensions than "
+                                "subspace.k + subspace.oversample; lower them or add images")
+        for start in range(0, m, block_rows):
+            block = a[start : start + block_rows].double()
+            a[start : start + block_rows] = torch.linalg.solve_triangular(r, block, upper=True, left=False).to(a.dtype)
+        r_total = r @ r_total
+    return a, r_total.to(a.dtype)
+
+
 @dataclass(frozen=True)
 class TorchOps:
     """The randomized SVD's array operations on the device (see :class:`lowgrad.subspace.NumpyOps`)."""
@@ -58,7 +91,7 @@ class TorchOps:
 
     @staticmethod
     def orthonormal(a: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.qr(a)[0]
+        return tall_qr(a)[0]
 
     @staticmethod
     def top_right_vectors(bt: torch.Tensor, k: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
@@ -66,7 +99,7 @@ class TorchOps:
         are ``Qz W`` (only the small ``R`` is decomposed, in float64); the third value is ``U[:, :k]``, whose
         column ``j`` times ``Q`` is the kernel rows' scores on ``V``'s column ``j`` over ``s_j`` (as in
         :meth:`lowgrad.subspace.NumpyOps.top_right_vectors`)."""
-        qz, r = torch.linalg.qr(bt)
+        qz, r = tall_qr(bt)
         w, s, ut = torch.linalg.svd(r.double())
         return qz @ w[:, :k].to(qz.dtype), s[:k].cpu().numpy(), ut[:k].T.to(qz.dtype)
 
