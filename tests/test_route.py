@@ -70,9 +70,9 @@ def test_defaults_are_never_refused_and_raw_helpers_drop_what_a_route_ignores():
             raw[section][leaf] = value
         assert Route.from_params(parse_params(raw)).name == name
     raw = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")
-    assert Route.of_raw(raw).name == "kronecker" and Route.of_raw(raw).present_ignored(raw) == []
-    raw["gradient"]["sketch"] = "dense"
-    assert Route.of_raw(raw).present_ignored(raw) == ["gradient.sketch_rank"]
+    assert Route.of_raw(raw).name == "exact_nfk" and Route.of_raw(raw).present_ignored(raw) == ["gradient.sketch_rank"]
+    raw["gradient"]["sketch"] = "kronecker"  # one key back to the Kronecker route, which reads the rank, not the buckets
+    assert Route.of_raw(raw).present_ignored(raw) == ["gradient.sketch_dim"]
 
 
 def test_subspace_load_refuses_a_basis_fitted_for_other_rows(tmp_path):
