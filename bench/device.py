@@ -5,9 +5,10 @@
     python -m bench.device run authors --out $OUT       # (b) the authors' recipe trained (resumes), then (a) on it
     python -m bench.device check                        # every part's plan through the flow's --check (no stage runs)
 
-Each part is one ``python -m flows.pipeline`` run in this checkout; ``run`` copies its params, metrics, report,
-plots and stage timings to ``--out/<part>/`` with the card's name (``nvidia-smi``), whatever the run's exit
-status, so a call cut off by its time limit still brings back what finished (DVC keeps finished stages, and the
+Each part is one ``python -m flows.pipeline`` run in this checkout; ``run`` copies the params, metrics, report,
+plots and stage timings written during the call to ``--out/<part>/`` with the card's name (``nvidia-smi``), whatever
+the run's exit status (a SIGTERM from a time limit included), so a call cut off by its time limit still brings back
+what finished (DVC keeps finished stages, and the
 train stage's ``models/trained.resume.pt``, on a machine kept warm between calls). ``check`` is what CI runs on the
 CPU: the same commands with ``--check`` and ``device: cpu``.
 
@@ -77,18 +78,22 @@ def card() -> str:
         return "none"
 
 
-def collect(part: Part, out: Path, rc: int, wall_s: float) -> None:
-    """Copy what the run produced (finished stages' outputs only) to ``out/<part>``."""
+def collect(part: Part, out: Path, rc: int, started: float, wall_s: float) -> None:
+    """Copy what this call produced to ``out/<part>``: files written since ``started`` (wall clock) only, so the
+    committed report of another run, or a stage this call did not reach, is never passed off as this part's."""
     dest = out / part.name
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in ("params.yaml", "report/metrics.json", "report/report.md", "dvc.lock"):
-        if (ROOT / rel).exists():
-            shutil.copy2(ROOT / rel, dest / Path(rel).name)
-    for rel in ("report/plots", "artifacts/timings"):
-        if (ROOT / rel).is_dir():
-            shutil.copytree(ROOT / rel, dest / Path(rel).name, dirs_exist_ok=True)
+    files = [ROOT / rel for rel in ("params.yaml", "report/metrics.json", "report/report.md", "dvc.lock")]
+    files += [f for rel in ("report/plots", "artifacts/timings") if (ROOT / rel).is_dir() for f in (ROOT / rel).iterdir()]
+    copied = []
+    for f in files:
+        if f.is_file() and f.stat().st_mtime >= started:
+            target = dest / f.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            copied.append(str(f.relative_to(ROOT)))
     (dest / "device.json").write_text(json.dumps({"part": part.name, "card": card(), "rc": rc, "wall_s": round(wall_s, 1),
-                                                  "expected": part.expected}, indent=1) + "\n")
+                                                  "written_this_call": copied, "expected": part.expected}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,14 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.part is None:
         parser.error("run takes one part: each is one call of at most 10 minutes")
+    import signal
     import time
 
-    started = time.perf_counter()
+    def stopped(signum, frame):  # a call's time limit (timeout sends SIGTERM): unwind, so the finally below runs
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
+    started, clock = time.time(), time.perf_counter()
     rc = 130
     try:
         rc = subprocess.run(command(parts[0], args.set, False), cwd=ROOT).returncode
+    except KeyboardInterrupt:
+        rc = 124
     finally:
-        collect(parts[0], args.out, rc, time.perf_counter() - started)
+        collect(parts[0], args.out, rc, started, time.perf_counter() - clock)
     return rc
 
 

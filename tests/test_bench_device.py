@@ -27,3 +27,30 @@ def test_every_part_passes_check_on_this_cpu(capsys):
     # negative control: a part whose plan the flow refuses fails the dry-run with one error line
     assert device.main(["check", "gpu_profile", "--set", "subspace.k=0"]) != 0
     assert "error: bench.device: part gpu_profile does not pass --check" in capsys.readouterr().err
+
+
+def test_a_call_cut_off_by_its_time_limit_brings_back_only_what_it_wrote(tmp_path):
+    """``timeout`` sends SIGTERM: the run unwinds, collects and records rc 124; a file written before the call
+    (the committed report of another run) is not passed off as this part's."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from tests.conftest import ROOT
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from bench import device
+        device.command = lambda part, extra, check: [sys.executable, "-c", "import time; time.sleep(30)"]
+        sys.exit(device.main(["run", "gpu_profile", "--out", {str(tmp_path)!r}]))
+    """)
+    started = time.time()
+    done = subprocess.run(["timeout", "-s", "TERM", "5", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert time.time() - started < 25 and done.returncode == 124, done.stderr
+    record = json.loads((tmp_path / "gpu_profile/device.json").read_text())
+    assert record["rc"] == 124 and "report/metrics.json" not in record["written_this_call"]
+    assert not (tmp_path / "gpu_profile/report/metrics.json").exists()  # the committed file predates the call

@@ -193,3 +193,22 @@ def test_lowgrad_score_refuses_a_folder_as_out_and_ctrl_c_is_one_line(tiny_finis
     err = capsys.readouterr().err
     assert code.value.code == 130 and err == "error: interrupted: nothing was written\n"
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_camera_mpo_jpeg_is_its_first_image_and_linked_class_folders_are_read(tmp_path):
+    first, second = Image.new("RGB", (4, 4), (200, 10, 10)), Image.new("RGB", (4, 4), (10, 10, 200))
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 2
+    pixel = _decode(buf.getvalue(), "photo.jpg", 3)[0, 0]
+    assert pixel[0] > 150 and pixel[2] < 60  # the first (red) image, not the second (blue)
+    # a class folder that is a link, and a linked folder inside a class folder, are read (torchvision's rule)
+    elsewhere = tmp_path / "elsewhere"
+    _png(elsewhere / "a.png", 50), _png(tmp_path / "other/b.png", 60)
+    tree = tmp_path / "tree"
+    _png(tree / "cls_a/1.png", 10)
+    (tree / "cls_a/linked").symlink_to(elsewhere, target_is_directory=True)
+    (tree / "cls_b").symlink_to(tmp_path / "other", target_is_directory=True)
+    files, labels = folder_images(tree)
+    assert [str(f.relative_to(tree)) for f in files] == ["cls_a/1.png", "cls_a/linked/a.png", "cls_b/b.png"]
+    assert labels.tolist() == [0, 0, 1]

@@ -88,7 +88,7 @@ def test_sam_counts_each_batch_once_in_the_batchnorm_running_statistics():
         expected_mean = 0.9 * bn.running_mean + 0.1 * model[0](x).mean(0)  # one update, at w
     sam_step(model, torch.optim.SGD(model.parameters(), lr=LR), lambda: F.cross_entropy(model(x), y), RHO)
     torch.testing.assert_close(bn.running_mean, expected_mean)
-    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2  # momentum restored after the second pass
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 1  # momentum and batch count as after one pass
     # negative control: two plain forward passes move the running mean further
     twice = _tiny_model().train()
     twice(x), twice(x)
@@ -122,6 +122,9 @@ def test_the_step_schedule_and_the_crop_flip_augmentation():
         opt.step(), sched.step()
     per_epoch = [seen[3 * e] for e in range(10)]
     assert per_epoch == pytest.approx([0.1] * 3 + [0.02] * 3 + [0.004] * 2 + [0.0008] * 2)
+    one = torch.optim.SGD(model.parameters(), lr=0.1)
+    make_schedule(one, TrainConfig(epochs=1, lr=0.1, schedule="step"), steps_per_epoch=3)
+    assert one.param_groups[0]["lr"] == pytest.approx(0.1)  # a one-epoch run starts at lr (no milestone at 0)
 
     x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).reshape(2, 1, 5, 5) + 1
     out = _augment(x, 2, np.random.default_rng(0), "crop_flip")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,11 @@ def _as_channels(img: Image.Image, channels: int, where: str = "an image") -> np
     """``img`` as uint8 (H, W, channels), greyscale when ``channels`` is 1, else RGB, at its true scale: 8-bit modes
     (1, L, P, LA, RGB, RGBA, CMYK, YCbCr, ...) through Pillow's conversion (a palette expanded, alpha dropped),
     16-bit greyscale by its full range (``v * 255 / 65535``), float greyscale in [0, 1] as ``v * 255``. 32-bit
-    integer pixels, floats outside [0, 1] and files of several frames have no one scale or image: each is a
-    :class:`DataError` naming the file and its mode."""
+    integer pixels, floats outside [0, 1] and files of several frames (animations, multi-page files; a camera's
+    MPO JPEG is read as its first image) have no one scale or image: each is a :class:`DataError` naming the file
+    and its mode."""
     frames = getattr(img, "n_frames", 1)
-    if frames > 1:
+    if frames > 1 and img.format != "MPO":  # a camera's MPO JPEG: its first image is the photo (what viewers show)
         raise DataError(f"{where}: {frames} frames (an animation or a multi-page file, mode {img.mode}): give one "
                         "image per file")
     if img.mode.startswith("I;16"):
@@ -163,7 +165,10 @@ class _JpegImages:
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     """The image files in ``folder`` (and below it when ``recursive``), sorted, hidden entries (``.name``) left out."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
+    if recursive:  # followlinks: linked sub-folders are read, as torchvision's ImageFolder reads them
+        found = [Path(top) / name for top, _, names in os.walk(folder, followlinks=True) for name in names]
+    else:
+        found = list(folder.iterdir())
     return sorted(f for f in found if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 

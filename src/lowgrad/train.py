@@ -49,14 +49,16 @@ def frozen_batchnorm_statistics(model: torch.nn.Module) -> Iterator[None]:
     """BatchNorm layers normalise by the batch as usual but leave their running statistics alone (momentum 0):
     SAM's second forward pass, at the perturbed weights, must not count the batch twice."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
-    finally:
-        for m, momentum in zip(norms, saved):
+    finally:  # the batch count too: a cumulative average (momentum None) weighs each batch by it
+        for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def sam_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_at: Callable[[], torch.Tensor],
@@ -95,7 +97,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_
     if cfg.schedule == "step":
         def factor(step: int) -> float:
             epoch = step // steps_per_epoch
-            return STEP_FACTOR ** sum(epoch >= round(m * cfg.epochs) for m in STEP_MILESTONES)
+            return STEP_FACTOR ** sum(epoch >= m * cfg.epochs for m in STEP_MILESTONES)  # as the SAM example's StepLR
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant
 
