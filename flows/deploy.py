@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     url = require_server()
 
-    from flows.pipeline import _parse_overrides, pipeline
+    from flows.pipeline import parse_overrides, pipeline
 
     parameters = {
         "params_file": args.params_file,
-        "overrides": _parse_overrides(args.set) or None,
+        "overrides": parse_overrides(args.set) or None,
         "root": args.root,
         "push": args.push,
     }

@@ -387,7 +387,8 @@ def pipeline(
     return summary
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as a mapping, each value read as YAML (one :class:`ConfigError` line otherwise)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -469,7 +470,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        overrides = _parse_overrides(args.set) or None
+        overrides = parse_overrides(args.set) or None
         if args.check:
             print("\n".join(check(args.params_file, overrides)))
             return

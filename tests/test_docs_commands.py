@@ -46,11 +46,11 @@ def all_documented() -> list[tuple[str, list[str]]]:
 def check_documented(args: list[str], root: Path = ROOT) -> list[str]:
     """``--check`` of one documented command, in this process; missing inputs at placeholder paths (or in an absent
     ../shared) are allowed, any other problem raises."""
-    from flows.pipeline import _parse_overrides, build_parser, check_architecture, missing_inputs, validated_params
+    from flows.pipeline import parse_overrides, build_parser, check_architecture, missing_inputs, validated_params
     from lowgrad.plan import stage_plan
 
     parsed = build_parser().parse_args(args)
-    _, _, params = validated_params(parsed.params_file, _parse_overrides(parsed.set) or None, root)
+    _, _, params = validated_params(parsed.params_file, parse_overrides(parsed.set) or None, root)
     check_architecture(params)
     for key, path in missing_inputs(params, root):
         absent_shared = not SHARED.exists() and (root / path).resolve().is_relative_to(SHARED.resolve())
