@@ -148,14 +148,16 @@ def scored_before(record: Path, sha: str, current: dict[str, Any]) -> bool:
 
 
 @task(name="score-batch", task_run_name="{batch_name}", cache_policy=NO_CACHE)  # no retries: a bad batch is the user's
-def score_batch(detector, batch: Path, batch_name: str, sha: str, rows: list[str] | None, bound: float,
-                results: Path, current: dict[str, Any]) -> dict[str, Any]:
-    """Score one batch, write its JSON and PNG, publish its artifacts; returns the JSON's content."""
+def score_batch(detector, batch: Path, batch_name: str, sha: str, results: Path,
+                current: dict[str, Any]) -> dict[str, Any]:
+    """Score one batch with the watched rows and bound of ``current`` (:func:`setting`), write its JSON and PNG,
+    publish its artifacts; returns the JSON's content."""
     from lowgrad.data import read_images
     from lowgrad.paths import write_json
     from lowgrad.saved_detector import TPR
 
     logger = get_run_logger()
+    rows, bound = current["watched_rows"], current["bound"]
     try:
         images, _ = read_images(batch, detector.params.data)
         scores = detector.score(images, rows=rows)
@@ -212,7 +214,7 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
     except LowgradError as err:
         logger.error("error: %s", err)
         return Failed(message=str(err))
-    new = [score_batch(detector, batch, batch.name, sha, rows, bound, out, current) for batch, sha in todo]
+    new = [score_batch(detector, batch, batch.name, sha, out, current) for batch, sha in todo]
     alerts = [f"{r['batch']} ({', '.join(r['over_bound'])})" for r in new if r.get("over_bound")]
     errors = [f"{r['batch']}: {r['error']}" for r in new if "error" in r]
     create_markdown_artifact(key="lowgrad-monitor", description="the last monitoring run", markdown="\n".join([
