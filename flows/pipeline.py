@@ -482,8 +482,8 @@ def main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
-        print(f"error: interrupted ({err}); the running stage was stopped, finished stages are kept: rerun to continue",
-              file=sys.stderr)
+        print(f"error: interrupted ({err}); the running stage was stopped, finished stages and the previous detector, "
+              "scores and report are kept: rerun to continue", file=sys.stderr)
         sys.exit(130)
     if not state.is_completed():
         print(f"error: {_failure_message(state)}", file=sys.stderr)

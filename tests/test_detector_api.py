@@ -154,3 +154,38 @@ def test_an_artifact_saved_by_other_scoring_code_or_incomplete_is_refused(tmp_pa
     (tmp_path / META).write_text(json.dumps(meta))
     with pytest.raises(DetectorError, match="lacks thresholds: not a complete saved detector"):
         read_meta(tmp_path)
+
+
+def test_arrays_replaced_between_check_and_load_are_refused_and_load_reads_again(tmp_path, monkeypatch):
+    """A rerun of ``score`` swapping the detector's folder between the digest check and the read: ``load_fitted``
+    checks the bytes it parses (never thresholds of one run with arrays of another); ``OODDetector.load`` reads
+    again when detector.json changed meanwhile, and keeps a refusal whose detector.json did not change."""
+    from lowgrad import api
+
+    params, _, _, _, ctx = _run(tmp_path)
+    meta = check_artifact(tmp_path)
+    original = (tmp_path / ARRAYS).read_bytes()
+    np.savez(tmp_path / ARRAYS, other=np.zeros(1))
+    with pytest.raises(DetectorError, match="arrays.npz changed while it was read") as err:
+        load_fitted(tmp_path, ctx(), meta, params)
+    assert "\n" not in str(err.value)
+    (tmp_path / ARRAYS).write_bytes(original)
+    assert set(load_fitted(tmp_path, ctx(), meta, params).fitted.rows) == set(read_meta(tmp_path)["rows"])
+
+    calls = []
+
+    def swapped_once(cls, root, device):
+        calls.append(1)
+        if len(calls) == 1:  # the folder is replaced while this read runs
+            (root / META).write_text((root / META).read_text() + " ")
+            raise DetectorError("arrays.npz changed while it was read")
+        return "reloaded"
+
+    monkeypatch.setattr(api.OODDetector, "_load_once", classmethod(swapped_once))
+    assert api.OODDetector.load(tmp_path) == "reloaded" and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(api.OODDetector, "_load_once",
+                        classmethod(lambda cls, root, device: calls.append(1) or (_ for _ in ()).throw(DetectorError("own"))))
+    with pytest.raises(DetectorError, match="own"):  # negative control: nothing changed, so no second read
+        api.OODDetector.load(tmp_path)
+    assert len(calls) == 1

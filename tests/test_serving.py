@@ -4,6 +4,7 @@ scale or refused in one line, and batches the monitor or ``lowgrad score`` canno
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,56 @@ def test_a_camera_mpo_jpeg_is_its_first_image_and_linked_class_folders_are_read(
     files, labels = folder_images(tree)
     assert [str(f.relative_to(tree)) for f in files] == ["cls_a/1.png", "cls_a/linked/a.png", "cls_b/b.png"]
     assert labels.tolist() == [0, 0, 1]
+
+
+def _kept_outputs(root: Path) -> dict[str, bytes]:
+    """score's and report's outputs, as bytes (the detector's two files stand for its folder)."""
+    from lowgrad.paths import METRICS, REPORT, SCORES
+    from lowgrad.saved_detector import ARRAYS, META
+
+    return {rel: (root / rel).read_bytes() for rel in (SCORES, ARRAYS, META, METRICS, REPORT)}
+
+
+@pytest.mark.slow  # a copy of the session's tiny finished run and two reruns of score
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_rerun_of_score_keeps_the_previous_detector_scores_and_metrics(tiny_project, signal_name):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGKILL while ``score`` reruns for a new
+    option: the previous detector, scores, metrics and report are all still there, byte for byte; the previous
+    detector scores as the run did; the next ``dvc repro`` completes with the new option."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lowgrad import OODDetector
+    from lowgrad.data import load_image_set
+    from tests.test_pipeline import _env, dvc, set_param
+
+    root = tiny_project
+    before = _kept_outputs(root)
+    set_param(root, "scoring.forward.knn.k", 3)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "score"], cwd=root, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    staging = root / "artifacts"
+    deadline = time.monotonic() + 600
+    while not any(staging.glob(".detector.new-*")):  # score is fitting: DVC would have removed the outputs by now
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "score never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, getattr(signal, signal_name))
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    if signal_name == "SIGINT":  # the stage cleaned up after itself
+        assert not any(staging.glob(".detector.new-*")) and not list((root / "artifacts").glob("scores.tmp*"))
+    assert _kept_outputs(root) == before
+    stored = np.load(root / "artifacts/scores.npz")
+    images = load_image_set(root / "data/prepared/digits_7to9.npz").images
+    scores = OODDetector.load(root).score(images, rows=["knn", "grad_knn"])
+    for row, s in scores.items():
+        np.testing.assert_allclose(s, stored[f"{row}/digits_7to9"], rtol=1e-4, atol=1e-6, err_msg=row)
+    dvc(root, "repro")
+    after = _kept_outputs(root)
+    assert after["report/metrics.json"] != before["report/metrics.json"]  # negative control: the rerun did replace them
+    assert json.loads(after["artifacts/detector/detector.json"])["params"]["scoring"]["forward"]["knn"]["k"] == 3
+    assert not any(staging.glob(".detector.new-*"))  # a killed run's staging folder is removed by the next run

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,28 @@ class OODDetector:
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":
         """The saved detector of the project at ``run_dir`` (after ``dvc repro`` or ``dvc pull``). Refuses, with one
         :class:`DetectorError` line, an artifact whose model, basis, normaliser or factors were replaced since."""
+        from lowgrad.saved_detector import META
+
+        root = Path(run_dir)
+
+        def meta_bytes() -> bytes | None:
+            return (root / META).read_bytes() if (root / META).is_file() else None
+
+        for _ in range(3):  # a rerun of `score` may replace the detector's folder while it is read: read it again
+            seen = meta_bytes()
+            try:
+                return cls._load_once(root, device)
+            except DetectorError:
+                time.sleep(0.05)
+                if meta_bytes() == seen:  # nothing was replaced meanwhile: the refusal is the artifact's own
+                    raise
+        return cls._load_once(root, device)
+
+    @classmethod
+    def _load_once(cls, root: Path, device: str) -> "OODDetector":
         from lowgrad.config import USER_CODE, USER_MODULE, parse_params
         from lowgrad.saved_detector import check_artifact
 
-        root = Path(run_dir)
         meta = check_artifact(root)  # before anything is built from the run's files
         if str(meta["params"]["model"]["arch"]).startswith(f"{USER_MODULE}:") and root.resolve() != Path.cwd().resolve():
             raise DetectorError(f"{root}: the model is your own code ({meta['params']['model']['arch']}), imported from "

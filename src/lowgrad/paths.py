@@ -11,17 +11,25 @@
     artifacts/projected/<set>.npy         project    G_low (N x k)
     artifacts/projected/<set>.sqnorm.npy  project    ||phi||^2 per sample (the whole normalised gradient)
     artifacts/scores.npz                  score      every detector's scores per set
+    artifacts/detector/                   score      the saved detector (arrays.npz + detector.json)
     report/metrics.json                   score      metrics (DVC metrics)
     report/report.md, report/plots/       report     Markdown report and PNG plots
     artifacts/timings/<stage>.json        every stage: wall seconds and peak memory
+
+Every file and folder is written beside its path and renamed into place once complete (:func:`atomic_path`,
+:func:`atomic_dir`). ``score`` and ``report`` keep their outputs in place while they rerun (``persist`` in dvc.yaml)
+and replace them only at the end, so an interrupted or failed rerun leaves the previous run's detector, scores,
+metrics and report whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,7 @@ COMPONENTS = "artifacts/subspace/subspace.zarr"  # the basis V beside SUBSPACE
 PROJECTED = "artifacts/projected/{name}.npy"
 PHI_SQNORM = "artifacts/projected/{name}.sqnorm.npy"  # set names hold no '.', so never another set's G_low
 SCORES = "artifacts/scores.npz"
+DETECTOR = "artifacts/detector"  # the saved detector: arrays.npz + detector.json (lowgrad.saved_detector)
 METRICS = "report/metrics.json"
 REPORT = "report/report.md"
 PLOTS = "report/plots"
@@ -57,6 +66,55 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; once the block succeeds it takes ``path``'s place, and on
+    failure (an error, Ctrl-C) it is removed. The previous folder stays whole until the new one is complete, and a
+    reader finds one or the other: the two are exchanged in one step where the OS can (Linux's ``renameat2``),
+    else by two renames a few microseconds apart. Staging folders of killed runs are removed here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.new-*"):
+        if not _alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = path.with_name(f".{path.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if not path.exists():
+            staging.rename(path)
+        elif not _exchange(staging, path):  # staging now holds the previous folder, removed below
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or filesystem has no
+    such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_text(path: str | Path, text: str, durable: bool = False) -> None:

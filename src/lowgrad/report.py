@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lowgrad.config import Params  # noqa: E402
-from lowgrad.paths import write_text  # noqa: E402
+from lowgrad.paths import atomic_dir, atomic_path  # noqa: E402
 from lowgrad.route import Route  # noqa: E402
 from lowgrad.rows import Row, report_order, rows_from_metrics  # noqa: E402
 
@@ -382,13 +381,17 @@ def write_report(
     report_path: str,
     plots_dir: str,
 ) -> None:
-    """Write ``report.md`` and its plots; the previous report is replaced only once the new one is complete."""
+    """Write ``report.md`` and its plots; the previous report and plots are replaced only once both new ones are
+    complete (the plots' folder, then the text, each in one rename)."""
+    with atomic_dir(plots_dir) as staging, atomic_path(report_path) as text_file:
+        text_file.write_text(_write_report(params, metrics, scores, explained_variance_ratio, run, staging))
+
+
+def _write_report(params: Params, metrics: dict[str, Any], scores: dict[str, np.ndarray],
+                  explained_variance_ratio: np.ndarray, run: dict[str, Any], staging: Path) -> str:
+    """Draw the plots into ``staging`` and return the report's text."""
     ood = params.data.ood_names
     methods = _row_order(metrics)
-    plots = Path(plots_dir)
-    staging = plots.with_name(plots.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     _plot_histograms(scores, methods, ood, staging / "score_histograms.png")
     deltas = metrics.get("deltas", {})
     if deltas:
@@ -455,6 +458,4 @@ def write_report(
         "![spectrum](plots/spectrum.png)",
         "",
     ]
-    shutil.rmtree(plots, ignore_errors=True)
-    staging.replace(plots)
-    write_text(report_path, "\n".join(text))
+    return "\n".join(text)

@@ -15,6 +15,8 @@ head from the model) and sets the saved state: nothing is refitted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,12 @@ import numpy as np
 from lowgrad.config import USER_CODE, USER_MODULE, Params
 from lowgrad.detectors import Detector, Head
 from lowgrad.errors import DetectorError
-from lowgrad.paths import COMPONENTS, FACTORS, MODEL, SUBSPACE, atomic_path, sha256, write_json
+from lowgrad.paths import COMPONENTS, DETECTOR, FACTORS, MODEL, SUBSPACE, atomic_dir, sha256
 from lowgrad.route import Route
 from lowgrad.rows import member_detector
 
-DETECTOR_DIR = "artifacts/detector"
-ARRAYS = f"{DETECTOR_DIR}/arrays.npz"
-META = f"{DETECTOR_DIR}/detector.json"
+ARRAYS = f"{DETECTOR}/arrays.npz"
+META = f"{DETECTOR}/detector.json"
 FORMAT = 1
 TPR = 0.95  # each row's threshold keeps this fraction of id_test at or above it
 SAVED_SECTIONS = ("seed", "data", "model", "gradient", "subspace", "scoring")  # what scoring new images needs
@@ -86,8 +87,15 @@ def _head_arrays(head: Head) -> dict[str, np.ndarray]:
     return {f.name: np.asarray(getattr(head, f.name)) for f in dataclasses.fields(head) if getattr(head, f.name) is not None}
 
 
-def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], root: str | Path = ".") -> None:
-    """Write ``fitted`` (:class:`lowgrad.scoring.FittedRows`) under ``root/artifacts/detector``."""
+def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], root: str | Path = ".",
+                into: Path | None = None) -> None:
+    """Write ``fitted`` (:class:`lowgrad.scoring.FittedRows`) as ``root/artifacts/detector``, replacing the previous
+    one only once complete; ``into``: write into this (empty) staging folder instead, which the caller puts in place
+    (the score stage commits the detector with the scores and metrics, :func:`lowgrad.paths.atomic_dir`)."""
+    if into is None:
+        with atomic_dir(Path(root) / DETECTOR) as staging:
+            save_fitted(fitted, params, id_test_scores, root, into=staging)
+        return
     from lowgrad.metrics import tpr_threshold
 
     root = Path(root)
@@ -109,18 +117,18 @@ def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], r
                 arrays[f"calibration/{label}"] = np.asarray(fitted.calibration[label], dtype=np.float64)
             entries[part][label] = entry
     arrays.update({f"id_test/{label}": np.asarray(s, dtype=np.float64) for label, s in id_test_scores.items()})
-    with atomic_path(root / ARRAYS) as tmp:
-        np.savez(tmp, **arrays)
-    write_json(root / META, {
+    arrays_file = into / Path(ARRAYS).name
+    np.savez(arrays_file, **arrays)
+    (into / Path(META).name).write_text(json.dumps({
         "format": FORMAT,
         "thresholds": {label: tpr_threshold(s, TPR) for label, s in id_test_scores.items()},  # every row, fused too
         "rows": entries["rows"],
         "fusion_members": entries["members"],
         "belongs_with": {path: sha256(root / path) for path in belongs_with(params)},
-        "arrays_sha256": sha256(root / ARRAYS),
+        "arrays_sha256": sha256(arrays_file),
         "code_sha256": code_digests(),
         "params": _saved_params(params),
-    })
+    }, indent=2) + "\n")
 
 
 def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -185,7 +193,11 @@ def load_fitted(root: str | Path, ctx, meta: dict[str, Any], params: Params) -> 
     ``params``: parsed from it; ``ctx``: a :class:`lowgrad.scoring.ScoringContext` with the run's model head and
     input std)."""
     root = Path(root)
-    with np.load(root / ARRAYS, allow_pickle=False) as z:
+    blob = (root / ARRAYS).read_bytes()  # read once and checked: the arrays are the ones ``meta`` names, even when
+    if hashlib.sha256(blob).hexdigest() != meta["arrays_sha256"]:  # a rerun replaced the folder since
+        raise DetectorError(f"{root / ARRAYS} changed while it was read (a rerun of `score` replaced the detector): "
+                            "load it again")
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         arrays = {key: z[key] for key in z.files}
     try:
         return _restored(arrays, meta, params, ctx)

@@ -4,7 +4,9 @@ detector (``artifacts/detector``, :mod:`lowgrad.saved_detector`)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,7 @@ from lowgrad.data import load_image_set, to_tensor_batch
 from lowgrad.detectors import Head
 from lowgrad.metrics import accuracy, mean_metrics, ood_metrics
 from lowgrad.models import head_of, load_classifier
-from lowgrad.paths import EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_path, write_json
+from lowgrad.paths import DETECTOR, EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_dir, atomic_path
 from lowgrad.provenance import run_provenance
 from lowgrad.saved_detector import save_fitted
 from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
@@ -56,12 +58,19 @@ def read_scores(path: str = SCORES) -> dict[str, dict[str, np.ndarray]]:
 
 
 def score(params: Params) -> None:
-    import torch
-
+    """Fit every row, score every set, evaluate; the saved detector, scores and metrics of the previous run stay in
+    place (dvc.yaml: ``persist``) until all three new ones are complete, then each is renamed into place."""
     check_bank_size(params, prepared_size("id_train"))
     sets = {name: _inputs(name) for name in ["id_train", "id_test", *params.data.ood_names]}
     sets_in_mean({n: len(d["labels"]) for n, d in sets.items()}, params.data.ood_names,
                  params.scoring.min_ood_samples)  # every set too small: one error before any detector runs
+    with atomic_dir(DETECTOR) as detector, atomic_path(SCORES) as scores, atomic_path(METRICS) as metrics:
+        _score_into(params, sets, detector, scores, metrics)
+
+
+def _score_into(params: Params, sets: dict[str, dict[str, Any]], detector: Path, scores: Path, metrics: Path) -> None:
+    import torch
+
     model = load_classifier(params)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,7 +90,7 @@ def score(params: Params) -> None:
     )
     with torch.inference_mode(False):
         all_scores, extras, fitted = run_all(params, sets, ctx)
-    save_fitted(fitted, params, {label: per_set["id_test"] for label, per_set in all_scores.items()})
+    save_fitted(fitted, params, {label: per_set["id_test"] for label, per_set in all_scores.items()}, into=detector)
     evidence = evaluate(all_scores, params)
     for label, table in evidence["methods"].items():
         mean = table["mean"]
@@ -97,11 +106,10 @@ def score(params: Params) -> None:
     elif params.scoring.k_sweep:
         log.info("scoring.k_sweep skipped: the average-gradient basis has one component per class")
     id_acc = accuracy(sets["id_test"]["logits"], sets["id_test"]["labels"])
-    with atomic_path(SCORES) as tmp:
-        np.savez(tmp, **{f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()})
-    write_json(METRICS, {
+    np.savez(scores, **{f"{label}/{s}": v for label, per_set in all_scores.items() for s, v in per_set.items()})
+    metrics.write_text(json.dumps({
         "id_accuracy": id_acc, **extras, **evidence, "k_sweep": sweep,
         "samples": {name: len(d["labels"]) for name, d in sets.items()},
         "timings": {**stage_timings(params), "score": timing.snapshot()},
         "provenance": run_provenance(params),
-    })
+    }, indent=2, sort_keys=False) + "\n")
