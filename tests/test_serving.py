@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from lowgrad.config import DataConfig
@@ -223,12 +224,11 @@ def _kept_outputs(root: Path) -> dict[str, bytes]:
     return {rel: (root / rel).read_bytes() for rel in (SCORES, ARRAYS, META, METRICS, REPORT)}
 
 
-@pytest.mark.slow  # a copy of the session's tiny finished run and two reruns of score
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
-def test_an_interrupted_rerun_of_score_keeps_the_previous_detector_scores_and_metrics(tiny_project, signal_name):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGKILL while ``score`` reruns for a new
-    option: the previous detector, scores, metrics and report are all still there, byte for byte; the previous
-    detector scores as the run did; the next ``dvc repro`` completes with the new option."""
+@pytest.mark.slow  # a copy of the session's tiny finished run, two interrupted reruns of score and a whole one
+def test_an_interrupted_rerun_of_score_keeps_the_previous_detector_scores_and_metrics(tiny_project):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it), then SIGKILL, while ``score`` reruns for a new
+    option: after each the previous detector, scores, metrics and report are all still there, byte for byte, and
+    the previous detector scores as the run did; the next ``dvc repro`` completes with the new option."""
     import os
     import signal
     import subprocess
@@ -242,27 +242,31 @@ def test_an_interrupted_rerun_of_score_keeps_the_previous_detector_scores_and_me
     root = tiny_project
     before = _kept_outputs(root)
     set_param(root, "scoring.forward.knn.k", 3)
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "score"], cwd=root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    staging = root / "artifacts"
-    deadline = time.monotonic() + 600
-    while not any(staging.glob(".detector.new-*")):  # score is fitting: DVC would have removed the outputs by now
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "score never started"
-        time.sleep(0.05)
-    os.killpg(proc.pid, getattr(signal, signal_name))
-    proc.wait(timeout=120)
-    assert proc.returncode != 0
-    if signal_name == "SIGINT":  # the stage cleaned up after itself
-        assert not any(staging.glob(".detector.new-*")) and not list((root / "artifacts").glob("scores.tmp*"))
-    assert _kept_outputs(root) == before
+    replicates = yaml.safe_load((root / "params.yaml").read_text())["scoring"]["bootstrap"]["replicates"]
+    set_param(root, "scoring.bootstrap.replicates", 50_000)  # a long score: the kill lands inside it, however slow
+    staging = root / "artifacts"  # the machine (the staging folder appears before the rows are fitted)
     stored = np.load(root / "artifacts/scores.npz")
     images = load_image_set(root / "data/prepared/digits_7to9.npz").images
-    scores = OODDetector.load(root).score(images, rows=["knn", "grad_knn"])
-    for row, s in scores.items():
-        np.testing.assert_allclose(s, stored[f"{row}/digits_7to9"], rtol=1e-4, atol=1e-6, err_msg=row)
+    for signal_name in ("SIGINT", "SIGKILL"):
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "score"], cwd=root, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not any(staging.glob(".detector.new-*")):
+            assert proc.poll() is None, proc.stdout.read().decode()  # score is fitting: DVC would have removed
+            assert time.monotonic() < deadline, "score never started"  # the outputs by now
+            time.sleep(0.05)
+        os.killpg(proc.pid, getattr(signal, signal_name))
+        proc.wait(timeout=120)
+        assert proc.returncode != 0
+        if signal_name == "SIGINT":  # the stage cleaned up after itself
+            assert not any(staging.glob(".detector.new-*")) and not list(staging.glob("scores.tmp*"))
+        assert _kept_outputs(root) == before, signal_name
+        scores = OODDetector.load(root).score(images, rows=["knn", "grad_knn"])
+        for row, s in scores.items():
+            np.testing.assert_allclose(s, stored[f"{row}/digits_7to9"], rtol=1e-4, atol=1e-6, err_msg=row)
+    set_param(root, "scoring.bootstrap.replicates", replicates)
     dvc(root, "repro")
     after = _kept_outputs(root)
     assert after["report/metrics.json"] != before["report/metrics.json"]  # negative control: the rerun did replace them
     assert json.loads(after["artifacts/detector/detector.json"])["params"]["scoring"]["forward"]["knn"]["k"] == 3
-    assert not any(staging.glob(".detector.new-*"))  # a killed run's staging folder is removed by the next run
+    assert not any(staging.glob(".detector.new-*"))  # the killed run's staging folder is removed by the next run

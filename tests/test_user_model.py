@@ -130,10 +130,53 @@ def test_the_pipeline_on_your_model(project, route, change):
     g_low = np.load(project / "artifacts/projected/id_test.npy")
     assert g_low.shape == (90, 8) and np.isfinite(g_low).all()
     _saved_detector_round_trip(project, set(metrics["methods"]))
+    _the_estimator_fits_what_the_pipeline_fitted(project, raw)
     if route == "exact":
         _lowgrad_score_command(project)
         _your_code_is_read_from_the_project_only(project)
     _replaced_files_are_refused(project, route)
+
+
+def _the_estimator_fits_what_the_pipeline_fitted(project: Path, raw: dict) -> None:
+    """``lowgrad.LowGrad`` on the user's plain ``nn.Module`` (the trained weights) and the run's prepared arrays, with
+    the run's params: every row's thresholds and scores equal the pipeline's (rtol 1e-5, the same seeds); saved and
+    loaded it scores the same; a replaced basis or another model is refused with one line."""
+    from architectures.tiny_convnet import TinyConvNet
+
+    from lowgrad import LowGrad
+    from lowgrad.data import load_image_set
+    from lowgrad.errors import DetectorError
+
+    plain = TinyConvNet(num_classes=3, in_channels=1)
+    plain.load_state_dict(torch.load(project / "models/model.pt", weights_only=True))
+    prepared = {name: load_image_set(project / f"data/prepared/{name}.npz") for name in ("id_train", "id_test", "digits_7to9")}
+    options = {k: v for k, v in raw.items() if k in ("seed", "device", "gradient", "subspace", "scoring")}
+    options["data"] = {k: v for k, v in raw["data"].items() if k != "datasets"}
+    det = LowGrad(plain, **options).fit(prepared["id_train"].images, prepared["id_train"].labels,
+                                        test=(prepared["id_test"].images, prepared["id_test"].labels))
+    saved = json.loads((project / "artifacts/detector/detector.json").read_text())["thresholds"]
+    assert det.rows_ == list(saved)
+    np.testing.assert_allclose([det.thresholds_[r] for r in saved], list(saved.values()), rtol=1e-5, atol=1e-7)
+    stored = np.load(project / "artifacts/scores.npz")
+    images = prepared["digits_7to9"].images
+    scores = det.score_samples(images)
+    for row, s in scores.items():
+        ref = stored[f"{row}/digits_7to9"]
+        np.testing.assert_allclose(s, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=row)
+    assert not np.allclose(scores["grad_knn"], stored["grad_knn/id_test"][: len(images)])  # negative control
+    det.save(project / "fitted")
+    back = LowGrad.load(project / "fitted", model=plain)
+    for row, s in back.score_samples(images).items():
+        np.testing.assert_array_equal(s, scores[row], err_msg=row)
+    other = TinyConvNet(num_classes=3, in_channels=1)  # untrained weights
+    with pytest.raises(DetectorError, match="the model given is not the one this detector was fitted with") as err:
+        LowGrad.load(project / "fitted", model=other)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DetectorError, match="pass it, LowGrad.load"):
+        LowGrad.load(project / "fitted")  # fitted on a model given in Python: no arch to rebuild it from
+    (project / "fitted/artifacts/subspace/subspace.npz").write_bytes(b"replaced")
+    with pytest.raises(DetectorError, match="subspace.npz is not the one this detector was fitted with"):
+        LowGrad.load(project / "fitted", model=plain)
 
 
 def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:

@@ -13,9 +13,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``lowgrad.OODDetector``, imported on first use (the stages import this package and never need torch here)."""
+    """``lowgrad.OODDetector`` and ``lowgrad.LowGrad``, imported on first use (the stages import this package and
+    never need torch here)."""
     if name == "OODDetector":
         from lowgrad.api import OODDetector
 
         return OODDetector
+    if name == "LowGrad":
+        from lowgrad.estimator import LowGrad
+
+        return LowGrad
     raise AttributeError(f"module 'lowgrad' has no attribute {name!r}")

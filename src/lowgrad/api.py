@@ -104,33 +104,40 @@ class OODDetector:
             route_log.setLevel(level)
 
     @classmethod
-    def _build(cls, root: Path, meta: dict[str, Any], params) -> "OODDetector":
+    def _build(cls, root: Path, meta: dict[str, Any], params, model=None) -> "OODDetector":
+        """The detector of the checked artifact at ``root`` (``meta``: what :func:`check_artifact` returned); ``model``:
+        the classifier with its head split (:func:`lowgrad.models.with_head_split`), or built from the saved
+        ``model.arch`` and weights when None."""
         import torch
 
         from lowgrad.data import ImageSet
         from lowgrad.detectors import Head
-        from lowgrad.extract import build_extractor
-        from lowgrad.models import head_of, load_classifier
-        from lowgrad.paths import SUBSPACE
+        from lowgrad.extract import load_factors, make_extractor
+        from lowgrad.matrix_free import exact_rows
+        from lowgrad.models import frozen_copy, head_of, load_classifier
+        from lowgrad.paths import FACTORS, SUBSPACE
         from lowgrad.route import Route
         from lowgrad.saved_detector import load_fitted
         from lowgrad.scoring import ScoringContext
-        from lowgrad.stages.common import recomputed_rows
         from lowgrad.subspace import GradientSubspace
 
-        model = load_classifier(params, root)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        ctx = ScoringContext(forward_head=Head.from_linear(head_of(model)), num_classes=params.model.num_classes,
-                             model_forward=model, input_std=tuple(params.data.std), seed=params.seed,
+        if model is None:
+            if not params.model.arch:
+                raise DetectorError(f"{root}: the detector was fitted on a model given in Python (no model.arch to "
+                                    "build it from): pass it, LowGrad.load(folder, model=...)")
+            model = load_classifier(params, root)
+        frozen = frozen_copy(model)  # the detectors' forward passes; the gradients are taken through ``model``
+        ctx = ScoringContext(forward_head=Head.from_linear(head_of(frozen)), num_classes=params.model.num_classes,
+                             model_forward=frozen, input_std=tuple(params.data.std), seed=params.seed,
                              probe_options=params.scoring.probe.model_dump())
         saved = load_fitted(root, ctx, meta, params)
         size, channels = params.data.image_size, params.data.channels
         placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
         route = Route.from_params(params)
+        factors = load_factors(root / FACTORS) if route.needs_factors else {}
         with torch.inference_mode(False):
-            extractor = build_extractor(params, None, root, images=placeholder)
-        rows_source = recomputed_rows(params, "new images", str(root), placeholder.images) if route.recomputes_gradients else None
+            extractor = make_extractor(params, model, placeholder, factors)
+        rows_source = exact_rows(params, model, placeholder.images, desc="new images") if route.recomputes_gradients else None
         subspace = None
         if cls._needs_gradients(saved.fitted.rows.values(), saved.fitted.members.values()):
             dim = rows_source.dim if rows_source is not None else extractor.gradients.dim

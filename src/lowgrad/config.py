@@ -78,7 +78,9 @@ class DatasetConfig(_Strict):
         return self.n if self.n is not None else 1000
 
 
-class DataConfig(_Strict):
+class InputConfig(_Strict):
+    """How images enter the model: their size and channels, and the normalisation (``x / 255``, then mean / std)."""
+
     image_size: Int = Field(gt=0)
     channels: Literal[1, 3]
     resize_short_side: Int | None = Field(
@@ -86,6 +88,19 @@ class DataConfig(_Strict):
     )
     mean: list[float]
     std: list[Annotated[float, Field(gt=0)]]
+
+    @model_validator(mode="after")
+    def _check_input(self) -> "InputConfig":
+        if self.resize_short_side is not None and self.resize_short_side < self.image_size:
+            raise ValueError("data.resize_short_side must be at least data.image_size")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("data.mean and data.std need one value per channel")
+        return self
+
+
+class DataConfig(InputConfig):
+    """The input settings and the pipeline's image sets."""
+
     datasets: dict[str, DatasetConfig]
 
     @model_validator(mode="after")
@@ -95,10 +110,6 @@ class DataConfig(_Strict):
                 raise ValueError(f"data.datasets needs an '{key}' entry")
         if len(self.datasets) < 3:
             raise ValueError("data.datasets needs at least one OOD set besides id_train and id_test")
-        if self.resize_short_side is not None and self.resize_short_side < self.image_size:
-            raise ValueError("data.resize_short_side must be at least data.image_size")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError("data.mean and data.std need one value per channel")
         for name in self.datasets:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"dataset name '{name}' may only hold letters, digits and '_'")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lowgrad.config import DataConfig, DatasetConfig
+from lowgrad.config import DataConfig, DatasetConfig, InputConfig
 from lowgrad.errors import DataError
 from lowgrad.paths import atomic_path
 
@@ -369,7 +369,7 @@ def to_tensor_batch(images: np.ndarray, mean: list[float], std: list[float]):
     return (x - m) / s
 
 
-def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[str]]:
+def read_images(path: str | Path, data: InputConfig) -> tuple[np.ndarray, list[str]]:
     """New inputs to score (``lowgrad score``, the monitor): an ``.npz`` of either layout, a folder of images, or an
     ImageFolder tree, brought to the run's ``data.image_size`` / ``channels`` as ``prepare`` brought its ``id_test``:
     with ``resize: true`` every image is resized (short side) and centre-cropped, as there; otherwise images of the
@@ -405,7 +405,8 @@ def read_images(path: str | Path, data: DataConfig) -> tuple[np.ndarray, list[st
     if not raw:
         raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     expected = (data.image_size, data.image_size, data.channels)
-    always = "id_test" in data.datasets and data.datasets["id_test"].resize
+    datasets = getattr(data, "datasets", {})  # a run's: its id_test's resize rule; lowgrad.LowGrad's options have none
+    always = "id_test" in datasets and datasets["id_test"].resize
     images = np.stack([im if im.shape == expected and not always
                        else resize_center_crop(im, data.image_size, data.channels, data.resize_short_side) for im in raw])
     return np.ascontiguousarray(images, dtype=np.uint8), names

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from lowgrad.config import Params
 from lowgrad.data import ImageSet, load_image_set, to_tensor_batch
+from lowgrad.factors import unflatten
 from lowgrad.gradients import PerSampleGradients, check_exact_route, select_parameters
 from lowgrad.models import FeatureClassifier, fresh_model, load_checkpoint, pick_device
 from lowgrad.paths import FACTORS, MODEL, PREPARED
@@ -96,24 +97,28 @@ class Extractor:
 
 def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]:
     """The ``factors`` stage's arrays as ``{layer: {part: array}}``."""
-    factors: dict[str, dict[str, np.ndarray]] = {}
     with np.load(path) as z:
-        for key in z.files:
-            layer, part = key.rsplit("/", 1)
-            factors.setdefault(layer, {})[part] = z[key]
-    return factors
+        return unflatten({key: z[key] for key in z.files})
 
 
 def build_extractor(params: Params, name: str | None, root: str | Path = ".", images: ImageSet | None = None) -> Extractor:
     """The extractor of one prepared set on this configuration's route (``root``: the project directory), or of
     ``images`` (new inputs, :class:`lowgrad.api.OODDetector`)."""
     root = Path(root)
-    route = Route.from_params(params)
     model = load_checkpoint(fresh_model(params), root / MODEL).eval()
+    factors = load_factors(root / FACTORS) if Route.from_params(params).needs_factors else {}
+    return make_extractor(params, model, images if images is not None else load_image_set(root / PREPARED.format(name=name)),
+                          factors)
+
+
+def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet,
+                   factors: dict[str, dict[str, np.ndarray]]) -> Extractor:
+    """The extractor of ``images`` through ``model`` on this configuration's route (``factors``: the route's NFK
+    scale, :func:`lowgrad.factors.fit_factors` unflattened; empty on routes without)."""
+    route = Route.from_params(params)
     g = params.gradient
     param_names = select_parameters(model, g.params)
     device = pick_device(params.device)
-    factors = load_factors(root / FACTORS) if route.needs_factors else {}
     sketch = None
     if route.sketch == "kronecker":
         from lowgrad.sketch import KroneckerSketch
@@ -128,8 +133,7 @@ def build_extractor(params: Params, name: str | None, root: str | Path = ".", im
 
         sketch = DenseSketch(model.to(device), param_names, g.sketch_dim, params.seed, factors.get("dense", {}).get("w"))
     return Extractor(
-        model, param_names, images if images is not None else load_image_set(root / PREPARED.format(name=name)),
-        params.data.mean, params.data.std,
+        model, param_names, images, params.data.mean, params.data.std,
         batch_size=g.batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
         store_gradients=route.stores_gradients,
     )

@@ -179,3 +179,14 @@ class GradientRows:
                 out.addmm_(phi.T, m[rows])
             return out
         raise ValueError(f"unknown pass kind {kind!r}")
+
+
+def exact_rows(params, model: torch.nn.Module, images: np.ndarray, desc: str = "rows") -> GradientRows:
+    """The matrix-free route's exact gradient rows of ``images`` (uint8 N x H x W x C) through ``model``, moved to
+    the configured device, recomputed on every pass (``params``: a :class:`lowgrad.config.Params`)."""
+    from lowgrad.gradients import select_parameters
+    from lowgrad.models import pick_device
+
+    model = model.to(pick_device(params.device))
+    gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
+    return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=desc)

@@ -472,6 +472,17 @@ def load_classifier(params: "Params", root: str | Path = ".") -> nn.Module:
     return load_checkpoint(fresh_model(params), Path(root) / MODEL).eval()
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with its parameters frozen (what the detectors' forward passes use; the
+    per-sample gradients are taken through the original)."""
+    import copy
+
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
 def check_finite_state(model: nn.Module, source: str) -> None:
     """Refuse a model whose parameters or buffers (BatchNorm running statistics) hold NaN or infinity, naming
     the first such tensor: such a model would only fail much later, at extraction."""

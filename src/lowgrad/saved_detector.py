@@ -51,13 +51,13 @@ def _saved_params(params: Params) -> dict[str, Any]:
 # the library code that decides how saved rows score new images (features, gradients on each route, G_low, the
 # detectors and fusion): its sha256 is saved, and an artifact written by other code is refused
 SCORING_CODE = ("data", "models", "gradients", "sketch", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
-                "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
+                "factors", "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
 
 
 def belongs_with(params: Params) -> list[str]:
     """The files a saved detector scores with besides its own: the model (and the project's ``architectures/`` for a
     ``module:`` model), and on the gradient rows' route the basis with its normaliser and the sketch factors."""
-    user_code = [USER_CODE] if params.model.arch.startswith(f"{USER_MODULE}:") else []
+    user_code = [USER_CODE] if (params.model.arch or "").startswith(f"{USER_MODULE}:") else []
     return [MODEL, *user_code, SUBSPACE, COMPONENTS, *([FACTORS] if Route.from_params(params).needs_factors else [])]
 
 

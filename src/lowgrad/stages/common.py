@@ -35,16 +35,13 @@ def recomputed_rows(params: Params, name: str, root: str = ".", images=None):
     """The matrix-free route's exact gradient rows of one prepared set, or of ``images`` (uint8 N x H x W x C, new
     inputs), recomputed on every pass."""
     from lowgrad.data import load_image_set
-    from lowgrad.gradients import PerSampleGradients, select_parameters
-    from lowgrad.matrix_free import GradientRows
-    from lowgrad.models import load_classifier, pick_device
+    from lowgrad.matrix_free import exact_rows
+    from lowgrad.models import load_classifier
     from lowgrad.paths import PREPARED
 
-    model = load_classifier(params, root).to(pick_device(params.device))
-    gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
     if images is None:
         images = load_image_set(f"{root}/{PREPARED.format(name=name)}").images
-    return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=name)
+    return exact_rows(params, load_classifier(params, root), images, desc=name)
 
 
 @contextlib.contextmanager

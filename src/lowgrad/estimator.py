@@ -1,0 +1,390 @@
+"""lowgrad as a library: :class:`LowGrad` fits the method on a classifier and scores new images, in Python.
+
+    det = LowGrad(model, data={"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]})
+    det.fit(train_images, train_labels, test=(test_images, test_labels))
+    det.score_samples(images)   # {row: scores}, higher = more in-distribution
+    det.save("detector/"); LowGrad.load("detector/", model=model)
+
+The options are the sections of ``params.yaml`` that decide the method (``data``'s input settings, ``gradient``,
+``subspace``, ``scoring``, ``seed``, ``device``), validated by the same option models with the same defaults, so
+``LowGrad.from_params("params.yaml", model)`` fits what the pipeline fits. ``fit`` runs the pipeline's steps in
+this process, block by block as its stages do (factors, per-sample gradients in ``gradient.chunk_rows`` rows, the
+out-of-core PCA, the projection, each row's fit and its threshold at 95 % ID TPR on ``test``), so on the same
+model, images and options it gives the pipeline's scores; sets are held in memory. Scoring new images, the lock
+around the shared model and the saved format are the saved detector's (:mod:`lowgrad.api`,
+:mod:`lowgrad.saved_detector`): ``save`` writes the folder ``OODDetector.load`` reads, with the same checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from lowgrad.config import ClusterConfig, GradientConfig, InputConfig, Int, SubspaceConfig, _Strict, format_validation_error
+from lowgrad.errors import ConfigError, DataError, DetectorError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DETECTORS = {  # what LowGrad(model) fits when no ``scoring`` is given
+    "forward": {"energy": {}, "knn": {}},
+    "gradient": {"knn": {}, "mahalanobis": {}, "residual": {}},
+}
+
+
+class EstimatorModel(_Strict):
+    """The classifier: ``arch`` (a ``model.arch`` name) lets :meth:`LowGrad.load` rebuild it from the saved weights;
+    without it the caller passes the model to ``load``. ``num_classes``: read from the model's output if not given."""
+
+    arch: str | None = None
+    num_classes: Int | None = Field(None, gt=1)
+
+
+class EstimatorParams(_Strict):
+    """The options of :class:`LowGrad`: the method's sections of ``params.yaml`` (their option models and defaults)."""
+
+    seed: Int = 0
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    data: InputConfig
+    model: EstimatorModel = EstimatorModel()
+    gradient: GradientConfig = GradientConfig()
+    subspace: SubspaceConfig = SubspaceConfig()
+    scoring: Any = Field(DEFAULT_DETECTORS, validate_default=True)  # lowgrad.options.DetectorsConfig
+    cluster: ClusterConfig = ClusterConfig()  # the stores are in memory: always this process
+
+    @field_validator("scoring", mode="before")
+    @classmethod
+    def _scoring(cls, value: Any) -> Any:
+        from lowgrad.options import DetectorsConfig, check_scoring
+
+        return check_scoring(value if isinstance(value, DetectorsConfig) else DetectorsConfig.model_validate(value))
+
+    @model_validator(mode="after")
+    def _runnable_route(self) -> "EstimatorParams":
+        from lowgrad.route import Route
+
+        try:
+            Route.from_params(self)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+def parse_options(raw: dict[str, Any], source: str = "LowGrad options") -> EstimatorParams:
+    """Validate :class:`LowGrad`'s options (one :class:`ConfigError` line naming the key otherwise)."""
+    try:
+        return EstimatorParams.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, EstimatorParams)) from None
+
+
+def _as_images(images: Any, labels: Any, what: str, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``N x H x W x C`` images and int64 labels (-1: none) from an array or tensor with ``labels``, a torch
+    ``Dataset`` / ``DataLoader`` of ``(image, label)`` pairs, or an image folder (labels from its class folders; read
+    and resized as ``lowgrad score`` reads one, to the options' ``data``)."""
+    from lowgrad.api import _as_array, _describe
+
+    if isinstance(images, (str, Path)):
+        from lowgrad.data import folder_images, read_images
+
+        if labels is not None:
+            raise DataError(f"{what}: an image folder's labels are its class folders: pass labels=None")
+        try:
+            config = InputConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "LowGrad options (an image folder is read to them)",
+                                                      InputConfig)) from None
+        array, _ = read_images(images, config)
+        _, folder_labels = folder_images(Path(images))
+        return array, (folder_labels if folder_labels is not None else np.full(len(array), -1)).astype(np.int64)
+    if isinstance(images, np.ndarray) or hasattr(images, "numpy"):
+        array = _as_array(images)
+        y = np.full(len(array), -1) if labels is None else np.asarray(labels.numpy() if hasattr(labels, "numpy") else labels)
+    elif hasattr(images, "__iter__") or hasattr(images, "__getitem__"):
+        if labels is not None:
+            raise DataError(f"{what}: a Dataset or DataLoader carries its labels: pass labels=None")
+        parts, ys = [], []
+        batched = hasattr(images, "batch_size")
+        for item in images:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise DataError(f"{what}: each item must be an (image, label) pair, got {_describe(item)}")
+            x, y = item
+            parts.append(_as_array(x) if batched else _as_array(x)[None])
+            ys.append(np.atleast_1d(np.asarray(y.numpy() if hasattr(y, "numpy") else y)))
+        if not parts:
+            raise DataError(f"{what}: no images")
+        array, y = np.concatenate(parts), np.concatenate(ys)
+    else:
+        raise DataError(f"{what}: images must be an array, a tensor, a Dataset / DataLoader or an image folder, got "
+                        f"{_describe(images)}")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise DataError(f"{what}: images must be uint8 N x H x W x C (raw 8-bit pixels), got {_describe(images)}")
+    if y.shape != (len(array),):
+        raise DataError(f"{what}: {len(array)} images but labels of shape {tuple(y.shape)}")
+    return np.ascontiguousarray(array), y.astype(np.int64)
+
+
+class LowGrad:
+    """OOD detection from the low-dimensional projection of per-sample gradients (Wu et al., arXiv 2310.17163).
+
+    ``LowGrad(model, **options)``: ``model`` a classifier (``nn.Module``, images -> logits) whose last ``Linear``
+    layer is the head; ``options`` the sections of ``params.yaml`` (:class:`EstimatorParams`). Fitted attributes:
+    ``rows_`` (the row names), ``thresholds_`` (each row's at 95 % ID TPR on the ``test`` set), ``subspace_``."""
+
+    def __init__(self, model=None, /, **options: Any) -> None:
+        self.model, self.options = model, options
+
+    @classmethod
+    def from_params(cls, path_or_mapping: str | Path | dict[str, Any], model=None) -> "LowGrad":
+        """The estimator of a params file (or mapping, as ``params.yaml``): its method sections; the model from
+        ``model.arch`` and ``models/model.pt`` beside the file when not given."""
+        from lowgrad.config import read_raw
+
+        raw = read_raw(path_or_mapping) if isinstance(path_or_mapping, (str, Path)) else dict(path_or_mapping)
+        options = {k: raw[k] for k in ("seed", "device", "gradient", "subspace", "scoring") if k in raw}
+        data = dict(raw.get("data", {}))
+        data.pop("datasets", None)
+        options["data"] = data
+        if "model" in raw:
+            options["model"] = {"arch": raw["model"].get("arch"), "num_classes": raw["model"].get("num_classes")}
+        if model is None:
+            from lowgrad.models import build_model, load_checkpoint
+            from lowgrad.paths import MODEL
+
+            root = Path(path_or_mapping).parent if isinstance(path_or_mapping, (str, Path)) else Path(".")
+            m = options.get("model", {})
+            if not m.get("arch"):
+                raise ConfigError("LowGrad.from_params: no model given and no model.arch to build one")
+            model = load_checkpoint(build_model(m["arch"], m["num_classes"], data.get("channels", 3),
+                                                data.get("image_size", 32)), root / MODEL)
+        return cls(model, **options)
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+
+    def _params(self, images: np.ndarray) -> EstimatorParams:
+        raw = copy.deepcopy(self.options)
+        data = raw.setdefault("data", {})
+        data.setdefault("image_size", images.shape[1])
+        data.setdefault("channels", images.shape[3])
+        params = parse_options(raw)
+        size, channels = params.data.image_size, params.data.channels
+        if images.shape[1:] != (size, size, channels):
+            raise DataError(f"images are {'x'.join(map(str, images.shape[1:]))}, the options say data.image_size = {size}"
+                            f", data.channels = {channels}: resize them first (lowgrad.data.read_images)")
+        return params
+
+    def _classifier(self, params: EstimatorParams):
+        """The caller's model with the pipeline's classifier interface, on a copy (the caller's object is left as
+        it is), in eval mode; and the params with ``model.num_classes`` filled in."""
+        import torch
+
+        from lowgrad.models import with_head_split
+
+        if self.model is None:
+            raise ConfigError("LowGrad needs a model: LowGrad(model, ...) or LowGrad.from_params(path)")
+        model = copy.deepcopy(self.model).cpu().eval()
+        num_classes = params.model.num_classes
+        if num_classes is None:
+            with torch.no_grad():
+                size, channels = params.data.image_size, params.data.channels
+                out = model(torch.zeros(2, channels, size, size))
+            num_classes = int((out[0] if isinstance(out, tuple) else out).shape[1])
+        model = with_head_split(model, num_classes, params.model.arch or type(self.model).__name__,
+                                params.data.channels, params.data.image_size)
+        params = params.model_copy(update={"model": params.model.model_copy(update={"num_classes": num_classes})})
+        return model, params
+
+    def fit(self, images: Any, labels: Any = None, *, test: Any = None) -> "LowGrad":
+        """Fit every configured row on ``images`` (the ID bank: uint8 ``N x H x W x C`` with ``labels``, a
+        ``Dataset`` / ``DataLoader`` of ``(image, label)``, or an image folder); ``test``: held-out ID images in the
+        same forms (a tuple ``(images, labels)`` for arrays) that set each row's threshold at 95 % ID TPR."""
+        import torch
+
+        from lowgrad.extract import make_extractor
+        from lowgrad.factors import fit_factors, unflatten
+        from lowgrad.models import pick_device
+        from lowgrad.route import Route
+        from lowgrad.scoring import check_bank_size
+
+        data = self.options.get("data", {})
+        train_images, train_labels = _as_images(images, labels, "fit images", data)
+        if (train_labels < 0).any():
+            raise DataError("fit images: every ID image needs its class label (the detectors and the PCA use them)")
+        if test is None:
+            raise DataError("fit needs test=: held-out ID images that set each row's threshold at 95 % ID TPR")
+        test_images, test_labels = _as_images(*(test if isinstance(test, tuple) else (test, None)), "test images", data)
+        params = self._params(train_images)
+        self._params(test_images)
+        model, params = self._classifier(params)
+        check_bank_size(params, len(train_images))
+        route = Route.from_params(params)
+        model = model.to(pick_device(params.device))
+        with torch.inference_mode(False):
+            factor_arrays, _ = fit_factors(params, model, train_images)
+            self.factors_ = factor_arrays
+            sets = {}
+            for name, (x, y) in (("id_train", (train_images, train_labels)), ("id_test", (test_images, test_labels))):
+                from lowgrad.data import ImageSet
+
+                extractor = make_extractor(params, model, ImageSet(x, y), unflatten(factor_arrays))
+                sets[name] = _extract(extractor, params.gradient.chunk_rows, name)
+            self.subspace_ = _fit_subspace(params, route, model, train_images, sets["id_train"])
+            for name, x in (("id_train", train_images), ("id_test", test_images)):
+                _project(params, route, model, self.subspace_, x, sets[name])
+            self._fit_rows(params, model, route, sets, {"id_train": train_images, "id_test": test_images})
+        self.params_, self.model_ = params, model
+        return self
+
+    def _fit_rows(self, params, model, route, sets, images) -> None:
+        from lowgrad.api import OODDetector
+        from lowgrad.data import ImageSet, to_tensor_batch
+        from lowgrad.detectors import Head
+        from lowgrad.extract import make_extractor
+        from lowgrad.factors import unflatten
+        from lowgrad.matrix_free import exact_rows
+        from lowgrad.metrics import tpr_threshold
+        from lowgrad.models import frozen_copy, head_of
+        from lowgrad.saved_detector import TPR, SavedDetector
+        from lowgrad.scoring import ScoringContext, run_all
+
+        frozen = frozen_copy(model)
+        ctx = ScoringContext(
+            forward_head=Head.from_linear(head_of(frozen)), num_classes=params.model.num_classes, model_forward=frozen,
+            input_std=tuple(params.data.std), seed=params.seed, probe_options=params.scoring.probe.model_dump(),
+            load_images=lambda name: to_tensor_batch(images[name], params.data.mean, params.data.std),
+        )
+        scores, extras, fitted = run_all(params, sets, ctx)
+        id_test = {label: per_set["id_test"] for label, per_set in scores.items()}
+        self.thresholds_ = {label: tpr_threshold(s, TPR) for label, s in id_test.items()}
+        self.rows_ = list(self.thresholds_)
+        self.fitted_, self.id_test_scores_ = fitted, id_test
+        size, channels = params.data.image_size, params.data.channels
+        placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
+        extractor = make_extractor(params, model, placeholder, unflatten(self.factors_))
+        rows_source = exact_rows(params, model, placeholder.images, desc="new images") if route.recomputes_gradients else None
+        saved = SavedDetector(params=params, fitted=fitted, thresholds=self.thresholds_, id_test_scores=id_test)
+        self._scorer = OODDetector(None, saved, ctx, extractor, rows_source, self.subspace_)
+
+    # -- scoring ---------------------------------------------------------------------------------------------------
+
+    def _fitted(self):
+        if not hasattr(self, "_scorer"):
+            raise DetectorError("this LowGrad is not fitted yet: call fit(images, labels, test=...) or LowGrad.load")
+        return self._scorer
+
+    def score_samples(self, images: Any, rows: list[str] | str | None = None) -> dict[str, np.ndarray]:
+        """``{row: scores}`` of every row (or of ``rows``), higher = more in-distribution."""
+        return self._fitted().score(images, rows=rows)
+
+    def predict(self, images: Any, row: str) -> np.ndarray:
+        """``True`` where ``row`` flags an image as OOD (its score below the row's threshold)."""
+        return self._fitted().predict(images, row=row)
+
+    # -- saving ----------------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted detector to ``folder`` (created; an existing one is replaced only once the new one is
+        complete): the model's weights, the basis, the factors and every row, in the layout
+        :meth:`LowGrad.load` and ``OODDetector.load`` read, with the digests they check."""
+        from lowgrad.models import save_state_dict
+        from lowgrad.paths import FACTORS, MODEL, SUBSPACE, atomic_dir
+        from lowgrad.saved_detector import save_fitted
+
+        self._fitted()
+        with atomic_dir(folder) as staging:
+            save_state_dict(self.model_, staging / MODEL)
+            self.subspace_.save(staging / SUBSPACE)
+            (staging / FACTORS).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(staging / FACTORS, **self.factors_)
+            save_fitted(self.fitted_, self.params_, self.id_test_scores_, root=staging)
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, model=None, device: str = "cpu") -> "LowGrad":
+        """A saved detector (:meth:`save`, or a pipeline run's project folder), every digest checked first; ``model``:
+        the classifier when the options name no ``model.arch`` (its weights must be the saved ones)."""
+        from lowgrad.api import OODDetector
+        from lowgrad.saved_detector import check_artifact
+
+        root = Path(folder)
+        meta = check_artifact(root)
+        raw = meta["params"]
+        if "datasets" in raw.get("data", {}):  # a pipeline run's folder
+            det = OODDetector.load(root, device=device)
+        else:
+            params = parse_options({**raw, "device": device}, source=str(root))
+            given = None
+            if model is not None:
+                given, _ = cls(model)._classifier(params)
+                _check_same_weights(given, root)
+            det = OODDetector._build(root, meta, params, model=given)
+        out = cls(model)
+        out._scorer, out.params_ = det, det.params
+        out.thresholds_, out.rows_ = dict(det.thresholds), list(det.thresholds)
+        out.id_test_scores_ = dict(det.id_test_scores)
+        return out
+
+
+def _check_same_weights(model, root: Path) -> None:
+    """The model given to :meth:`LowGrad.load` has the saved weights (one :class:`DetectorError` line otherwise)."""
+    import torch
+
+    from lowgrad.paths import MODEL
+
+    saved = torch.load(root / MODEL, map_location="cpu", weights_only=True)
+    given = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    differ = sorted(k for k in set(saved) | set(given)
+                    if k not in saved or k not in given or not torch.equal(saved[k].to(given[k].dtype), given[k]))
+    if differ:
+        raise DetectorError(f"the model given is not the one this detector was fitted with ({len(differ)} tensors "
+                            f"differ from {root / MODEL}, first {differ[0]}): pass the model it was fitted on")
+
+
+def _extract(extractor, chunk_rows: int, name: str) -> dict[str, Any]:
+    """One set's columns as the extract stage stores them, computed in its chunks (``gradient.chunk_rows`` rows)."""
+    from tqdm import tqdm
+
+    n = len(extractor.images)
+    parts = [extractor.compute(slice(start, min(start + chunk_rows, n)))
+             for start in tqdm(range(0, n, chunk_rows), desc=f"extract {name}", unit="chunk", disable=n <= chunk_rows)]
+    columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return {"name": name, "logits": columns["logits"], "features": columns["features"],
+            "labels": columns["labels"][:, 0], "_columns": columns, "_chunk_rows": chunk_rows}
+
+
+def _row_passes(params, route, model, images: np.ndarray, data: dict[str, Any], name: str):
+    """The gradient rows of one set on the route: recomputed (matrix-free) or the extracted ones, in stored chunks."""
+    if route.recomputes_gradients:
+        from lowgrad.matrix_free import exact_rows
+
+        return exact_rows(params, model, images, desc=name)
+    from lowgrad.subspace import RowPasses
+
+    grads, step = data["_columns"]["grads"], data["_chunk_rows"]
+    blocks = lambda: ((slice(s, min(s + step, len(grads))), grads[s : s + step]) for s in range(0, len(grads), step))  # noqa: E731
+    return RowPasses(blocks, len(grads), grads.shape[1])
+
+
+def _fit_subspace(params, route, model, images: np.ndarray, train: dict[str, Any]):
+    from lowgrad.subspace import GradientSubspace
+
+    s = params.subspace
+    sub = GradientSubspace(kernel=route.subspace_kernel, basis=s.basis, method=s.method, k=s.k,
+                           oversample=s.oversample, power_iters=s.power_iters, seed=params.seed)
+    return sub.fit(_row_passes(params, route, model, images, train, "id_train"),
+                   labels=train["labels"] if s.basis == "average_gradient" else None)
+
+
+def _project(params, route, model, sub, images: np.ndarray, data: dict[str, Any]) -> None:
+    g_low, sqnorm = sub.transform_blocks_with_sqnorm(_row_passes(params, route, model, images, data, data["name"]))
+    if route.stores_exact_sqnorm:
+        sqnorm = data["_columns"]["phi_sqnorm"][:, 0]
+    data["g_low"], data["phi_sqnorm"] = g_low.astype(np.float32), sqnorm.astype(np.float64)
+    for key in ("_columns", "_chunk_rows"):
+        data.pop(key)

@@ -1,0 +1,71 @@
+"""The NFK scale a sketched route needs before it extracts (the ``factors`` stage's work, and the first step of
+:meth:`lowgrad.LowGrad.fit`): per-layer rank-1 Kronecker factors, the dense route's exact ``w``, or the exact-NFK
+route's exact ``w`` and centre ``z`` per layer, estimated on a seeded random sample of the kernel set."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from lowgrad.config import Params
+from lowgrad.data import to_tensor_batch
+from lowgrad.route import Route
+
+log = logging.getLogger(__name__)
+
+
+def kernel_sample(params: Params, n_rows: int) -> np.ndarray:
+    """The rows of the kernel set the factors are estimated on: ``gradient.factor_samples`` of them, seeded, sorted."""
+    return np.sort(np.random.default_rng(params.seed).permutation(n_rows)[: params.gradient.factor_samples])
+
+
+def fit_factors(params: Params, model, images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, info)`` of this route's factors from ``model`` (a classifier, on the device it should run on) and
+    the kernel set's uint8 ``images``; no arrays on a route that needs none."""
+    g = params.gradient
+    route = Route.from_params(params)
+    info: dict[str, Any] = {"sketch": g.sketch}
+    if not route.needs_factors:
+        return {}, info
+    from lowgrad.gradients import select_parameters
+
+    rows = kernel_sample(params, len(images))
+    device = next(model.parameters()).device
+    batches = (
+        to_tensor_batch(images[rows[i : i + g.batch_size]], params.data.mean, params.data.std).to(device)
+        for i in range(0, len(rows), g.batch_size)
+    )
+    param_names = select_parameters(model, g.params)
+    info.update(kernel="nfk", kernel_samples=len(rows))
+    if route.sketch == "dense":
+        from lowgrad.dense_sketch import fit_dense_nfk
+
+        arrays = {"dense/w": fit_dense_nfk(model, param_names, batches)}
+        log.info("exact NFK scale of %d parameters from %d samples", arrays["dense/w"].size, len(rows))
+    elif route.sketch == "exact_nfk":
+        from lowgrad.sketch import fit_exact_nfk
+
+        exact = fit_exact_nfk(model, batches, param_names=param_names)
+        arrays = {f"{layer}/{part}": v for layer, parts in exact.items() for part, v in parts.items()}
+        log.info("exact NFK scale and centre of %d parameters from %d samples",
+                 sum(v.size for k, v in arrays.items() if k.endswith("_w")), len(rows))
+    else:
+        from lowgrad.sketch import fit_kronecker_nfk
+
+        layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
+        arrays = {f"{layer}/{part}": v for layer, parts in layer_factors.items() for part, v in parts.items()}
+        info.update(rank_one_relative_error=errors)
+        log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
+                 {k: round(v, 3) for k, v in errors.items()})
+    return arrays, info
+
+
+def unflatten(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """``{"layer/part": array}`` (as stored) as ``{layer: {part: array}}`` (as the sketches take them)."""
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        layer, part = key.rsplit("/", 1)
+        factors.setdefault(layer, {})[part] = value
+    return factors
