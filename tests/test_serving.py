@@ -216,6 +216,12 @@ def test_a_camera_mpo_jpeg_is_its_first_image_and_linked_class_folders_are_read(
     assert labels.tolist() == [0, 0, 1]
 
 
+def _sigint_default() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kept_outputs(root: Path) -> dict[str, bytes]:
     """score's and report's outputs, as bytes (the detector's two files stand for its folder)."""
     from lowgrad.paths import METRICS, REPORT, SCORES
@@ -249,7 +255,9 @@ def test_an_interrupted_rerun_of_score_keeps_the_previous_detector_scores_and_me
     images = load_image_set(root / "data/prepared/digits_7to9.npz").images
     for signal_name in ("SIGINT", "SIGKILL"):
         proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "score"], cwd=root, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_sigint_default)  # a pytest-xdist worker ignores SIGINT: its children
+        # would inherit that, and a Ctrl-C would never reach the stage
         deadline = time.monotonic() + 600
         while not any(staging.glob(".detector.new-*")):
             assert proc.poll() is None, proc.stdout.read().decode()  # score is fitting: DVC would have removed
