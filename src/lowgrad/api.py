@@ -54,6 +54,37 @@ def _describe(images: Any) -> str:
     return f"{article} {kind} of {dtype_name} {' x '.join(map(str, tuple(shape)))}"
 
 
+def scoring_context(params, model, load_images=None):
+    """The :class:`lowgrad.scoring.ScoringContext` of ``model``: its head, and a frozen copy for the detectors' forward
+    passes (the gradients are taken through ``model`` itself); ``load_images``: set name -> tensor, when fitting."""
+    from lowgrad.detectors import Head
+    from lowgrad.models import frozen_copy, head_of
+    from lowgrad.scoring import ScoringContext
+
+    frozen = frozen_copy(model)
+    return ScoringContext(forward_head=Head.from_linear(head_of(frozen)), num_classes=params.model.num_classes,
+                          model_forward=frozen, input_std=tuple(params.data.std), seed=params.seed,
+                          probe_options=params.scoring.probe.model_dump(), load_images=load_images)
+
+
+def new_image_sources(params, model, factors: dict[str, dict[str, np.ndarray]]):
+    """``(extractor, rows_source)`` that :class:`OODDetector` points at each call's images: the route's extractor,
+    and on the matrix-free route the exact gradient rows (None otherwise)."""
+    import torch
+
+    from lowgrad.data import ImageSet
+    from lowgrad.extract import make_extractor
+    from lowgrad.matrix_free import exact_rows
+    from lowgrad.route import Route
+
+    size, channels = params.data.image_size, params.data.channels
+    placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
+    with torch.inference_mode(False):
+        extractor = make_extractor(params, model, placeholder, factors)
+    recomputed = Route.from_params(params).recomputes_gradients
+    return extractor, exact_rows(params, model, placeholder.images, desc="new images") if recomputed else None
+
+
 class OODDetector:
     """A run's fitted rows with the model, route and basis they score with. Build it with :meth:`load`."""
 
@@ -108,17 +139,11 @@ class OODDetector:
         """The detector of the checked artifact at ``root`` (``meta``: what :func:`check_artifact` returned); ``model``:
         the classifier with its head split (:func:`lowgrad.models.with_head_split`), or built from the saved
         ``model.arch`` and weights when None."""
-        import torch
-
-        from lowgrad.data import ImageSet
-        from lowgrad.detectors import Head
-        from lowgrad.extract import load_factors, make_extractor
-        from lowgrad.matrix_free import exact_rows
-        from lowgrad.models import frozen_copy, head_of, load_classifier
+        from lowgrad.extract import load_factors
+        from lowgrad.models import load_classifier
         from lowgrad.paths import FACTORS, SUBSPACE
         from lowgrad.route import Route
         from lowgrad.saved_detector import load_fitted
-        from lowgrad.scoring import ScoringContext
         from lowgrad.subspace import GradientSubspace
 
         if model is None:
@@ -126,18 +151,10 @@ class OODDetector:
                 raise DetectorError(f"{root}: the detector was fitted on a model given in Python (no model.arch to "
                                     "build it from): pass it, LowGrad.load(folder, model=...)")
             model = load_classifier(params, root)
-        frozen = frozen_copy(model)  # the detectors' forward passes; the gradients are taken through ``model``
-        ctx = ScoringContext(forward_head=Head.from_linear(head_of(frozen)), num_classes=params.model.num_classes,
-                             model_forward=frozen, input_std=tuple(params.data.std), seed=params.seed,
-                             probe_options=params.scoring.probe.model_dump())
+        ctx = scoring_context(params, model)
         saved = load_fitted(root, ctx, meta, params)
-        size, channels = params.data.image_size, params.data.channels
-        placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
         route = Route.from_params(params)
-        factors = load_factors(root / FACTORS) if route.needs_factors else {}
-        with torch.inference_mode(False):
-            extractor = make_extractor(params, model, placeholder, factors)
-        rows_source = exact_rows(params, model, placeholder.images, desc="new images") if route.recomputes_gradients else None
+        extractor, rows_source = new_image_sources(params, model, load_factors(root / FACTORS) if route.needs_factors else {})
         subspace = None
         if cls._needs_gradients(saved.fitted.rows.values(), saved.fitted.members.values()):
             dim = rows_source.dim if rows_source is not None else extractor.gradients.dim

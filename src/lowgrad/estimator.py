@@ -237,37 +237,25 @@ class LowGrad:
             self.subspace_ = _fit_subspace(params, route, model, train_images, sets["id_train"])
             for name, x in (("id_train", train_images), ("id_test", test_images)):
                 _project(params, route, model, self.subspace_, x, sets[name])
-            self._fit_rows(params, model, route, sets, {"id_train": train_images, "id_test": test_images})
+            self._fit_rows(params, model, sets, {"id_train": train_images, "id_test": test_images})
         self.params_, self.model_ = params, model
         return self
 
-    def _fit_rows(self, params, model, route, sets, images) -> None:
-        from lowgrad.api import OODDetector
-        from lowgrad.data import ImageSet, to_tensor_batch
-        from lowgrad.detectors import Head
-        from lowgrad.extract import make_extractor
+    def _fit_rows(self, params, model, sets, images) -> None:
+        from lowgrad.api import OODDetector, new_image_sources, scoring_context
+        from lowgrad.data import to_tensor_batch
         from lowgrad.factors import unflatten
-        from lowgrad.matrix_free import exact_rows
         from lowgrad.metrics import tpr_threshold
-        from lowgrad.models import frozen_copy, head_of
         from lowgrad.saved_detector import TPR, SavedDetector
-        from lowgrad.scoring import ScoringContext, run_all
+        from lowgrad.scoring import run_all
 
-        frozen = frozen_copy(model)
-        ctx = ScoringContext(
-            forward_head=Head.from_linear(head_of(frozen)), num_classes=params.model.num_classes, model_forward=frozen,
-            input_std=tuple(params.data.std), seed=params.seed, probe_options=params.scoring.probe.model_dump(),
-            load_images=lambda name: to_tensor_batch(images[name], params.data.mean, params.data.std),
-        )
+        ctx = scoring_context(params, model, lambda name: to_tensor_batch(images[name], params.data.mean, params.data.std))
         scores, extras, fitted = run_all(params, sets, ctx)
         id_test = {label: per_set["id_test"] for label, per_set in scores.items()}
         self.thresholds_ = {label: tpr_threshold(s, TPR) for label, s in id_test.items()}
         self.rows_ = list(self.thresholds_)
         self.fitted_, self.id_test_scores_ = fitted, id_test
-        size, channels = params.data.image_size, params.data.channels
-        placeholder = ImageSet(np.zeros((1, size, size, channels), np.uint8), np.full(1, -1, np.int64))
-        extractor = make_extractor(params, model, placeholder, unflatten(self.factors_))
-        rows_source = exact_rows(params, model, placeholder.images, desc="new images") if route.recomputes_gradients else None
+        extractor, rows_source = new_image_sources(params, model, unflatten(self.factors_))
         saved = SavedDetector(params=params, fitted=fitted, thresholds=self.thresholds_, id_test_scores=id_test)
         self._scorer = OODDetector(None, saved, ctx, extractor, rows_source, self.subspace_)
 
