@@ -42,6 +42,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -50,15 +51,14 @@ from scipy.linalg import orthogonal_procrustes
 from lowgrad.config import DataConfig, read_raw
 from lowgrad.rows import detector_row_name
 from lowgrad.data import load_dataset, to_tensor_batch
-from lowgrad.dense_sketch import DenseSketch, fit_dense_nfk
 from lowgrad.detectors import Head, uses_probe
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
 from lowgrad.models import build_model, head_of, load_checkpoint, pick_device
-from lowgrad.route import Route
+from lowgrad.factors import unflatten
+from lowgrad.route import ROUTES
 from lowgrad.options import ProbeConfig
 from lowgrad.scoring import ScoringContext, score_detector
-from lowgrad.sketch import ExactNFKSketch, KroneckerSketch, fit_exact_nfk, fit_kronecker_nfk
 from lowgrad.subspace import GradientSubspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +79,13 @@ def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[n
     return np.concatenate(rows), (np.concatenate(sqnorms) if sqnorms else None)
 
 
-def _sets_low(route: str, sub, rows: dict, exact_sub, sketched_with_norms: dict, sets: dict) -> dict:
-    """Each set's ``G_low``, ``||phi||^2`` (exact on the exact route, the stored or the sketched row's on the
-    other) and labels, as the scoring stage reads them."""
+def _sets_low(sub, rows: dict, stored_sqnorms: dict, sets: dict) -> dict:
+    """Each set's ``G_low``, ``||phi||^2`` (the one extraction stored, else the normalised row's) and labels, as the
+    scoring stage reads them."""
     out = {}
     for name, r in rows.items():
-        if route == "exact":
-            sqnorm = (exact_sub.normalizer_.transform(r) ** 2).sum(1)
-        else:
-            stored = sketched_with_norms[name][1]
-            sqnorm = stored if stored is not None else (sub.normalizer_.transform(r) ** 2).sum(1)
+        stored = stored_sqnorms.get(name)
+        sqnorm = stored if stored is not None else (sub.normalizer_.transform(r) ** 2).sum(1)
         out[name] = {"name": name, "g_low": sub.transform(r), "phi_sqnorm": sqnorm, "labels": sets[name].labels}
     return out
 
@@ -171,7 +168,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--factor-samples", type=int, default=512)
     parser.add_argument("--kernel", choices=["nfk", "ntk"], default="nfk", help="ntk isolates the sketch error from the NFK factor error")
-    parser.add_argument("--route", choices=["kronecker", "exact_nfk", "dense"], default="kronecker")
+    parser.add_argument("--route", choices=[name for name, cls in ROUTES.items() if cls.is_sketch], default="kronecker")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="images per sketched batch (dense: Omega is regenerated per batch, so take 1024)")
     parser.add_argument("--dim", type=int, default=8192, help="dense / exact_nfk routes: sketch dimension")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--perturbation-control", type=lambda v: [float(s) for s in v.split(",") if s], default=[],
@@ -213,21 +212,16 @@ def main() -> None:
     n_factor = min(args.factor_samples, n)
     factors, errors = {}, {"none": 0.0}
     factor_batches = (x["id_train"][i : min(i + 64, n_factor)].to(device) for i in range(0, n_factor, 64))
-    if args.route == "dense":
-        scale = fit_dense_nfk(model, psg.param_names, factor_batches) if args.kernel == "nfk" else None
-        sketch = DenseSketch(model, psg.param_names, dim=args.dim, seed=0, scale=scale)
-    elif args.route == "exact_nfk":
-        normalisation = fit_exact_nfk(model, factor_batches) if args.kernel == "nfk" else None
-        sketch = ExactNFKSketch(model, dim=args.dim, seed=0, normalisation=normalisation)
-    else:
-        if args.kernel == "nfk":
-            factors, errors = fit_kronecker_nfk(model, factor_batches)
-        sketch = KroneckerSketch(model, rank=args.rank, seed=0, factors=factors)
-    batch = 1024 if args.route == "dense" else 64  # dense: Omega is regenerated per batch, so batches are large
-    sketched_with_norms = {name: _rows(sketch, xs, device, batch) for name, xs in x.items()}
+    route = ROUTES[args.route](kernel=args.kernel, basis="pca", method="randomized")
+    options = SimpleNamespace(gradient=SimpleNamespace(sketch_rank=args.rank, sketch_dim=args.dim), seed=0)
+    if route.needs_factors:
+        arrays, info = route.fit_factors(options, model, factor_batches, psg.param_names)
+        factors, errors = unflatten(arrays), info.get("rank_one_relative_error", errors)
+    sketch = route.make_sketch(options, model, psg.param_names, factors)
+    sketched_with_norms = {name: _rows(sketch, xs, device, args.batch) for name, xs in x.items()}
     sketched = {name: rows for name, (rows, _) in sketched_with_norms.items()}
     timings["sketch_route_s"] = time.perf_counter() - start
-    sketch_kernel = Route(name=args.route, kernel=args.kernel, basis="pca", method="randomized").subspace_kernel
+    sketch_kernel = route.subspace_kernel
     sketch_sub = GradientSubspace(sketch_kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
 
     # inner products of centred NFK rows (ID test)
@@ -246,8 +240,8 @@ def main() -> None:
 
     # OOD tables on G_low: every gradient detector of the cpu profile, the probe trained with each seed
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
-    sets_low = {route: _sets_low(route, sub, rows, exact_sub, sketched_with_norms, sets)
-                for route, sub, rows in (("exact", exact_sub, exact), ("sketch", sketch_sub, sketched))}
+    sets_low = {"exact": _sets_low(exact_sub, exact, {}, sets),
+                "sketch": _sets_low(sketch_sub, sketched, {n: s for n, (_, s) in sketched_with_norms.items()}, sets)}
     # the orthogonal map R that best turns the exact route's G_low of the ID test set into the sketch route's (the two
     # bases differ by signs and by turns within near-equal eigenvalues), and the error that no change of basis explains
     sketch_rotation, g_low_error = _rotation_onto(sets_low["exact"]["id_test"]["g_low"], sets_low["sketch"]["id_test"]["g_low"])
@@ -269,7 +263,7 @@ def main() -> None:
     worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({
         "model": "resnet20_cifar (269,722 parameters)", "kernel": args.kernel, "samples_per_set": n, "k": args.k,
-        "route": args.route, "sketch_rank": args.rank if args.route == "kronecker" else None,
+        "route": args.route, "sketch_rank": args.rank if "sketch_rank" in route.reads else None,
         "sketch_dim": sketch.dim, "factor_samples": n_factor,
         "rank_one_nfk_error_median": round(float(np.median(list(errors.values()))), 3),
         "rank_one_nfk_error_max": round(float(max(errors.values())), 3),

@@ -227,7 +227,7 @@ def main() -> None:
     reseeded: dict[str, dict[int, Any]] = {}
     started = time.perf_counter()
     for route in args.routes:
-        overrides = {**common, **Route.SWITCH[ALIASES.get(route, route)], "subspace.power_iters": args.power_iters,
+        overrides = {**common, **ROUTES[ALIASES.get(route, route)].switch(), "subspace.power_iters": args.power_iters,
                      "subspace.oversample": args.oversample}
         results[route] = run_route(args.params_file, overrides, args.workdir / route, args.input_seed)
         own_seed = route_params(args.params_file, overrides).scoring.bootstrap.seed

@@ -89,15 +89,14 @@ def check_architecture(params) -> None:
     """``model.arch`` builds as the train and model stages will build it (its name known, its head found), and on
     the exact route its selected parameters fit ``gradient.max_params`` as ``extract`` requires; or one error line
     naming the problem (with the closest known names), before a stage trains or extracts anything."""
-    from lowgrad.gradients import check_exact_route, select_parameters
+    from lowgrad.gradients import select_parameters
     from lowgrad.models import build_model
     from lowgrad.route import Route
 
     model = build_model(params.model.arch, params.model.num_classes, params.data.channels, params.data.image_size)
-    if Route.from_params(params).name == "exact":
-        named = dict(model.named_parameters())
-        check_exact_route(sum(named[n].numel() for n in select_parameters(model, params.gradient.params)),
-                          params.gradient.max_params)
+    named = dict(model.named_parameters())
+    Route.from_params(params).check_model(sum(named[n].numel() for n in select_parameters(model, params.gradient.params)),
+                                          params)
 
 
 def check_inputs(params, root: Path) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import numpy as np
 import pytest
 
 from lowgrad.config import ConfigError, parse_params, read_raw
-from lowgrad.route import Route
+from lowgrad.route import ROUTES, SKETCH_SETTINGS, Route
 from tests.test_pipeline import ROOT, TINY
 
 
@@ -62,7 +63,8 @@ def test_a_real_contradiction_is_still_an_error():
 
 
 def test_defaults_are_never_refused_and_raw_helpers_drop_what_a_route_ignores():
-    for name, switch in Route.SWITCH.items():  # every route with only the keys that select it
+    for name, cls in ROUTES.items():  # every route with only the keys that select it
+        switch = cls.switch()
         raw = json.loads(json.dumps(TINY))
         raw["gradient"], raw["subspace"] = {}, {}
         for key, value in switch.items():
@@ -128,3 +130,56 @@ def test_the_documented_gpu_command_validates():
     route = Route.from_params(params)
     assert route.name == "matrix_free"
     assert set(route.unused) == {"gradient.sketch_rank", "gradient.factor_samples", "gradient.dtype"}
+
+
+SOURCES = ("src", "stages", "flows", "bench")  # where a route could be decided; tests and docs may name routes
+
+
+def route_name_dispatch(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines of ``tree`` that decide by a route's name: a comparison with one (``route.sketch == "dense"``,
+    ``x in ("kronecker", ...)``) or a mapping keyed by two or more of them (``{"exact": ..., "dense": ...}[name]``; one key is a label, as
+    a bench's ``{"exact": reference, "sketch": rows}``)."""
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(named(n) for n in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Dict) and sum(k is not None and named(k) for k in node.keys) >= 2:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_registry_decides_by_route_name():
+    """Adding a route touches lowgrad/route.py only: no other module compares a route's name (or the gradient.sketch
+    value that selects it) or keys a mapping by them."""
+    names = (set(ROUTES) | set(SKETCH_SETTINGS)) - {"none"}
+    found = {}
+    for base in SOURCES:
+        for path in sorted((ROOT / base).rglob("*.py")):
+            if path == ROOT / "src/lowgrad/route.py":
+                continue
+            lines = route_name_dispatch(ast.parse(path.read_text()), names)
+            if lines:
+                found[str(path.relative_to(ROOT))] = lines
+    assert found == {}, found
+    # negative controls: the dispatch this replaced is caught, and the registry itself would be
+    before = 'if route.sketch == "kronecker":\n    a = 1\nelif route.sketch in ("exact_nfk", "dense"):\n    a = 2\n' \
+             'label = {"exact": "exact", "dense": "dense_sketch"}[name]\n'
+    assert route_name_dispatch(ast.parse(before), names) == [1, 3, 5]
+    assert set(ROUTES) == {"exact", "matrix_free", "kronecker", "exact_nfk", "dense"}
+
+
+def test_every_route_declares_what_it_is_and_reads_only_known_settings():
+    from lowgrad.route import GRADIENT_SETTINGS
+
+    for name, cls in ROUTES.items():
+        route = cls(kernel="nfk", basis="pca", method=cls.switch()["subspace.method"])
+        assert route.name == name and Route.named(*cls.switch().values()) is cls
+        assert route.reads <= set(GRADIENT_SETTINGS), name
+        assert (cls.make_sketch is not Route.make_sketch) == (cls.fit_factors is not Route.fit_factors) == cls.is_sketch
+        assert route.needs_factors == route.is_sketch
+        assert not cls(kernel="ntk", basis="pca", method="randomized").needs_factors  # NTK: no scale to fit

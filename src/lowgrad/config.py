@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from lowgrad.errors import ConfigError
+from lowgrad.route import SKETCH_SETTINGS
 
 
 Int = StrictInt  # counts: `true` and "40" are refused, not read as 1 and 40
@@ -196,7 +197,7 @@ class TrainConfig(_Strict):
 
 
 class GradientConfig(_Strict):
-    sketch: Literal["none", "kronecker", "exact_nfk", "dense"] = "none"
+    sketch: Literal[SKETCH_SETTINGS] = "none"  # one per route of lowgrad.route.ROUTES (none: exact gradients)
     sketch_rank: Int = Field(16, gt=0)
     sketch_dim: Int = Field(8192, gt=0, description="dense: columns of the Gaussian projection; exact_nfk: CountSketch buckets")
     factor_samples: Int = Field(512, gt=1, description="kernel samples for the NFK Kronecker factors")

@@ -119,19 +119,7 @@ def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet,
     g = params.gradient
     param_names = select_parameters(model, g.params)
     device = pick_device(params.device)
-    sketch = None
-    if route.sketch == "kronecker":
-        from lowgrad.sketch import KroneckerSketch
-
-        sketch = KroneckerSketch(model.to(device), g.sketch_rank, params.seed, factors, param_names)
-    elif route.sketch == "exact_nfk":
-        from lowgrad.sketch import ExactNFKSketch
-
-        sketch = ExactNFKSketch(model.to(device), g.sketch_dim, params.seed, factors or None, param_names)
-    elif route.sketch == "dense":
-        from lowgrad.dense_sketch import DenseSketch
-
-        sketch = DenseSketch(model.to(device), param_names, g.sketch_dim, params.seed, factors.get("dense", {}).get("w"))
+    sketch = route.make_sketch(params, model.to(device), param_names, factors)
     return Extractor(
         model, param_names, images, params.data.mean, params.data.std,
         batch_size=g.batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,

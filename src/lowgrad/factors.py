@@ -39,26 +39,12 @@ def fit_factors(params: Params, model, images: np.ndarray) -> tuple[dict[str, np
     )
     param_names = select_parameters(model, g.params)
     info.update(kernel="nfk", kernel_samples=len(rows))
-    if route.sketch == "dense":
-        from lowgrad.dense_sketch import fit_dense_nfk
-
-        arrays = {"dense/w": fit_dense_nfk(model, param_names, batches)}
-        log.info("exact NFK scale of %d parameters from %d samples", arrays["dense/w"].size, len(rows))
-    elif route.sketch == "exact_nfk":
-        from lowgrad.sketch import fit_exact_nfk
-
-        exact = fit_exact_nfk(model, batches, param_names=param_names)
-        arrays = {f"{layer}/{part}": v for layer, parts in exact.items() for part, v in parts.items()}
-        log.info("exact NFK scale and centre of %d parameters from %d samples",
-                 sum(v.size for k, v in arrays.items() if k.endswith("_w")), len(rows))
-    else:
-        from lowgrad.sketch import fit_kronecker_nfk
-
-        layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
-        arrays = {f"{layer}/{part}": v for layer, parts in layer_factors.items() for part, v in parts.items()}
-        info.update(rank_one_relative_error=errors)
-        log.info("NFK Kronecker factors from %d samples; rank-1 error per layer: %s", len(rows),
-                 {k: round(v, 3) for k, v in errors.items()})
+    arrays, details = route.fit_factors(params, model, batches, param_names)
+    info.update(details)
+    log.info("NFK factors of the %s route: %d values from %d samples", route.name, sum(v.size for v in arrays.values()),
+             len(rows))
+    if "rank_one_relative_error" in details:
+        log.info("rank-1 error per layer: %s", {k: round(v, 3) for k, v in details["rank_one_relative_error"].items()})
     return arrays, info
 
 

@@ -11,7 +11,10 @@ A route is how the normalised per-sample gradients ``phi`` reach the PCA and the
   ``factors`` stage's kernel sample) and its exact ``||phi||^2``, both stored; the subspace takes the rows as
   they are.
 
-Stage bodies and benchmarks ask the route (:meth:`Route.from_params`) instead of testing params. One key switches
+Each route is one class of this module's registry (:data:`ROUTES`), like the detectors' one: the settings that
+select it, the settings it reads, what ``extract`` stores, the NFK factors it fits and the sketch it extracts with.
+Stage bodies and benchmarks ask the route (:meth:`Route.from_params`) instead of testing params; nothing outside
+this module compares route names. One key switches
 a route: a params file is a superset shared across routes (``dvc exp run -S gradient.sketch=kronecker``), so a
 setting the chosen route does not read is stated (one warning line each, listed in the report as
 :attr:`Route.unused`), never an error. ``subspace.method: exact_randomized`` selects the matrix-free route whatever
@@ -28,43 +31,87 @@ from lowgrad.errors import ConfigError
 
 Params = Any  # lowgrad.config.Params, which validates itself through this module (so no import back)
 
-ROUTES = ("exact", "matrix_free", "kronecker", "exact_nfk", "dense")
-
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # each unused setting is stated once per process, however often params are parsed
+
+ROUTES: dict[str, type["Route"]] = {}  # name -> class, in declaration order; filled by Route.__init_subclass__
+MATRIX_FREE_METHOD = "exact_randomized"  # the subspace.method that selects the matrix-free route
+GRADIENT_SETTINGS = ("sketch_dim", "sketch_rank", "factor_samples", "max_params", "dtype")  # read by some routes only
 
 
 @dataclass(frozen=True)
 class Route:
-    name: str  # one of ROUTES
+    """One gradient route of a configuration. Subclasses declare the class attributes below and, where the route
+    needs them, :meth:`fit_factors`, :meth:`make_sketch` and :meth:`check_model`."""
+
     kernel: str  # nfk | ntk (the configured kernel)
     basis: str  # pca | average_gradient
     method: str  # randomized | incremental | exact_randomized
     unused: tuple[str, ...] = field(default=(), compare=False)  # explicit settings this route does not read
+
+    name: ClassVar[str]
+    sketch_setting: ClassVar[str]  # the gradient.sketch value that selects it ("none": no sketch)
+    reads: ClassVar[frozenset[str]]  # which of GRADIENT_SETTINGS it reads
+    gradients_label: ClassVar[str]  # what the store's grads column holds (its metadata; checked on reopen)
+    stores_gradients: ClassVar[bool] = True  # extract stores a grads column (exact rows or a sketch)
+    recomputes_gradients: ClassVar[bool] = False  # subspace and project recompute exact gradients
+    stores_exact_sqnorm: ClassVar[bool] = False  # extract stores the exact ||phi||^2 (phi_sqnorm), project reports it
+    is_sketch: ClassVar[bool] = False  # the grads column is a sketch drawn from the seed (and the NFK factors)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            ROUTES[cls.name] = cls
+
+    # -- choosing the route -----------------------------------------------------------------------------------
+    @classmethod
+    def selected_by(cls, sketch: str, method: str) -> bool:
+        """Whether ``gradient.sketch`` / ``subspace.method`` select this route."""
+        return method != MATRIX_FREE_METHOD and sketch == cls.sketch_setting
+
+    @classmethod
+    def switch(cls) -> dict[str, str]:
+        """The params that select this route (bench helpers that switch routes)."""
+        return {"gradient.sketch": cls.sketch_setting, "subspace.method": "randomized"}
+
+    @staticmethod
+    def named(sketch: str, method: str) -> type["Route"]:
+        """The route class ``gradient.sketch`` / ``subspace.method`` select."""
+        [chosen] = [cls for cls in ROUTES.values() if cls.selected_by(sketch, method)]
+        return chosen
 
     @classmethod
     def from_params(cls, params: Params) -> "Route":
         """The route of ``params``; raises :class:`ConfigError` on a combination it cannot run, and states (one
         warning each) the explicit settings it does not read."""
         g, s = params.gradient, params.subspace
-        unused: list[str] = []
-        if s.method == "exact_randomized":
-            if s.basis != "pca":
-                raise ConfigError("subspace.method exact_randomized computes the PCA basis: set subspace.basis: pca")
-            if g.sketch != "none":
-                unused.append("gradient.sketch")
-            name = "matrix_free"
-        else:
-            name = "exact" if g.sketch == "none" else g.sketch
-        route = cls(name=name, kernel=s.kernel, basis=s.basis, method=s.method)
-        unused += [key for key in route.ignored_settings() if key.split(".", 1)[1] in
-                   getattr(params, key.split(".", 1)[0]).model_fields_set]
-        route = replace(route, unused=tuple(unused))
+        chosen = Route.named(g.sketch, s.method)
+        route = chosen(kernel=s.kernel, basis=s.basis, method=s.method)
+        route.validate()
+        route = replace(route, unused=tuple(route.unused_in(params)))
         for line in route.unused_lines(params):
             if line not in _warned:
                 _warned.add(line)
                 log.warning(line)
         return route
+
+    @classmethod
+    def of_raw(cls, raw: dict[str, Any]) -> "Route":
+        """The route a raw params mapping asks for (the option models' defaults where a key is absent; not
+        validated)."""
+        from lowgrad.config import GradientConfig, SubspaceConfig  # the one place the defaults are stated
+
+        g = GradientConfig.model_construct(**(raw.get("gradient") or {}))
+        s = SubspaceConfig.model_construct(**(raw.get("subspace") or {}))
+        return Route.named(g.sketch, s.method)(kernel=s.kernel, basis=s.basis, method=s.method)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on a setting this route cannot run with."""
+
+    def unused_in(self, params: Params) -> list[str]:
+        """The settings ``params`` states explicitly that this route does not read."""
+        return [key for key in self.ignored_settings() if key.split(".", 1)[1] in
+                getattr(params, key.split(".", 1)[0]).model_fields_set]
 
     def unused_lines(self, params: Params) -> list[str]:
         """One sentence per unused setting: ``gradient.sketch_rank = 16: not used by the exact route (...)``."""
@@ -82,91 +129,163 @@ class Route:
 
     def ignored_settings(self) -> list[str]:
         """The ``gradient`` / ``subspace`` keys this route never reads."""
-        ignored = []
-        if self.name not in ("dense", "exact_nfk"):
-            ignored.append("gradient.sketch_dim")
-        if self.name != "kronecker":
-            ignored.append("gradient.sketch_rank")
-        if not self.needs_factors:
-            ignored.append("gradient.factor_samples")
-        if self.name != "exact":
-            ignored.append("gradient.max_params")  # the limit on storing N x P exact gradients
-        if not self.stores_gradients:
-            ignored.append("gradient.dtype")
+        reads = self.reads | ({"factor_samples"} if self.needs_factors else set())
+        ignored = [f"gradient.{key}" for key in GRADIENT_SETTINGS if key not in reads]
         if self.basis == "average_gradient":
             ignored += ["subspace.k", "subspace.method", "subspace.oversample", "subspace.power_iters"]
         elif self.method == "incremental":
             ignored += ["subspace.oversample", "subspace.power_iters"]
         return ignored
 
-    # -- what each stage does on this route --------------------------------------------------------------
-    @property
-    def sketch(self) -> str | None:
-        """The stored sketch: ``kronecker``, ``exact_nfk``, ``dense`` or None (exact gradients or none)."""
-        return self.name if self.name in ("kronecker", "exact_nfk", "dense") else None
-
-    @property
-    def stores_exact_sqnorm(self) -> bool:
-        """Whether ``extract`` stores the exact ``||phi||^2`` of each row (``phi_sqnorm``), which ``project`` then
-        reports instead of the sketched row's squared norm."""
-        return self.name == "exact_nfk"
-
-    @property
-    def stores_gradients(self) -> bool:
-        """Whether ``extract`` stores a ``grads`` column (exact rows or a sketch)."""
-        return self.name != "matrix_free"
-
-    @property
-    def recomputes_gradients(self) -> bool:
-        """Whether ``subspace`` and ``project`` recompute exact gradients from the model and the images."""
-        return self.name == "matrix_free"
-
-    @property
-    def needs_factors(self) -> bool:
-        """Whether the ``factors`` stage fits the NFK scale of the sketch (otherwise it writes a marker)."""
-        return self.sketch is not None and self.kernel == "nfk"
-
-    @property
-    def subspace_kernel(self) -> str:
-        """The normalisation the subspace applies to the rows it reads: sketched NFK rows already carry the NFK
-        scale, so they are only centred; exact-NFK rows are already centred and scaled (``ntk``: as read)."""
-        if self.name == "exact_nfk":
-            return "ntk"
-        return "center" if self.needs_factors else self.kernel
-
-    @property
-    def gradients_label(self) -> str:
-        """What the store's ``grads`` column holds (its metadata; checked on reopen)."""
-        return {"exact": "exact", "matrix_free": "not stored (matrix-free route)", "kronecker": "kronecker_sketch",
-                "exact_nfk": "exact_nfk_countsketch", "dense": "dense_sketch"}[self.name]
-
-    def store_meta(self, params: Params, layout: Any, factors_sha256: str | None) -> dict[str, Any]:
-        """The route's part of a store's metadata: what the rows are and, for sketches, what drew them."""
-        meta: dict[str, Any] = {"gradients": self.gradients_label}
-        if self.sketch is not None:
-            meta.update(sketch_seed=params.seed, sketch_layers=layout, factors_sha256=factors_sha256)
-        if self.name == "kronecker":
-            meta["sketch_rank"] = params.gradient.sketch_rank
-        return meta
-
-    # -- raw params mappings (bench helpers that switch routes) ---------------------------------------------
-    SWITCH: ClassVar[dict[str, dict[str, str]]] = {  # the params that select each route
-        "exact": {"gradient.sketch": "none", "subspace.method": "randomized"},
-        "matrix_free": {"gradient.sketch": "none", "subspace.method": "exact_randomized"},
-        "kronecker": {"gradient.sketch": "kronecker", "subspace.method": "randomized"},
-        "exact_nfk": {"gradient.sketch": "exact_nfk", "subspace.method": "randomized"},
-        "dense": {"gradient.sketch": "dense", "subspace.method": "randomized"},
-    }
-
-    @classmethod
-    def of_raw(cls, raw: dict[str, Any]) -> "Route":
-        """The route a raw params mapping asks for (config defaults where a key is absent; not validated)."""
-        g, s = raw.get("gradient") or {}, raw.get("subspace") or {}
-        method = s.get("method", "randomized")
-        name = "matrix_free" if method == "exact_randomized" else {"none": "exact"}.get(g.get("sketch", "none"), g.get("sketch"))
-        return cls(name=name, kernel=s.get("kernel", "nfk"), basis=s.get("basis", "pca"), method=method)
-
     def present_ignored(self, raw: dict[str, Any]) -> list[str]:
         """The keys of a raw params mapping that this route does not read (bench helpers drop them)."""
         return [key for key in self.ignored_settings()
                 if key.split(".", 1)[1] in (raw.get(key.split(".", 1)[0]) or {})]
+
+    # -- what each stage does on this route ---------------------------------------------------------------
+    @property
+    def needs_factors(self) -> bool:
+        """Whether the ``factors`` stage fits the NFK scale of the sketch (otherwise it writes a marker)."""
+        return self.is_sketch and self.kernel == "nfk"
+
+    @property
+    def subspace_kernel(self) -> str:
+        """The normalisation the subspace applies to the rows it reads: sketched NFK rows already carry the NFK
+        scale, so they are only centred (``ntk``: as read)."""
+        return "center" if self.needs_factors else self.kernel
+
+    def store_meta(self, params: Params, layout: Any, factors_sha256: str | None) -> dict[str, Any]:
+        """The route's part of a store's metadata: what the rows are and, for sketches, what drew them."""
+        meta: dict[str, Any] = {"gradients": self.gradients_label}
+        if self.is_sketch:
+            meta.update(sketch_seed=params.seed, sketch_layers=layout, factors_sha256=factors_sha256)
+        return meta
+
+    def check_model(self, n_params: int, params: Params) -> None:
+        """Raise one line if this route cannot take a model with ``n_params`` selected gradient parameters."""
+
+    def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
+        """``(arrays, info)``: the NFK scale this route's sketch needs, from the kernel sample's ``batches``
+        (called only when :attr:`needs_factors`)."""
+        return {}, {}
+
+    def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
+        """The sketch ``extract`` applies to each batch's gradients (``factors``: :meth:`fit_factors`' arrays by
+        layer, empty without the NFK kernel), or None where the exact rows are stored or none."""
+        return None
+
+
+class Exact(Route):
+    """Exact per-sample gradients stored (``N x P`` per set); the basis is fitted on the store."""
+
+    name = "exact"
+    sketch_setting = "none"
+    reads = frozenset({"max_params", "dtype"})
+    gradients_label = "exact"
+
+    def check_model(self, n_params: int, params: Params) -> None:
+        from lowgrad.gradients import check_exact_route
+
+        check_exact_route(n_params, params.gradient.max_params)
+
+
+class MatrixFree(Route):
+    """Nothing stored; every pass over a set recomputes its exact gradients on the device."""
+
+    name = "matrix_free"
+    sketch_setting = "none"
+    reads = frozenset()
+    gradients_label = "not stored (matrix-free route)"
+    stores_gradients = False
+    recomputes_gradients = True
+
+    @classmethod
+    def selected_by(cls, sketch: str, method: str) -> bool:
+        return method == MATRIX_FREE_METHOD  # whatever gradient.sketch says (then one of the unused settings)
+
+    @classmethod
+    def switch(cls) -> dict[str, str]:
+        return {"gradient.sketch": "none", "subspace.method": MATRIX_FREE_METHOD}
+
+    def validate(self) -> None:
+        if self.basis != "pca":
+            raise ConfigError(f"subspace.method {MATRIX_FREE_METHOD} computes the PCA basis: set subspace.basis: pca")
+
+    def unused_in(self, params: Params) -> list[str]:
+        sketch = ["gradient.sketch"] if params.gradient.sketch != "none" else []  # a sketch asked for, not drawn
+        return sketch + super().unused_in(params)
+
+
+class Kronecker(Route):
+    """A rank-r Kronecker sketch of each layer's gradient, with the NFK scale as rank-1 Kronecker factors."""
+
+    name = "kronecker"
+    sketch_setting = "kronecker"
+    reads = frozenset({"sketch_rank", "dtype"})
+    gradients_label = "kronecker_sketch"
+    is_sketch = True
+
+    def store_meta(self, params: Params, layout: Any, factors_sha256: str | None) -> dict[str, Any]:
+        return {**super().store_meta(params, layout, factors_sha256), "sketch_rank": params.gradient.sketch_rank}
+
+    def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
+        from lowgrad.sketch import fit_kronecker_nfk
+
+        layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
+        arrays = {f"{layer}/{part}": v for layer, parts in layer_factors.items() for part, v in parts.items()}
+        return arrays, {"rank_one_relative_error": errors}
+
+    def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
+        from lowgrad.sketch import KroneckerSketch
+
+        return KroneckerSketch(model, params.gradient.sketch_rank, params.seed, factors, param_names)
+
+
+class ExactNFK(Route):
+    """A CountSketch of the exactly normalised gradient ``w * (g - z)`` (``w``, ``z`` from the kernel sample) and
+    its exact ``||phi||^2``; the subspace takes the rows as they are."""
+
+    name = "exact_nfk"
+    sketch_setting = "exact_nfk"
+    reads = frozenset({"sketch_dim", "dtype"})
+    gradients_label = "exact_nfk_countsketch"
+    stores_exact_sqnorm = True
+    is_sketch = True
+
+    @property
+    def subspace_kernel(self) -> str:
+        return "ntk"  # the rows are already centred and scaled
+
+    def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
+        from lowgrad.sketch import fit_exact_nfk
+
+        exact = fit_exact_nfk(model, batches, param_names=param_names)
+        return {f"{layer}/{part}": v for layer, parts in exact.items() for part, v in parts.items()}, {}
+
+    def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
+        from lowgrad.sketch import ExactNFKSketch
+
+        return ExactNFKSketch(model, params.gradient.sketch_dim, params.seed, factors or None, param_names)
+
+
+class Dense(Route):
+    """A dense Gaussian sketch of the whole gradient, with the exact NFK scale ``w``."""
+
+    name = "dense"
+    sketch_setting = "dense"
+    reads = frozenset({"sketch_dim", "dtype"})
+    gradients_label = "dense_sketch"
+    is_sketch = True
+
+    def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
+        from lowgrad.dense_sketch import fit_dense_nfk
+
+        return {"dense/w": fit_dense_nfk(model, param_names, batches)}, {}
+
+    def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
+        from lowgrad.dense_sketch import DenseSketch
+
+        return DenseSketch(model, param_names, params.gradient.sketch_dim, params.seed, factors.get("dense", {}).get("w"))
+
+
+SKETCH_SETTINGS = tuple(dict.fromkeys(cls.sketch_setting for cls in ROUTES.values()))  # gradient.sketch's values

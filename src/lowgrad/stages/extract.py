@@ -33,7 +33,7 @@ def extract(params: Params, name: str) -> None:
         "model_sha256": sha256(MODEL),
         "normalize": {"mean": params.data.mean, "std": params.data.std},
         **route.store_meta(params, getattr(extractor.gradients, "layout", None),
-                           sha256(FACTORS) if route.sketch is not None else None),
+                           sha256(FACTORS) if route.is_sketch else None),
     }
     path = EXTRACTED.format(name=name)
     store = open_store(extractor, path, params.gradient.chunk_rows, meta)
