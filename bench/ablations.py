@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.pipeline import ROOT, apply_params, composed_text, stage_environment
-from lowgrad.config import read_raw, set_dotted
-from lowgrad.route import Route
+from lowgrad.config import raw_route, read_raw, set_dotted
 
 LAST_BLOCK = {
     "resnet18_cifar": ["layer4", "fc"],
@@ -68,7 +67,7 @@ def run_experiment(name: str, params_file: str, overrides: dict[str, Any], root:
     raw = read_raw(root / params_file)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
-    apply_params(params_file, overrides, root, drop=Route.of_raw(raw).present_ignored(raw))
+    apply_params(params_file, overrides, root, drop=raw_route(raw).present_ignored(raw))
     exp = f"abl-{name}"
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "exp", "remove", exp], cwd=root, env=stage_environment(), capture_output=True)

@@ -35,7 +35,8 @@ def _setup(n: int):
 
     from lowgrad.config import EMBEDDED_DIGITS, DataConfig
     from lowgrad.data import load_dataset, to_tensor_batch
-    from lowgrad.models import build_model, load_checkpoint
+    from lowgrad.checkpoints import load_checkpoint
+    from lowgrad.models import build_model
 
     torch.manual_seed(0)
     model = load_checkpoint(build_model("resnet18_cifar", 10), SHARED / "models/resnet18_cifar10_seed0.pt").eval()

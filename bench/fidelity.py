@@ -54,7 +54,8 @@ from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.detectors import Head, uses_probe
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.metrics import ood_metrics
-from lowgrad.models import build_model, head_of, load_checkpoint, pick_device
+from lowgrad.checkpoints import load_checkpoint
+from lowgrad.models import build_model, head_of, pick_device
 from lowgrad.factors import unflatten
 from lowgrad.route import ROUTES
 from lowgrad.options import ProbeConfig

@@ -41,8 +41,8 @@ import yaml
 
 from lowgrad import paths, pipeline, timing
 from lowgrad.comparison import evaluate
-from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, read_raw, set_dotted
-from lowgrad.route import ROUTES, Route
+from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, raw_route, read_raw, set_dotted
+from lowgrad.route import ROUTES
 from lowgrad.stages.score import read_scores
 
 ALIASES = {"stored": "exact", "exact_randomized": "matrix_free"}  # the names earlier results use
@@ -55,7 +55,7 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
     raw = read_raw(params_file)
     for key, value in overrides.items():
         set_dotted(raw, key, value)
-    for key in Route.of_raw(raw).present_ignored(raw):
+    for key in raw_route(raw).present_ignored(raw):
         drop_dotted(raw, key)
     root = Path.cwd()  # the project root: the params' relative data and checkpoint paths are resolved against it
     for spec in raw["data"]["datasets"].values():

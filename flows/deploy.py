@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import urllib.request
+
+from lowgrad.errors import LowgradError, exit_on_user_error
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -23,13 +24,13 @@ DEPLOYMENT = "lowgrad-scheduled"
 
 
 def require_server() -> str:
-    """The API URL of a running Prefect server, or exit with one line saying what to do."""
+    """The API URL of a running Prefect server; a :class:`LowgradError` saying what to do when there is none."""
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
-        sys.exit(
-            "error: schedules need a running Prefect server, and PREFECT_API_URL is not set: start one with "
+        raise LowgradError(
+            "schedules need a running Prefect server, and PREFECT_API_URL is not set: start one with "
             "'prefect server start --host 127.0.0.1' and export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     try:
@@ -37,7 +38,7 @@ def require_server() -> str:
             if resp.status != 200:
                 raise OSError(f"HTTP {resp.status}")
     except OSError as err:
-        sys.exit(f"error: no Prefect server answers at {url} ({err}); start it with 'prefect server start'")
+        raise LowgradError(f"no Prefect server answers at {url} ({err}); start it with 'prefect server start'") from None
     return url
 
 
@@ -50,16 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push", action="store_true", help="dvc push --run-cache after each run")
     parser.add_argument("--name", default=DEPLOYMENT)
     args = parser.parse_args(argv)
-    url = require_server()
+    with exit_on_user_error():
+        url = require_server()
 
-    from flows.pipeline import parse_overrides, pipeline
+        from flows.pipeline import parse_overrides, pipeline
 
-    parameters = {
-        "params_file": args.params_file,
-        "overrides": parse_overrides(args.set) or None,
-        "root": args.root,
-        "push": args.push,
-    }
+        parameters = {
+            "params_file": args.params_file,
+            "overrides": parse_overrides(args.set) or None,
+            "root": args.root,
+            "push": args.push,
+        }
     print(f"serving deployment 'lowgrad-pipeline/{args.name}' on {url}, cron '{args.cron}', parameters {json.dumps(parameters)}")
     pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
-from lowgrad.errors import LowgradError  # noqa: E402
+from lowgrad.errors import LowgradError, exit_on_user_error, fail  # noqa: E402
 
 DEPLOYMENT = "lowgrad-monitor"
 RESULTS = ".lowgrad-monitor"
@@ -255,28 +254,24 @@ def main(argv: list[str] | None = None) -> None:
     parameters = {"run": str(Path(args.run).resolve()), "watch": str(Path(args.watch).resolve()),
                   "rows": parse_rows(args.rows), "bound": args.bound,
                   "results": str(Path(args.results).resolve()) if args.results else None}
-    try:
+    with exit_on_user_error():
         check_settings(parameters["run"], parameters["rows"], args.bound)  # before serving: not at every scheduled run
         batches(Path(parameters["watch"]), Path(parameters["results"] or Path(parameters["watch"]) / RESULTS))
-    except LowgradError as err:
-        sys.exit(f"error: {err}")
     if args.every is not None:
         from flows.deploy import require_server
 
-        url = require_server()
+        with exit_on_user_error():
+            url = require_server()
         print(f"serving deployment 'lowgrad-monitor/{args.name}' on {url}, every {args.every} s, parameters {parameters}")
         monitor.serve(name=args.name, interval=args.every, parameters=parameters)
         return
     from flows.pipeline import start_temporary_server
 
-    try:
+    with exit_on_user_error():
         start_temporary_server()
-    except LowgradError as err:
-        sys.exit(f"error: {err}")
     state = monitor(**parameters, return_state=True)
     if not state.is_completed():
-        print(f"error: {state.message}", file=sys.stderr)
-        sys.exit(1)
+        fail(state.message)
 
 
 if __name__ == "__main__":

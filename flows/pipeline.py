@@ -39,7 +39,7 @@ from prefect.states import Failed  # noqa: E402
 from lowgrad.config import (  # noqa: E402
     compose, drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted,
 )
-from lowgrad.errors import ConfigError, LowgradError  # noqa: E402
+from lowgrad.errors import ConfigError, LowgradError, exit_on_user_error, fail  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
 from lowgrad.plan import stage_plan  # noqa: E402
 from lowgrad.stages.prepare import prepared_size  # noqa: E402
@@ -468,7 +468,8 @@ def main() -> None:
     os.chdir(ROOT)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    try:
+    with exit_on_user_error(interrupted="the running stage was stopped, finished stages and the previous detector, "
+                                        "scores and report are kept: rerun to continue"):
         overrides = parse_overrides(args.set) or None
         if args.check:
             print("\n".join(check(args.params_file, overrides)))
@@ -477,16 +478,8 @@ def main() -> None:
         start_temporary_server()
         state = pipeline(params_file=args.params_file, overrides=overrides, push=args.push, wait_for_lock=args.wait,
                          return_state=True)
-    except LowgradError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as err:
-        print(f"error: interrupted ({err}); the running stage was stopped, finished stages and the previous detector, "
-              "scores and report are kept: rerun to continue", file=sys.stderr)
-        sys.exit(130)
     if not state.is_completed():
-        print(f"error: {_failure_message(state)}", file=sys.stderr)
-        sys.exit(1)
+        fail(_failure_message(state))
 
 
 if __name__ == "__main__":

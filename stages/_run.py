@@ -1,4 +1,4 @@
-"""Shared entry point: parse arguments, load params, run one pipeline function, one-line errors."""
+"""Shared entry point: parse arguments, load params, run one pipeline function, one-line errors (lowgrad.errors)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lowgrad import timing
 from lowgrad.config import load_params
-from lowgrad.errors import LowgradError
+from lowgrad.errors import LowgradError, exit_on_user_error
 
 
 def _stage_name() -> str:
@@ -31,7 +31,7 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False, recor
     timing.start()
     stage = _stage_name()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
+    with exit_on_user_error(access_advice=" (check that it exists, is writable and the disk has room, then rerun)"):
         params = load_params(args.params, scoring=scoring)
         if per_dataset:
             if args.dataset not in params.data.datasets:
@@ -41,11 +41,3 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False, recor
             func(params)
         if record_timing:
             timing.record(f"{stage}@{args.dataset}" if per_dataset else stage)
-    except LowgradError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as err:  # permissions, a full disk, a vanished file: the user can fix these, a retry cannot
-        where = f" '{err.filename}'" if err.filename else ""
-        print(f"error: cannot access{where}: {err.strerror or err} (check that it exists, is writable and the disk "
-              "has room, then rerun)", file=sys.stderr)
-        sys.exit(1)

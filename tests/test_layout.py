@@ -116,3 +116,34 @@ def test_light_stages_do_not_import_heavy_libraries():
     assert seen["stages.project"] == [False, False]
     assert seen["stages.report"][1:] == [False, torch.__version__]
     assert seen["stages.score"] == [True, True]
+
+
+def own_error_exits(tree: ast.AST) -> list[int]:
+    """Lines that exit or print an ``error:`` line by hand (``sys.exit(...)``, ``print(f"error: ...")``) instead of
+    through :mod:`lowgrad.errors`."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "exit" and getattr(func.value, "id", None) == "sys":
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id == "print" and node.args:
+            first = node.args[0]
+            text = first.value if isinstance(first, ast.Constant) else \
+                first.values[0].value if isinstance(first, ast.JoinedStr) and isinstance(first.values[0], ast.Constant) else ""
+            if isinstance(text, str) and text.startswith("error:"):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_every_entry_point_reports_errors_through_one_helper():
+    """The stages, the flows and ``lowgrad score`` print a user error and exit through lowgrad.errors only."""
+    found = {str(path.relative_to(ROOT)): lines for base in ("src", "stages", "flows")
+             for path in sorted((ROOT / base).rglob("*.py")) if path != ROOT / "src/lowgrad/errors.py"
+             if (lines := own_error_exits(ast.parse(path.read_text())))}
+    assert found == {}, found
+    # negative control: the handlers this replaced are found
+    before = 'import sys\ntry:\n    run()\nexcept E as err:\n    print(f"error: {err}", file=sys.stderr)\n    sys.exit(1)\n' \
+             'sys.exit(f"error: {err}")\n'
+    assert own_error_exits(ast.parse(before)) == [5, 6, 7]

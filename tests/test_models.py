@@ -8,7 +8,8 @@ import torch
 from lowgrad.config import DataConfig
 from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.errors import CheckpointError
-from lowgrad.models import ARCHITECTURES, build_model, head_of, load_checkpoint, with_head_split
+from lowgrad.checkpoints import load_checkpoint
+from lowgrad.models import ARCHITECTURES, build_model, head_of, with_head_split
 from tests.conftest import DIGITS, shared_file
 
 

@@ -16,7 +16,8 @@ from lowgrad.config import DataConfig
 from lowgrad.data import load_dataset, to_tensor_batch
 from lowgrad.detectors import make_detector
 from lowgrad.metrics import ood_metrics
-from lowgrad.models import build_model, load_checkpoint
+from lowgrad.checkpoints import load_checkpoint
+from lowgrad.models import build_model
 from tests.conftest import shared_file
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]  # a minute of real-data forward passes

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lowgrad.config import ConfigError, parse_params, read_raw
+from lowgrad.config import ConfigError, parse_params, raw_route, read_raw
 from lowgrad.route import ROUTES, SKETCH_SETTINGS, Route
 from tests.test_pipeline import ROOT, TINY
 
@@ -72,9 +72,9 @@ def test_defaults_are_never_refused_and_raw_helpers_drop_what_a_route_ignores():
             raw[section][leaf] = value
         assert Route.from_params(parse_params(raw)).name == name
     raw = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")
-    assert Route.of_raw(raw).name == "exact_nfk" and Route.of_raw(raw).present_ignored(raw) == ["gradient.sketch_rank"]
+    assert raw_route(raw).name == "exact_nfk" and raw_route(raw).present_ignored(raw) == ["gradient.sketch_rank"]
     raw["gradient"]["sketch"] = "kronecker"  # one key back to the Kronecker route, which reads the rank, not the buckets
-    assert Route.of_raw(raw).present_ignored(raw) == ["gradient.sketch_dim"]
+    assert raw_route(raw).present_ignored(raw) == ["gradient.sketch_dim"]
 
 
 def test_subspace_load_refuses_a_basis_fitted_for_other_rows(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lowgrad.gradients import PerSampleGradients, select_parameters
-from lowgrad.models import FeatureClassifier, build_model
+from lowgrad.models import build_model
+from lowgrad.networks import FeatureClassifier
 from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
 from tests.test_gradients import _randomise_bn
 

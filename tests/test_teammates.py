@@ -36,7 +36,8 @@ def _accuracy(root: Path, checkpoint: Path) -> float:
     import torch
 
     from lowgrad.data import to_tensor_batch
-    from lowgrad.models import build_model, load_checkpoint
+    from lowgrad.checkpoints import load_checkpoint
+    from lowgrad.models import build_model
 
     model = load_checkpoint(build_model("small_cnn", 3, 1), checkpoint).eval()
     with np.load(root / "data/prepared/id_test.npz") as z:

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from lowgrad.config import DataConfig, ModelConfig
 from lowgrad.data import load_dataset
 from lowgrad.errors import CheckpointError, DataError
-from lowgrad.models import build_model, load_checkpoint
+from lowgrad.checkpoints import load_checkpoint
+from lowgrad.models import build_model
 
 from tests.conftest import DIGITS
 
@@ -44,7 +45,7 @@ def test_a_pickled_module_names_its_class_and_the_fix(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(_model(), tmp_path / "whole.pt")
     line = _one_line(err)
-    assert "pickled Python object" in line and "lowgrad.models.SmallCNN" in line
+    assert "pickled Python object" in line and "lowgrad.networks.SmallCNN" in line
     assert "torch.save(model.state_dict(), path)" in line
 
 
@@ -93,7 +94,7 @@ def test_integer_or_bool_weights_are_refused_not_cast(tmp_path):
 def test_a_float64_checkpoint_loads_as_float32_and_says_so(tmp_path, caplog):
     state = _model().state_dict()
     torch.save({k: v.double() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "f64.pt")
-    with caplog.at_level(logging.INFO, logger="lowgrad.models"):
+    with caplog.at_level(logging.INFO, logger="lowgrad.checkpoints"):
         loaded = load_checkpoint(_model(), tmp_path / "f64.pt")
     assert "torch.float64 tensors loaded as torch.float32" in caplog.text
     for key, value in state.items():

@@ -13,10 +13,9 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
-from lowgrad.errors import LowgradError
+from lowgrad.errors import LowgradError, exit_on_user_error
 
 
 def parse_rows(text: str | None) -> list[str] | None:
@@ -79,18 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
+    with exit_on_user_error(interrupted="nothing was written"):
         score_command(args)
-    except KeyboardInterrupt:
-        print("error: interrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
-    except LowgradError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as err:
-        where = f" '{err.filename}'" if err.filename else ""
-        print(f"error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

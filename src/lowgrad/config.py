@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from lowgrad.errors import ConfigError
-from lowgrad.route import SKETCH_SETTINGS
+from lowgrad.route import SKETCH_SETTINGS, Route
 
 
 Int = StrictInt  # counts: `true` and "40" are refused, not read as 1 and 40
@@ -250,10 +250,8 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _runnable_route(self) -> "Params":
-        from lowgrad.route import Route  # the one place that decides the gradient route
-
         try:
-            Route.from_params(self)
+            Route.from_params(self)  # the one place that decides the gradient route
         except ConfigError as err:
             raise ValueError(str(err)) from None
         return self
@@ -462,3 +460,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     return parse_params(raw, str(path), scoring)
+
+
+def raw_route(raw: dict[str, Any]) -> Route:
+    """The route a raw params mapping asks for, with the option models' defaults where a key is absent (not
+    validated: bench helpers that switch routes)."""
+    g = GradientConfig.model_construct(**(raw.get("gradient") or {}))
+    s = SubspaceConfig.model_construct(**(raw.get("subspace") or {}))
+    return Route.named(g.sketch, s.method)(kernel=s.kernel, basis=s.basis, method=s.method)

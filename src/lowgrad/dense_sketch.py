@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lowgrad.gradients import PerSampleGradients
-from lowgrad.models import FeatureClassifier
+from lowgrad.networks import FeatureClassifier
 from lowgrad.subspace import add_block_moments, nfk_scale
 
 BLOCK_ROWS = 32768  # part of the sketch's definition: Omega's rows are seeded per block of this many

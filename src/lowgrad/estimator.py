@@ -154,7 +154,8 @@ class LowGrad:
         if "model" in raw:
             options["model"] = {"arch": raw["model"].get("arch"), "num_classes": raw["model"].get("num_classes")}
         if model is None:
-            from lowgrad.models import build_model, load_checkpoint
+            from lowgrad.checkpoints import load_checkpoint
+            from lowgrad.models import build_model
             from lowgrad.paths import MODEL
 
             root = Path(path_or_mapping).parent if isinstance(path_or_mapping, (str, Path)) else Path(".")
@@ -280,7 +281,7 @@ class LowGrad:
         """Write the fitted detector to ``folder`` (created; an existing one is replaced only once the new one is
         complete): the model's weights, the basis, the factors and every row, in the layout
         :meth:`LowGrad.load` and ``OODDetector.load`` read, with the digests they check."""
-        from lowgrad.models import save_state_dict
+        from lowgrad.checkpoints import save_state_dict
         from lowgrad.paths import FACTORS, MODEL, SUBSPACE, atomic_dir
         from lowgrad.saved_detector import save_fitted
 

@@ -20,7 +20,9 @@ from lowgrad.config import Params
 from lowgrad.data import ImageSet, load_image_set, to_tensor_batch
 from lowgrad.factors import unflatten
 from lowgrad.gradients import PerSampleGradients, check_exact_route, select_parameters
-from lowgrad.models import FeatureClassifier, fresh_model, load_checkpoint, pick_device
+from lowgrad.checkpoints import load_checkpoint
+from lowgrad.models import fresh_model, pick_device
+from lowgrad.networks import FeatureClassifier
 from lowgrad.paths import FACTORS, MODEL, PREPARED
 from lowgrad.route import Route
 from lowgrad.store import ChunkedStore

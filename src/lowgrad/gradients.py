@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from lowgrad.errors import ConfigError, GradientError
-from lowgrad.models import FeatureClassifier
+from lowgrad.networks import FeatureClassifier
 
 
 def select_parameters(model: torch.nn.Module, spec: str | list[str]) -> list[str]:

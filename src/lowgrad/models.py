@@ -1,5 +1,6 @@
-"""Classifiers with a uniform interface: ``model(x, return_features=True) -> (logits, penultimate features)`` and
-:func:`head_of` (the last Linear). The built-in ones are :class:`FeatureClassifier` (``forward_features`` + ``head``).
+"""The architecture registry: ``model.arch`` to a classifier with the uniform interface ``model(x,
+return_features=True) -> (logits, penultimate features)`` and :func:`head_of` (the last Linear). The project's own
+networks are :mod:`lowgrad.networks`; checkpoints load through :mod:`lowgrad.checkpoints`.
 
 ``model.arch`` is one of the :data:`ARCHITECTURES` registered here (a small CNN for the embedded default, the CIFAR
 ResNet-18 of the paper, the third-party CIFAR ResNet-20 with "option A" shortcuts, torchvision's ResNet-50), or
@@ -8,9 +9,6 @@ installed), built by name with random weights (nothing is downloaded; the weight
 or ``module:architectures.<file>:<callable>``, the user's own ``nn.Module`` in the project's ``architectures/``.
 A model built by name keeps its own parameter names, so its own checkpoints load as they are; its head is the
 ``Linear`` layer whose output is the model's output, found on a test batch (:func:`with_head_split`).
-Checkpoints load with ``weights_only=True``; foreign layouts (nested ``state_dict``, ``module.`` prefixes, float16)
-are normalised (a cast is logged; integer or bool tensors where the model holds floats are refused), and anything
-else — a pickled module, a directory, an empty or foreign file, a key or shape mismatch — is one clear error.
 """
 
 from __future__ import annotations
@@ -18,117 +16,22 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lowgrad.checkpoints import load_checkpoint
 from lowgrad.config import BY_NAME, USER_CODE, USER_MODULE
 from lowgrad.errors import CheckpointError
+from lowgrad.networks import CifarResNet, FeatureClassifier, SmallCNN
 
 if TYPE_CHECKING:
     from lowgrad.config import Params
 
-log = logging.getLogger(__name__)
-
-
-class FeatureClassifier(nn.Module):
-    """Base class: ``forward(x) = head(forward_features(x))``."""
-
-    head: nn.Linear
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        """Logits, or ``(logits, features)`` when ``return_features`` (one pass for both)."""
-        features = self.forward_features(x)
-        logits = self.head(features)
-        return (logits, features) if return_features else logits
-
-
-class SmallCNN(FeatureClassifier):
-    """Three 3x3 conv layers with BatchNorm, global average pool, linear head (about 14k parameters)."""
-
-    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 16) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(2 * width)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
-        return x.mean(dim=(2, 3))
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.pad = 0
-        self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            if shortcut == "projection":
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-                )
-            else:  # option A: subsample and zero-pad channels, no parameters
-                self.pad = planes // 4
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.pad:
-            short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-        else:
-            short = self.shortcut(x)
-        return F.relu(out + short)
-
-
-class CifarResNet(FeatureClassifier):
-    """CIFAR ResNet: 3x3 stem without max-pool, BasicBlock stages, global average pool, linear head."""
-
-    def __init__(
-        self, blocks: list[int], widths: list[int], num_classes: int, shortcut: str, head_name: str
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        in_planes = widths[0]
-        for i, (n, w) in enumerate(zip(blocks, widths), start=1):
-            layers = []
-            for j in range(n):
-                layers.append(_BasicBlock(in_planes, w, 2 if (j == 0 and i > 1) else 1, shortcut))
-                in_planes = w
-            setattr(self, f"layer{i}", nn.Sequential(*layers))
-        self.n_stages = len(blocks)
-        self._head_name = head_name
-        setattr(self, head_name, nn.Linear(in_planes, num_classes))
-
-    @property
-    def head(self) -> nn.Linear:  # type: ignore[override]
-        return getattr(self, self._head_name)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        for i in range(1, self.n_stages + 1):
-            x = getattr(self, f"layer{i}")(x)
-        return x.mean(dim=(2, 3))
 
 
 Builder = Callable[[int, int], FeatureClassifier]  # (num_classes, in_channels) -> model
@@ -357,109 +260,6 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     return ARCHITECTURES[arch](num_classes, in_channels)
 
 
-def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state_dict (name -> tensor) or {{'state_dict': ...}}, found a "
-                              f"{type(obj).__name__}; save one with torch.save(model.state_dict(), path)")
-    return {key.removeprefix("module."): value for key, value in obj.items()}
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _load_error(path: Path, err: Exception) -> CheckpointError:
-    """One line for what ``torch.load(weights_only=True)`` refused: a pickled object (the usual case, a whole
-    ``nn.Module`` saved with ``torch.save(model)``) names the class it needs and how to save a state_dict instead."""
-    text = _ANSI.sub("", str(err))
-    needed = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if needed:
-        return CheckpointError(
-            f"{path}: a pickled Python object (it needs {needed.group(1)}), not a state_dict; lowgrad loads weights "
-            "only (weights_only=True, so no code in a checkpoint runs). Save the weights with "
-            "torch.save(model.state_dict(), path) and point model.checkpoint at that file")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(err).__name__}"
-                           + (f": {first}" if first else "") + ")")
-
-
-def _checkpoint_file(path: Path) -> None:
-    """Refuse what is not a torch checkpoint file before torch tries: a directory, an empty file, or a file that is
-    neither a zip archive (``torch.save``'s format) nor a legacy pickle."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory; model.checkpoint names the state_dict file itself")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if not head:
-        raise CheckpointError(f"{path}: is an empty file (0 bytes), not a checkpoint; was it written completely?")
-    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
-        raise CheckpointError(f"{path}: not a torch checkpoint (it starts with {head!r}; torch.save writes a zip "
-                              "archive starting with b'PK'); save one with torch.save(model.state_dict(), path)")
-
-
-def _dtypes_match(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Floating tensors become the model's float32 (a float16 / bfloat16 / float64 checkpoint, said once); a
-    tensor of another kind where the model holds floats (int64 or bool weights) is refused, never cast."""
-    wrong = [k for k in expected if expected[k].is_floating_point() and not state[k].is_floating_point()]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{path}: '{k}' is {state[k].dtype} where the model holds {expected[k].dtype} "
-                              f"({len(wrong)} such tensors); a checkpoint's weights must be floating point")
-    cast = sorted({str(state[k].dtype) for k in expected
-                   if expected[k].is_floating_point() and state[k].dtype != expected[k].dtype})
-    if cast:
-        log.info("%s: %s tensors loaded as %s", path, "/".join(cast), next(iter(expected.values())).dtype)
-    return {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in state.items()}
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights (``weights_only=True``) into ``model``; raise :class:`CheckpointError` on any mismatch."""
-    path = Path(path)
-    _checkpoint_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt / unsafe files
-        raise _load_error(path, err) from None
-    state = _state_dict_of(obj, path)
-    expected = model.state_dict()
-    for key in expected:  # older checkpoints predate BatchNorm's step counter, which inference never reads
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = expected[key]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: key layout does not match {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    wrong = [k for k in expected if expected[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(
-            f"{path}: shape mismatch for '{k}': checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
-            f" ({len(wrong)} tensors differ; check model.arch and model.num_classes)"
-        )
-    model.load_state_dict(_dtypes_match(state, expected, path))
-    return model
-
-
-def save_state_dict(model: nn.Module, path: str | Path) -> None:
-    """The model's float tensors on the CPU, written atomically and byte-for-byte reproducibly: torch names the
-    archive inside the file after the file, so it is serialised in memory first and the same weights always give
-    the same bytes (and DVC sees an unchanged model as unchanged)."""
-    import io
-
-    from lowgrad.paths import atomic_path
-
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-
-
 def fresh_model(params: "Params") -> nn.Module:
     """The configured architecture, randomly initialised (seed torch first for reproducible weights)."""
     return build_model(params.model.arch, params.model.num_classes, params.data.channels, params.data.image_size)
@@ -481,16 +281,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
-
-
-def check_finite_state(model: nn.Module, source: str) -> None:
-    """Refuse a model whose parameters or buffers (BatchNorm running statistics) hold NaN or infinity, naming
-    the first such tensor: such a model would only fail much later, at extraction."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{source}: tensor '{name}' holds {bad} non-finite value(s) (NaN/inf); "
-                                  "the model is unusable: use another checkpoint or retrain (lower train.lr)")
 
 
 def pick_device(name: str) -> torch.device:

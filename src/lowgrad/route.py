@@ -95,16 +95,6 @@ class Route:
                 log.warning(line)
         return route
 
-    @classmethod
-    def of_raw(cls, raw: dict[str, Any]) -> "Route":
-        """The route a raw params mapping asks for (the option models' defaults where a key is absent; not
-        validated)."""
-        from lowgrad.config import GradientConfig, SubspaceConfig  # the one place the defaults are stated
-
-        g = GradientConfig.model_construct(**(raw.get("gradient") or {}))
-        s = SubspaceConfig.model_construct(**(raw.get("subspace") or {}))
-        return Route.named(g.sketch, s.method)(kernel=s.kernel, basis=s.basis, method=s.method)
-
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a setting this route cannot run with."""
 

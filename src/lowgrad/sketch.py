@@ -31,7 +31,7 @@ from torch import nn
 
 from lowgrad.countsketch import bucket_index, hash_rows, hash_rows_torch, run_length, warm_up
 from lowgrad.errors import GradientError
-from lowgrad.models import FeatureClassifier
+from lowgrad.networks import FeatureClassifier
 from lowgrad.subspace import add_block_moments, nfk_scale
 
 log = logging.getLogger(__name__)

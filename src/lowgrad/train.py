@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lowgrad.config import Params, TrainConfig
 from lowgrad.data import ImageSet, to_tensor_batch
 from lowgrad.errors import GradientError
-from lowgrad.models import FeatureClassifier
+from lowgrad.networks import FeatureClassifier
 from lowgrad.paths import TRAIN_RESUME, atomic_path
 
 log = logging.getLogger(__name__)

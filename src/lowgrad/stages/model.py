@@ -17,7 +17,7 @@ from lowgrad.paths import MODEL, MODEL_INFO, PREPARED, sha256, write_json
 if TYPE_CHECKING:
     import torch
 
-    from lowgrad.models import FeatureClassifier
+    from lowgrad.networks import FeatureClassifier
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def evaluate(model: "FeatureClassifier", params: Params, name: str, device: "tor
 
 def model(params: Params) -> None:
     """Import the configured checkpoint (a DVC dependency of this stage: replaced in place, it reruns the stage)."""
-    from lowgrad.models import check_finite_state, fresh_model, load_checkpoint, pick_device, save_state_dict
+    from lowgrad.checkpoints import check_finite_state, load_checkpoint, save_state_dict
+    from lowgrad.models import fresh_model, pick_device
 
     device = pick_device(params.device)
     checkpoint = params.model.checkpoint

@@ -17,7 +17,8 @@ def train(params: Params) -> None:
         return
     import torch
 
-    from lowgrad.models import check_finite_state, fresh_model, pick_device, save_state_dict
+    from lowgrad.checkpoints import check_finite_state, save_state_dict
+    from lowgrad.models import fresh_model, pick_device
     from lowgrad.train import finish_training, train_classifier
 
     torch.manual_seed(params.seed)  # before building: the initial weights are part of the run
