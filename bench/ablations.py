@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.pipeline import ROOT, apply_params, composed_text, stage_environment
+from lowgrad import paths
 from lowgrad.config import raw_route, read_raw, set_dotted
 
 LAST_BLOCK = {
@@ -77,7 +78,7 @@ def run_experiment(name: str, params_file: str, overrides: dict[str, Any], root:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise SystemExit(f"error: experiment {exp} failed:\n{tail}")
-    metrics = json.loads((root / "report/metrics.json").read_text())
+    metrics = json.loads((root / paths.METRICS).read_text())
     ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     return {"experiment": exp, "overrides": overrides, "wall_s": round(time.perf_counter() - start, 1),
             "stages_run": ran, "metrics": metrics}
@@ -101,11 +102,11 @@ def ablation_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params-file", default="params.yaml")
+    parser.add_argument("--params-file", default=paths.PARAMS)
     parser.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--keep-forward-odin", action="store_true", help="also run forward ODIN in every experiment")
     parser.add_argument("--root", default=str(ROOT), help="project directory (default: this checkout)")
-    parser.add_argument("--out", default="report/ablations", help="where the table goes (relative to --root)")
+    parser.add_argument("--out", default=paths.ABLATIONS, help="where the table goes (relative to --root)")
     args = parser.parse_args(argv)
     root = Path(args.root)
     source = Path(args.params_file) if Path(args.params_file).is_absolute() else root / args.params_file

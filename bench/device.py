@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowgrad import paths
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The matrix-free exact route at the paper's N and k (docs/routes.md, "exact_randomized"); one power iteration
@@ -86,8 +88,8 @@ def collect(part: Part, out: Path, rc: int, started: float, wall_s: float) -> No
     committed report of another run, or a stage this call did not reach, is never passed off as this part's."""
     dest = out / part.name
     dest.mkdir(parents=True, exist_ok=True)
-    files = [ROOT / rel for rel in ("params.yaml", "report/metrics.json", "report/report.md", "dvc.lock")]
-    files += [f for rel in ("report/plots", "artifacts/timings") if (ROOT / rel).is_dir() for f in (ROOT / rel).iterdir()]
+    files = [ROOT / rel for rel in (paths.PARAMS, paths.METRICS, paths.REPORT, paths.DVC_LOCK)]
+    files += [f for rel in (paths.PLOTS, paths.TIMINGS) if (ROOT / rel).is_dir() for f in (ROOT / rel).iterdir()]
     copied = []
     for f in files:
         if f.is_file() and f.stat().st_mtime >= started:

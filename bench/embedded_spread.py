@@ -34,7 +34,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], int | None]] = {  # name: (params over
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params-file", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params-file", type=Path, default=Path(paths.PARAMS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=Path("bench/spread-work"))
     parser.add_argument("--out", type=Path, default=None)

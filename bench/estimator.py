@@ -24,7 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-COPIED = ("params.yaml", "dvc.yaml", "dvc.lock", "data/prepared", "models/model.pt", "models/model.json", "architectures")
+from lowgrad import paths
+from lowgrad.config import USER_CODE
+
+COPIED = (paths.PARAMS, paths.DVC_YAML, paths.DVC_LOCK, str(Path(paths.PREPARED).parent), paths.MODEL, paths.MODEL_INFO, USER_CODE)
 BEFORE_FACTORS = ("prepare", "train", "model")
 
 
@@ -49,7 +52,7 @@ def pipeline_once(run: Path) -> tuple[float, dict[str, float], dict[str, dict[st
     root, here = _scratch(run), Path.cwd()
     try:
         os.chdir(root)
-        params = load_params("params.yaml")
+        params = load_params(paths.PARAMS)
         per_stage = {}
         for name, body, args in stage_bodies(params, root):
             if name.partition("@")[0] in (*BEFORE_FACTORS, "report"):
@@ -69,11 +72,11 @@ def estimator_once(run: Path) -> tuple[float, dict[str, dict[str, object]]]:
     from lowgrad.data import load_image_set
     from lowgrad.models import load_classifier
 
-    params = load_params(run / "params.yaml")
-    sets = {name: load_image_set(run / f"data/prepared/{name}.npz") for name in params.data.datasets}
+    params = load_params(run / paths.PARAMS)
+    sets = {name: load_image_set(run / paths.PREPARED.format(name=name)) for name in params.data.datasets}
     model = load_classifier(params, run)
     started = time.perf_counter()
-    det = LowGrad.from_params(run / "params.yaml", model=model)
+    det = LowGrad.from_params(run / paths.PARAMS, model=model)
     det.fit(sets["id_train"].images, sets["id_train"].labels, test=(sets["id_test"].images, sets["id_test"].labels))
     scores = {name: det.score_samples(sets[name].images) for name in params.data.ood_names}
     return time.perf_counter() - started, scores
@@ -102,7 +105,7 @@ def main() -> None:
     import torch
 
     result = {
-        "run": str(args.run), "route": json.loads((run / "artifacts/detector/detector.json").read_text())["params"]["gradient"],
+        "run": str(args.run), "route": json.loads((run / paths.DETECTOR_META).read_text())["params"]["gradient"],
         "pipeline_s": min(pipeline), "estimator_s": min(estimator), "ratio": min(pipeline) / min(estimator),
         "spread_s": {"pipeline": [min(pipeline), max(pipeline)], "estimator": [min(estimator), max(estimator)]},
         "pipeline_stages_s": stages, "scores_equal_rtol": 1e-5,

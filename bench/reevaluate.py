@@ -29,7 +29,7 @@ from lowgrad import __version__
 from lowgrad.comparison import evaluate
 from lowgrad.config import load_params
 from lowgrad.errors import LowgradError, exit_on_user_error
-from lowgrad.paths import EXTRACTED, METRICS, MODEL_INFO, SCORES, SUBSPACE
+from lowgrad.paths import EXTRACTED, METRICS, MODEL_INFO, PARAMS, SCORES, SUBSPACE
 from lowgrad.report import write_report
 from lowgrad.stages.report import torch_version
 from lowgrad.stages.score import read_scores
@@ -74,7 +74,7 @@ def _same_method(params, run_params) -> None:
 
 def reevaluate(run: Path, params_file: Path, out: Path) -> dict[str, Any]:
     params = load_params(params_file, scoring=True)
-    run_params = load_params(run / "params.yaml", scoring=True)
+    run_params = load_params(run / PARAMS, scoring=True)
     _same_method(params, run_params)
     metrics_bytes = (run / METRICS).read_bytes()
     old = json.loads(metrics_bytes)

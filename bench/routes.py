@@ -41,7 +41,7 @@ import yaml
 
 from lowgrad import paths, pipeline, timing
 from lowgrad.comparison import evaluate
-from lowgrad.config import TRAINED_CHECKPOINT, Params, drop_dotted, parse_params, raw_route, read_raw, set_dotted
+from lowgrad.config import Params, drop_dotted, parse_params, raw_route, read_raw, set_dotted
 from lowgrad.route import ROUTES
 from lowgrad.stages.score import read_scores
 
@@ -62,7 +62,7 @@ def route_params(params_file: Path, overrides: dict[str, Any]) -> Params:
         if spec.get("path") and not os.path.isabs(spec["path"]):
             spec["path"] = str((root / spec["path"]).resolve())
     checkpoint = raw["model"].get("checkpoint")
-    if checkpoint and checkpoint != TRAINED_CHECKPOINT and not os.path.isabs(checkpoint):
+    if checkpoint and checkpoint != paths.TRAINED and not os.path.isabs(checkpoint):
         raw["model"]["checkpoint"] = str((root / checkpoint).resolve())
     return parse_params(raw, str(params_file))
 

@@ -17,6 +17,7 @@ import os
 import urllib.request
 
 from lowgrad.errors import LowgradError, exit_on_user_error
+from lowgrad.paths import PARAMS
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -45,7 +46,7 @@ def require_server() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the lowgrad pipeline on a cron schedule.")
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
-    parser.add_argument("--params-file", default="params.yaml")
+    parser.add_argument("--params-file", default=PARAMS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--root", default=None, help="project directory (default: this checkout)")
     parser.add_argument("--push", action="store_true", help="dvc push --run-cache after each run")

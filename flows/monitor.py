@@ -128,10 +128,9 @@ def setting(run: str | Path, rows: list[str] | None, bound: float) -> dict[str, 
     """What a batch's result belongs to besides the batch: the detector (the sha256 of its ``detector.json``), the
     rows watched (None: every row), the bound and the lowgrad version."""
     from lowgrad import __version__
-    from lowgrad.paths import sha256
-    from lowgrad.saved_detector import META
+    from lowgrad.paths import DETECTOR_META, sha256
 
-    return {"detector": sha256(Path(run) / META), "watched_rows": rows, "bound": bound, "lowgrad": __version__}
+    return {"detector": sha256(Path(run) / DETECTOR_META), "watched_rows": rows, "bound": bound, "lowgrad": __version__}
 
 
 def scored_before(record: Path, sha: str, current: dict[str, Any]) -> bool:

@@ -40,6 +40,7 @@ from lowgrad.config import (  # noqa: E402
     compose, drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted,
 )
 from lowgrad.errors import ConfigError, LowgradError, exit_on_user_error, fail  # noqa: E402
+from lowgrad.paths import DVC_YAML, METRICS, PARAMS  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
 from lowgrad.plan import stage_plan  # noqa: E402
 from lowgrad.stages.prepare import prepared_size  # noqa: E402
@@ -66,7 +67,7 @@ def stage_environment() -> dict[str, str]:
 def dvc_param_keys(root: Path = ROOT) -> list[str]:
     """The plain params keys that ``dvc.yaml`` declares or interpolates (``${model.checkpoint}``; ``foreach``
     templates left out)."""
-    stages = parse_yaml((root / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
+    stages = parse_yaml((root / DVC_YAML).read_text(), DVC_YAML)["stages"]
     keys = set()
     for stage in stages.values():
         body = stage.get("do", stage)
@@ -159,7 +160,7 @@ def apply_params(
     ``params.yaml``. A key that ``dvc.yaml`` tracks but the file leaves to its default is written out with that
     default (DVC refuses a stage whose declared param is missing)."""
     source, raw, checked = validated_params(params_file, overrides, root, drop)
-    target = root / "params.yaml"
+    target = root / PARAMS
     check_inputs(checked, root)  # before params.yaml is touched
     validated = checked.model_dump()
     defaults = {}
@@ -318,7 +319,7 @@ def publish_report(root: Path) -> None:
     Prefect UI): the verdict as Markdown and as a table, and the mean metrics with their intervals."""
     from lowgrad.report import results_table, verdict_rows, verdict_section
 
-    metrics = json.loads((root / "report/metrics.json").read_text())
+    metrics = json.loads((root / METRICS).read_text())
     columns = list(next(iter(metrics["methods"].values())))  # the OOD sets, then the mean
     markdown = [*verdict_section(metrics, plot=False), "## Results", "", results_table(metrics, columns), ""]
     create_markdown_artifact(key="lowgrad-report", markdown="\n".join(markdown),
@@ -349,7 +350,7 @@ def push_artifacts(root: str = str(ROOT)) -> None:
 
 @flow(name="lowgrad-pipeline", log_prints=True)
 def pipeline(
-    params_file: str = "params.yaml",
+    params_file: str = PARAMS,
     overrides: dict[str, Any] | None = None,
     root: str | None = None,
     push: bool = False,
@@ -365,7 +366,7 @@ def pipeline(
     try:
         with RunLock(project, wait=wait_for_lock):
             apply_params(params_file, overrides, project)
-            params = load_params(project / "params.yaml")
+            params = load_params(project / PARAMS)
             for stage in stage_plan(params, project):
                 state = run_stage(stage, str(project), return_state=True)
                 if not state.is_completed():
@@ -454,7 +455,7 @@ def _interrupt(signum: int, frame) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flows.pipeline`` (``tests/test_docs_commands.py`` parses documented ones)."""
     parser = argparse.ArgumentParser(description="Run the lowgrad pipeline as a Prefect flow.")
-    parser.add_argument("--params-file", default="params.yaml")
+    parser.add_argument("--params-file", default=PARAMS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. subspace.k=50")
     parser.add_argument("--push", action="store_true", help="dvc push --run-cache to the default remote at the end")
     parser.add_argument("--wait", action="store_true", help="wait for a run already going in this checkout")

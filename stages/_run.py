@@ -11,6 +11,7 @@ from pathlib import Path
 from lowgrad import timing
 from lowgrad.config import load_params
 from lowgrad.errors import LowgradError, exit_on_user_error
+from lowgrad.paths import PARAMS
 
 
 def _stage_name() -> str:
@@ -26,7 +27,7 @@ def run_stage(func: Callable, description: str, per_dataset: bool = False, recor
     parser = argparse.ArgumentParser(description=description)
     if per_dataset:
         parser.add_argument("dataset", help="dataset name from params.yaml (data.datasets)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=PARAMS, help=f"params file (default: {PARAMS})")
     args = parser.parse_args()
     timing.start()
     stage = _stage_name()

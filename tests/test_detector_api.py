@@ -15,7 +15,8 @@ from lowgrad.detectors import Head, detector_names
 from lowgrad.errors import DetectorError
 from lowgrad.models import build_model
 from lowgrad.paths import COMPONENTS, MODEL, SUBSPACE
-from lowgrad.saved_detector import ARRAYS, META, check_artifact, load_fitted, read_meta, save_fitted
+from lowgrad.paths import DETECTOR_ARRAYS as ARRAYS, DETECTOR_META as META
+from lowgrad.saved_detector import check_artifact, load_fitted, read_meta, save_fitted
 from lowgrad.scoring import ScoringContext, fusion_plan, run_all
 from tests.conftest import DIGITS
 

@@ -147,3 +147,37 @@ def test_every_entry_point_reports_errors_through_one_helper():
     before = 'import sys\ntry:\n    run()\nexcept E as err:\n    print(f"error: {err}", file=sys.stderr)\n    sys.exit(1)\n' \
              'sys.exit(f"error: {err}")\n'
     assert own_error_exits(ast.parse(before)) == [5, 6, 7]
+
+
+ARTIFACT_PREFIXES = ("artifacts/", "report/", "data/prepared", "models/model.", "models/trained.")
+
+
+def artifact_path_literals(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines of string constants that spell a project path (``"report/metrics.json"``, ``"params.yaml"``) instead
+    of naming it from lowgrad.paths; docstrings and longer messages that merely mention one are not paths."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+            if text in names or (text.startswith(ARTIFACT_PREFIXES) and " " not in text):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_every_project_path_is_named_in_paths_py():
+    """The artifact layout has one source, lowgrad.paths (tests may spell paths out: they check that layout)."""
+    import lowgrad.paths as paths
+
+    names = {v for k, v in vars(paths).items() if k.isupper() and isinstance(v, str)}
+    assert {"params.yaml", "dvc.lock", "report/metrics.json"} <= names
+    found = {str(path.relative_to(ROOT)): lines for base in ("src", "stages", "flows", "bench")
+             for path in sorted((ROOT / base).rglob("*.py")) if path != ROOT / "src/lowgrad/paths.py"
+             if (lines := artifact_path_literals(ast.parse(path.read_text()), names))}
+    assert found == {}, found
+    # negative control: the literals this replaced are found; a message that mentions a path is not one
+    before = 'm = json.loads((root / "report/metrics.json").read_text())\nload_params("params.yaml")\n' \
+             'x = Path("artifacts/extract") / name\nraise E("no dvc.lock (stages run outside DVC)")\n'
+    assert artifact_path_literals(ast.parse(before), names) == [1, 2, 3]

@@ -225,7 +225,7 @@ def _sigint_default() -> None:
 def _kept_outputs(root: Path) -> dict[str, bytes]:
     """score's and report's outputs, as bytes (the detector's two files stand for its folder)."""
     from lowgrad.paths import METRICS, REPORT, SCORES
-    from lowgrad.saved_detector import ARRAYS, META
+    from lowgrad.paths import DETECTOR_ARRAYS as ARRAYS, DETECTOR_META as META
 
     return {rel: (root / rel).read_bytes() for rel in (SCORES, ARRAYS, META, METRICS, REPORT)}
 

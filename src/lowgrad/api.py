@@ -100,7 +100,7 @@ class OODDetector:
     def load(cls, run_dir: str | Path, device: str = "cpu") -> "OODDetector":
         """The saved detector of the project at ``run_dir`` (after ``dvc repro`` or ``dvc pull``). Refuses, with one
         :class:`DetectorError` line, an artifact whose model, basis, normaliser or factors were replaced since."""
-        from lowgrad.saved_detector import META
+        from lowgrad.paths import DETECTOR_META as META
 
         root = Path(run_dir)
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from lowgrad.errors import ConfigError
+from lowgrad.paths import PARAMS, TRAINED
 from lowgrad.route import SKETCH_SETTINGS, Route
 
 
@@ -32,7 +33,6 @@ EMBEDDED_PHOTOS = "data/embedded/photos"
 BY_NAME = ("torchvision", "timm")  # model.arch: <library>:<model name> (lowgrad.models builds them)
 USER_MODULE = "module"  # model.arch: module:<import.path>:<callable>, the user's own nn.Module
 USER_CODE = "architectures"  # where that code lives: a DVC dependency of every stage that builds the model
-TRAINED_CHECKPOINT = "models/trained.pt"  # model.checkpoint that means: train model.arch on id_train (stage train)
 _REPLACED_SOURCES = {  # earlier source kinds that read scikit-learn's bundled copies: now files DVC can track
     "sklearn_digits": f"{{source: npz, path: {EMBEDDED_DIGITS}}}",
     "sklearn_photos": f"{{source: photo_patches, path: {EMBEDDED_PHOTOS}, n: ...}}",
@@ -130,7 +130,7 @@ class ModelConfig(_Strict):
 
     arch: str = Field(min_length=1)  # registered in lowgrad.models, torchvision:<name>, timm:<name>, module:<path>:<callable>
     num_classes: Int = Field(gt=1)
-    checkpoint: str = Field(TRAINED_CHECKPOINT, min_length=1)
+    checkpoint: str = Field(TRAINED, min_length=1)
 
     @field_validator("arch")
     @classmethod
@@ -157,10 +157,10 @@ class ModelConfig(_Strict):
     @classmethod
     def _a_file(cls, value: Any) -> Any:
         if value is None:
-            raise ValueError(f"model.checkpoint must name a file: a state_dict, or {TRAINED_CHECKPOINT} to train "
+            raise ValueError(f"model.checkpoint must name a file: a state_dict, or {TRAINED} to train "
                              "model.arch on id_train (null no longer means 'train': DVC tracks the file)")
         if isinstance(value, str) and not value.strip():
-            raise ValueError(f"model.checkpoint is empty: name a state_dict file, or {TRAINED_CHECKPOINT} to train "
+            raise ValueError(f"model.checkpoint is empty: name a state_dict file, or {TRAINED} to train "
                              "model.arch on id_train")
         if isinstance(value, str) and "://" in value:
             raise ValueError(f"'{value}' is a URL: nothing is fetched at run time (a result must belong to a file DVC "
@@ -172,7 +172,7 @@ class ModelConfig(_Strict):
         """The checkpoint is the ``train`` stage's model."""
         import os.path
 
-        return os.path.normpath(self.checkpoint) == TRAINED_CHECKPOINT
+        return os.path.normpath(self.checkpoint) == TRAINED
 
 
 class TrainConfig(_Strict):
@@ -371,7 +371,6 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 EXTENDS = "extends"  # a profile's key: the params file it states its differences from (docs/pipeline.md, Profiles)
-WORKSPACE_PARAMS = "params.yaml"  # the file DVC reads: always complete, never a profile
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -426,12 +425,12 @@ def profile_chain(path: str | Path, load: Callable[[Path], Any] = _read_mapping)
             return chain[::-1]
         if not isinstance(base, str) or not base.strip():
             raise ConfigError(f"{path}: {EXTENDS}: must name a params file (relative to {path.parent}), got {base!r}")
-        if path.name == WORKSPACE_PARAMS:
+        if path.name == PARAMS:
             raise ConfigError(f"{path}: params.yaml cannot use '{EXTENDS}': DVC keys the stages by its values, so it must "
                               f"state every one; keep the profile in its own file and run it with "
                               f"python -m flows.pipeline --params-file <profile>")
         target = path.parent / base
-        if target.name == WORKSPACE_PARAMS:
+        if target.name == PARAMS:
             raise ConfigError(f"{path}: {EXTENDS}: {base}: a profile cannot extend params.yaml (every run and "
                               f"`dvc exp run -S` rewrite it); extend a file under configs/")
         if not target.is_file():
@@ -454,7 +453,7 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     return compose(path)[0]
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None, scoring: bool = True) -> Params:
+def load_params(path: str | Path = PARAMS, overrides: dict[str, Any] | None = None, scoring: bool = True) -> Params:
     """Read, apply dotted ``overrides`` and validate a params file (``scoring``: as in :func:`parse_params`)."""
     raw = read_raw(path)
     for key, value in (overrides or {}).items():

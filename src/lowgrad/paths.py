@@ -34,7 +34,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+PARAMS = "params.yaml"  # the params file DVC reads (flows.pipeline writes it from a profile)
+DVC_YAML = "dvc.yaml"
+DVC_LOCK = "dvc.lock"
 PREPARED = "data/prepared/{name}.npz"
+TRAINED = "models/trained.pt"  # model.checkpoint that means: train model.arch on id_train (stage train)
 TRAIN_RESUME = "models/trained.resume.pt"  # the train stage's resumable state; removed once models/trained.pt is saved
 MODEL = "models/model.pt"
 MODEL_INFO = "models/model.json"
@@ -46,11 +50,14 @@ COMPONENTS = "artifacts/subspace/subspace.zarr"  # the basis V beside SUBSPACE
 PROJECTED = "artifacts/projected/{name}.npy"
 PHI_SQNORM = "artifacts/projected/{name}.sqnorm.npy"  # set names hold no '.', so never another set's G_low
 SCORES = "artifacts/scores.npz"
-DETECTOR = "artifacts/detector"  # the saved detector: arrays.npz + detector.json (lowgrad.saved_detector)
+DETECTOR = "artifacts/detector"  # the saved detector (lowgrad.saved_detector): its arrays and what they are
+DETECTOR_ARRAYS = f"{DETECTOR}/arrays.npz"
+DETECTOR_META = f"{DETECTOR}/detector.json"
 METRICS = "report/metrics.json"
 REPORT = "report/report.md"
 PLOTS = "report/plots"
 TIMINGS = "artifacts/timings"
+ABLATIONS = "report/ablations"  # bench.ablations' table
 
 
 @contextlib.contextmanager

@@ -9,13 +9,14 @@ from typing import Any
 
 from lowgrad.config import Params, get_dotted, parse_yaml
 from lowgrad.errors import ConfigError
+from lowgrad.paths import DVC_YAML
 
 
 def stage_plan(params: Params, root: str | Path = ".") -> list[str]:
     """This configuration's DVC stage names (``prepare@id_train``, ..., ``report``) in the order ``root/dvc.yaml``
     lists them, each ``foreach: ${key}`` expanded over that params key. dvc.yaml lists its stages in dependency
     order (``tests/test_layout.py`` checks that against DVC's own graph), so this is an order to run them in."""
-    dvc_yaml = parse_yaml((Path(root) / "dvc.yaml").read_text(), "dvc.yaml")
+    dvc_yaml = parse_yaml((Path(root) / DVC_YAML).read_text(), DVC_YAML)
     return expand_stages(dvc_yaml["stages"], params.model_dump())
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from lowgrad import __version__
 from lowgrad.config import Params
-from lowgrad.paths import COMPONENTS, EXTRACTED, MODEL, SUBSPACE
+from lowgrad.paths import COMPONENTS, DVC_LOCK, EXTRACTED, MODEL, SUBSPACE
 
 
 def _lock_hashes(lock: dict[str, Any], stage: str, kind: str) -> dict[str, str]:
@@ -35,7 +35,7 @@ def run_provenance(params: Params, root: str | Path = ".") -> dict[str, Any]:
     """The inputs (every set's ``path``, the checkpoint) and the main artifacts (model, V, the gradient stores)
     with the md5 DVC recorded, the lowgrad version and the commit (``dirty``: uncommitted changes)."""
     root = Path(root)
-    lock_file = root / "dvc.lock"
+    lock_file = root / DVC_LOCK
     lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.is_file() else {}
     inputs = {}
     for name, spec in params.data.datasets.items():
@@ -52,5 +52,5 @@ def run_provenance(params: Params, root: str | Path = ".") -> dict[str, Any]:
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
     return {"lowgrad": __version__, "git_commit": commit, "git_dirty": bool(status) if commit else None,
-            "hashes_from": "dvc.lock" if lock else "no dvc.lock (stages run outside DVC)",
+            "hashes_from": DVC_LOCK if lock else "no dvc.lock (stages run outside DVC)",
             "inputs": inputs, "artifacts": artifacts}

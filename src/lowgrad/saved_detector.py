@@ -27,12 +27,10 @@ import numpy as np
 from lowgrad.config import USER_CODE, USER_MODULE, Params
 from lowgrad.detectors import Detector, Head
 from lowgrad.errors import DetectorError
-from lowgrad.paths import COMPONENTS, DETECTOR, FACTORS, MODEL, SUBSPACE, atomic_dir, sha256
+from lowgrad.paths import COMPONENTS, DETECTOR, DETECTOR_ARRAYS, DETECTOR_META, FACTORS, MODEL, SUBSPACE, atomic_dir, sha256
 from lowgrad.route import Route
 from lowgrad.rows import member_detector
 
-ARRAYS = f"{DETECTOR}/arrays.npz"
-META = f"{DETECTOR}/detector.json"
 FORMAT = 1
 TPR = 0.95  # each row's threshold keeps this fraction of id_test at or above it
 SAVED_SECTIONS = ("seed", "data", "model", "gradient", "subspace", "scoring")  # what scoring new images needs
@@ -50,7 +48,7 @@ def _saved_params(params: Params) -> dict[str, Any]:
 
 # the library code that decides how saved rows score new images (features, gradients on each route, G_low, the
 # detectors and fusion): its sha256 is saved, and an artifact written by other code is refused
-SCORING_CODE = ("data", "models", "gradients", "sketch", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
+SCORING_CODE = ("data", "models", "networks", "checkpoints", "route", "gradients", "sketch", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
                 "factors", "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
 
 
@@ -117,9 +115,9 @@ def save_fitted(fitted, params: Params, id_test_scores: dict[str, np.ndarray], r
                 arrays[f"calibration/{label}"] = np.asarray(fitted.calibration[label], dtype=np.float64)
             entries[part][label] = entry
     arrays.update({f"id_test/{label}": np.asarray(s, dtype=np.float64) for label, s in id_test_scores.items()})
-    arrays_file = into / Path(ARRAYS).name
+    arrays_file = into / Path(DETECTOR_ARRAYS).name
     np.savez(arrays_file, **arrays)
-    (into / Path(META).name).write_text(json.dumps({
+    (into / Path(DETECTOR_META).name).write_text(json.dumps({
         "format": FORMAT,
         "thresholds": {label: tpr_threshold(s, TPR) for label, s in id_test_scores.items()},  # every row, fused too
         "rows": entries["rows"],
@@ -150,9 +148,9 @@ def read_meta(root: str | Path = ".") -> dict[str, Any]:
     """``detector.json`` of the run at ``root``, read and its keys checked, nothing hashed (what a monitor checks
     before it knows whether there is anything to score)."""
     root = Path(root)
-    meta_path = root / META
+    meta_path = root / DETECTOR_META
     if not meta_path.is_file():
-        raise DetectorError(f"{root}: no saved detector ({META} is missing); run the pipeline there first "
+        raise DetectorError(f"{root}: no saved detector ({DETECTOR_META} is missing); run the pipeline there first "
                             "(`dvc repro score`), or `dvc pull` its artifacts")
     try:
         meta = json.loads(meta_path.read_text())
@@ -175,9 +173,9 @@ def check_artifact(root: str | Path = ".") -> dict[str, Any]:
     meta = read_meta(root)
     changed = [f for f, digest in code_digests().items() if meta["code_sha256"].get(f) != digest]
     if changed:
-        raise DetectorError(f"{root / META} was saved by other lowgrad code ({', '.join(changed)} differ): the rows "
+        raise DetectorError(f"{root / DETECTOR_META} was saved by other lowgrad code ({', '.join(changed)} differ): the rows "
                             "would score new images differently from the run; rerun `dvc repro score` with this code")
-    recorded = {ARRAYS: meta["arrays_sha256"], **meta["belongs_with"]}
+    recorded = {DETECTOR_ARRAYS: meta["arrays_sha256"], **meta["belongs_with"]}
     for path, digest in recorded.items():
         if not (root / path).exists():
             raise DetectorError(f"{root / path} is missing: the saved detector scores with it; `dvc pull` or rerun "
@@ -193,16 +191,16 @@ def load_fitted(root: str | Path, ctx, meta: dict[str, Any], params: Params) -> 
     ``params``: parsed from it; ``ctx``: a :class:`lowgrad.scoring.ScoringContext` with the run's model head and
     input std)."""
     root = Path(root)
-    blob = (root / ARRAYS).read_bytes()  # read once and checked: the arrays are the ones ``meta`` names, even when
+    blob = (root / DETECTOR_ARRAYS).read_bytes()  # read once and checked: the arrays are the ones ``meta`` names, even when
     if hashlib.sha256(blob).hexdigest() != meta["arrays_sha256"]:  # a rerun replaced the folder since
-        raise DetectorError(f"{root / ARRAYS} changed while it was read (a rerun of `score` replaced the detector): "
+        raise DetectorError(f"{root / DETECTOR_ARRAYS} changed while it was read (a rerun of `score` replaced the detector): "
                             "load it again")
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         arrays = {key: z[key] for key in z.files}
     try:
         return _restored(arrays, meta, params, ctx)
     except KeyError as err:  # the digests matched, so this is an artifact written wrongly, not a damaged one
-        raise DetectorError(f"{root / ARRAYS} lacks {err}: not a complete saved detector; rerun `dvc repro score`") from None
+        raise DetectorError(f"{root / DETECTOR_ARRAYS} lacks {err}: not a complete saved detector; rerun `dvc repro score`") from None
 
 
 def _restored(arrays: dict[str, np.ndarray], meta: dict[str, Any], params: Params, ctx) -> SavedDetector:

@@ -4,16 +4,16 @@ nothing. Stage ``model`` then imports whichever checkpoint the params name, as a
 
 from __future__ import annotations
 
-from lowgrad.config import TRAINED_CHECKPOINT, Params
+from lowgrad.config import Params
 from lowgrad.data import load_image_set
-from lowgrad.paths import PREPARED, write_text
+from lowgrad.paths import PREPARED, TRAINED, write_text
 
 
 def train(params: Params) -> None:
     """Train (seeded: the initial weights are part of the run; resumed after the last finished epoch when a kill
     interrupted it), refuse a non-finite result, save its state_dict."""
     if not params.model.trains:
-        write_text(TRAINED_CHECKPOINT, f"not trained: model.checkpoint is {params.model.checkpoint}\n")
+        write_text(TRAINED, f"not trained: model.checkpoint is {params.model.checkpoint}\n")
         return
     import torch
 
@@ -25,5 +25,5 @@ def train(params: Params) -> None:
     model = fresh_model(params)
     model = train_classifier(model, load_image_set(PREPARED.format(name="id_train")), params, pick_device(params.device))
     check_finite_state(model, "the trained model")
-    save_state_dict(model, TRAINED_CHECKPOINT)
+    save_state_dict(model, TRAINED)
     finish_training()
