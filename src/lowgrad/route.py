@@ -165,6 +165,11 @@ class Route:
         return None
 
 
+def _flat(by_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{layer: {part: array}}`` as stored, ``{"layer/part": array}`` (:func:`lowgrad.factors.unflatten` reverses it)."""
+    return {f"{layer}/{part}": v for layer, parts in by_layer.items() for part, v in parts.items()}
+
+
 class Exact(Route):
     """Exact per-sample gradients stored (``N x P`` per set); the basis is fitted on the store."""
 
@@ -222,8 +227,7 @@ class Kronecker(Route):
         from lowgrad.sketch import fit_kronecker_nfk
 
         layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
-        arrays = {f"{layer}/{part}": v for layer, parts in layer_factors.items() for part, v in parts.items()}
-        return arrays, {"rank_one_relative_error": errors}
+        return _flat(layer_factors), {"rank_one_relative_error": errors}
 
     def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
         from lowgrad.sketch import KroneckerSketch
@@ -249,8 +253,7 @@ class ExactNFK(Route):
     def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
         from lowgrad.sketch import fit_exact_nfk
 
-        exact = fit_exact_nfk(model, batches, param_names=param_names)
-        return {f"{layer}/{part}": v for layer, parts in exact.items() for part, v in parts.items()}, {}
+        return _flat(fit_exact_nfk(model, batches, param_names=param_names)), {}
 
     def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
         from lowgrad.sketch import ExactNFKSketch
