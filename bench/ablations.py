@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import ROOT, apply_params, composed_text, stage_environment
+from flows.params_file import composed_text
+from flows.pipeline import ROOT, apply_params, stage_environment
 from lowgrad import paths
 from lowgrad.config import raw_route, read_raw, set_dotted
 

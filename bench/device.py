@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{part.name}: {' '.join(command(part, args.set, False)[1:])}\n  expected: {part.expected}")
         return 0
     if args.action == "check":  # what `flows.pipeline ... --check` does, in this process
-        from flows.pipeline import check, parse_overrides
+        from flows.params_file import parse_overrides
+        from flows.pipeline import check
         from lowgrad.errors import LowgradError
 
         for part in parts:

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         url = require_server()
 
-        from flows.pipeline import parse_overrides, pipeline
+        from flows.params_file import parse_overrides
+        from flows.pipeline import pipeline
 
         parameters = {
             "params_file": args.params_file,

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"serving deployment 'lowgrad-monitor/{args.name}' on {url}, every {args.every} s, parameters {parameters}")
         monitor.serve(name=args.name, interval=args.every, parameters=parameters)
         return
-    from flows.pipeline import start_temporary_server
+    from flows.server import start_temporary_server
 
     with exit_on_user_error():
         start_temporary_server()

@@ -37,10 +37,12 @@ from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed  # noqa: E402
 
 from lowgrad.config import (  # noqa: E402
-    compose, drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted,
+    drop_dotted, get_dotted, load_params, parse_params, parse_yaml, read_raw, set_dotted,
 )
 from lowgrad.errors import ConfigError, LowgradError, exit_on_user_error, fail  # noqa: E402
 from lowgrad.paths import DVC_YAML, METRICS, PARAMS  # noqa: E402
+from flows.params_file import composed_document, parse_overrides, round_trip_yaml  # noqa: E402
+from flows.server import start_temporary_server  # noqa: E402
 from lowgrad.runlock import RunLock  # noqa: E402
 from lowgrad.plan import stage_plan  # noqa: E402
 from lowgrad.stages.prepare import prepared_size  # noqa: E402
@@ -183,43 +185,6 @@ def apply_params(
         node[leaf] = value
     with open(target, "w") as fh:
         rt.dump(doc, fh)
-
-
-def round_trip_yaml():
-    """ruamel's round-trip YAML (comments kept) as the flow writes params files."""
-    from ruamel.yaml import YAML
-
-    rt = YAML()
-    rt.width = 4096  # a merged flow mapping stays on one line
-    rt.indent(mapping=2, sequence=4, offset=2)  # list items indented under their key, as in the committed files
-    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return rt
-
-
-def composed_text(source: Path) -> str:
-    """A params file, or a profile merged with its bases, as the complete YAML text the flow would write."""
-    import io
-
-    rt = round_trip_yaml()
-    out = io.StringIO()
-    rt.dump(composed_document(source, rt), out)
-    return out.getvalue()
-
-
-def composed_document(source: Path, rt) -> Any:
-    """``source`` as one ruamel document: a profile's ``extends`` chain merged by the rule of
-    :func:`lowgrad.config.merge_profile` (comments kept), headed by the profile's own first comment and a line
-    that says where it came from (params.yaml must be complete: DVC keys the stages by its values)."""
-    doc, chain = compose(source, lambda path: rt.load(path.read_text()))
-    if len(chain) > 1:
-        names = " -> ".join(path.name for path, _ in chain)
-        own = chain[-1][1].ca.comment
-        header = "".join(token.value for token in (own[1] or [])) if own else ""
-        lines = [line[2:] if line.startswith("# ") else line[1:] for line in header.rstrip("\n").splitlines()]
-        lines.append(f"Written by flows.pipeline from {source.name}, merged as {names}: edit the profile, not this file.")
-        doc.ca.comment = None
-        doc.yaml_set_start_comment("\n".join(lines))
-    return doc
 
 
 # a stage failure is retried only when its output names a cause that can clear by itself
@@ -385,63 +350,6 @@ def pipeline(
     ran = [r["stage"] for r in summary if r["status"] == "ran"]
     logger.info("pipeline done: %d stages ran (%s), %d skipped", len(ran), ", ".join(ran) or "none", len(summary) - len(ran))
     return summary
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` pairs as a mapping, each value read as YAML (one :class:`ConfigError` line otherwise)."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
-        key, value = pair.split("=", 1)
-        out[key] = parse_yaml(value, f"--set {key}")
-    return out
-
-
-def start_temporary_server() -> Path | None:
-    """Start Prefect's temporary API server (when no ``PREFECT_API_URL`` is set) with its own output sent to
-    ``$PREFECT_HOME/temporary-server.log``; returns that path, or None when a server is configured.
-
-    Prefect starts the same server lazily and lets it write to our terminal; its shutdown can race with its own
-    database sessions and print a sqlalchemy traceback under the user's one ``error:`` line. Started here
-    first, the server is the singleton Prefect's client reuses, and it inherits the log file as stdout/stderr."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
-
-    if PREFECT_API_URL.value():
-        return None
-    home = Path(PREFECT_HOME.value()).expanduser()
-    log_path = home / "temporary-server.log"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")  # appended: a second flow refused by the run lock must not truncate it
-    except OSError as err:
-        raise LowgradError(f"cannot write the temporary Prefect server's log {log_path} ({err.strerror or err}); "
-                           "set PREFECT_HOME to a writable directory") from None
-    with log:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        saved = [(fd, os.dup(fd)) for fd in (1, 2) if _is_open(fd)]
-        try:
-            for fd, _ in saved:
-                os.dup2(log.fileno(), fd)
-            SubprocessASGIServer().start()  # stopped by Prefect at exit, after its log and event workers drain
-        except Exception as err:
-            raise LowgradError(f"the temporary Prefect server did not start ({err}); its log: {log_path}") from err
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
-    return log_path
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -46,7 +46,8 @@ def all_documented() -> list[tuple[str, list[str]]]:
 def check_documented(args: list[str], root: Path = ROOT) -> list[str]:
     """``--check`` of one documented command, in this process; missing inputs at placeholder paths (or in an absent
     ../shared) are allowed, any other problem raises."""
-    from flows.pipeline import parse_overrides, build_parser, check_architecture, missing_inputs, validated_params
+    from flows.params_file import parse_overrides
+    from flows.pipeline import build_parser, check_architecture, missing_inputs, validated_params
     from lowgrad.plan import stage_plan
 
     parsed = build_parser().parse_args(args)

@@ -127,7 +127,6 @@ def test_model_stage_refuses_non_finite_checkpoints(tmp_path, tensor):
     assert not (root / "models/model.pt").exists()
 
 
-@pytest.mark.slow  # a training run
 def test_diverging_training_stops_at_the_first_non_finite_loss(tmp_path):
     root = _tiny(tmp_path, **{"train.lr": 1e6})
     _one_error(dvc(root, "repro", "model", check=False), "training diverged", "lower train.lr")
@@ -238,7 +237,6 @@ def test_duplicate_keys_are_refused():
 
 
 # -- 3 / 5 through the flow: one attempt, the stage's error line in the final message ---------------------------
-@pytest.mark.slow  # the flow on a Prefect server
 def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path, prefect_api):
     root = _tiny(tmp_path)
     set_param(root, "data.datasets.bad", {"source": "npz", "path": _bad_npz(root, "truncated")})
@@ -255,13 +253,13 @@ def test_flow_user_errors_are_not_retried_and_keep_the_stage_line(tmp_path, pref
     assert not (root / "artifacts/extract").exists() and "[extract@" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow  # the flow's temporary Prefect server
 def test_the_temporary_server_writes_to_its_log_and_not_to_the_terminal(tmp_path):
     """Prefect's server output (a shutdown race can print a sqlalchemy traceback) goes to a log file; the
     flow's own stdout/stderr stay the terminal's."""
     code = ("import os, psutil\n"
             "from prefect.server.api.server import SubprocessASGIServer\n"
-            "from flows.pipeline import start_temporary_server\n"
+            "import flows.pipeline  # a flow module: Prefect's logging is set up, as where the flows start it\n"
+            "from flows.server import start_temporary_server\n"
             "log = start_temporary_server()\n"
             "server = psutil.Process(SubprocessASGIServer().server_process.pid)\n"
             "print(log, [f.path for f in server.open_files() if f.fd in (1, 2)],\n"
@@ -288,7 +286,6 @@ def test_output_pieces_split_lines_and_progress_updates():
         ("start", False), ("bar  10%", True), ("bar  50%", True), ("bar 100%", False), ("done", False), ("error: x", False)]
 
 
-@pytest.mark.slow  # the flow and its temporary Prefect server
 def test_sigterm_stops_the_stage_and_the_temporary_server(tmp_path):
     root = _tiny(tmp_path, **{"train.epochs": 400})  # a train stage long enough to be caught running
     env = {**_env(), "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
