@@ -1,7 +1,7 @@
 """Extraction throughput and peak memory on the paper's CIFAR ResNet-18 (CPU), three routes in one run:
 
 (a) plain forward + backward of the batch (the floor any gradient method pays),
-(b) the Kronecker sketch (lowgrad.sketch, rank-1 NFK factors folded into the projections),
+(b) the Kronecker sketch (lowgrad.kronecker, rank-1 NFK factors folded into the projections),
 (b') the exact-NFK sketch (a CountSketch of the formed, exactly normalised per-layer gradients into --dim buckets,
      with the exact ||phi||^2; its w and z are fitted on one batch before the clock starts),
 (c) the naive route: ``vmap(grad)`` per-sample gradients + a dense seeded Gaussian projection to the same
@@ -60,7 +60,7 @@ def route(name: str, n: int, batch: int, rank: int, dim: int = 16384) -> dict:
             torch.logsumexp(model(x[i : i + batch]), 1).sum().backward()
         out["per_s"] = n / (time.perf_counter() - start)
     elif name == "sketch":
-        from lowgrad.sketch import KroneckerSketch
+        from lowgrad.kronecker import KroneckerSketch
 
         sketch = KroneckerSketch(model, rank=rank, seed=0)
         start = time.perf_counter()
@@ -69,7 +69,8 @@ def route(name: str, n: int, batch: int, rank: int, dim: int = 16384) -> dict:
         out["per_s"] = n / (time.perf_counter() - start)
         out["dim"] = sketch.dim
     elif name == "exact_sketch":
-        from lowgrad.sketch import ExactNFKSketch, fit_exact_nfk
+        from lowgrad.exact_nfk import ExactNFKSketch
+        from lowgrad.nfk_factors import fit_exact_nfk
 
         normalisation = fit_exact_nfk(model, [x[:batch]])
         sketch = ExactNFKSketch(model, dim=dim, seed=0, normalisation=normalisation)
@@ -80,7 +81,7 @@ def route(name: str, n: int, batch: int, rank: int, dim: int = 16384) -> dict:
         out["dim"] = sketch.dim
     else:  # naive: vmap(grad) + dense projection (slice of P, extrapolated)
         from lowgrad.gradients import PerSampleGradients, select_parameters
-        from lowgrad.sketch import KroneckerSketch
+        from lowgrad.kronecker import KroneckerSketch
 
         dim = KroneckerSketch(model, rank=rank, seed=0).dim
         psg = PerSampleGradients(model, select_parameters(model, "all"))

@@ -146,10 +146,10 @@ def test_an_artifact_saved_by_other_scoring_code_or_incomplete_is_refused(tmp_pa
 
     _run(tmp_path)
     meta = json.loads((tmp_path / META).read_text())
-    assert "lowgrad/sketch.py" in meta["code_sha256"] and "lowgrad/detectors.py" in meta["code_sha256"]
-    meta["code_sha256"]["lowgrad/sketch.py"] = "0" * 64  # as if written before an edit of the sketch
+    assert "lowgrad/kronecker.py" in meta["code_sha256"] and "lowgrad/detectors.py" in meta["code_sha256"]
+    meta["code_sha256"]["lowgrad/kronecker.py"] = "0" * 64  # as if written before an edit of the sketch
     (tmp_path / META).write_text(json.dumps(meta))
-    with pytest.raises(DetectorError, match=r"saved by other lowgrad code \(lowgrad/sketch.py differ"):
+    with pytest.raises(DetectorError, match=r"saved by other lowgrad code \(lowgrad/kronecker.py differ"):
         check_artifact(tmp_path)
     del meta["thresholds"]
     (tmp_path / META).write_text(json.dumps(meta))

@@ -37,7 +37,9 @@ NOT_FOLLOWED = {  # import edges the static graph leaves out, each taken only wh
 }
 ROUTE_STEPS = ("factors", "extract")  # the stages that take a route's own steps (its factors and its sketch)
 FOLLOWED_ONLY_FOR = {  # import edges followed for some stages only: the probe shows no other stage takes them
-    ("src/lowgrad/route.py", "src/lowgrad/sketch.py"): ROUTE_STEPS,  # Kronecker / exact-NFK factors and sketches
+    ("src/lowgrad/route.py", "src/lowgrad/kronecker.py"): ROUTE_STEPS,  # the Kronecker sketch
+    ("src/lowgrad/route.py", "src/lowgrad/exact_nfk.py"): ROUTE_STEPS,  # the exact-NFK sketch
+    ("src/lowgrad/route.py", "src/lowgrad/nfk_factors.py"): ROUTE_STEPS,  # their NFK factors
     ("src/lowgrad/route.py", "src/lowgrad/dense_sketch.py"): ROUTE_STEPS,  # the dense route's
     ("src/lowgrad/route.py", "src/lowgrad/gradients.py"): ROUTE_STEPS,  # the exact route's size check (the flow's)
 }

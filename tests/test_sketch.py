@@ -9,7 +9,8 @@ import torch
 from lowgrad.gradients import PerSampleGradients, select_parameters
 from lowgrad.models import build_model
 from lowgrad.networks import FeatureClassifier
-from lowgrad.sketch import KroneckerSketch, fit_kronecker_nfk
+from lowgrad.kronecker import KroneckerSketch
+from lowgrad.nfk_factors import fit_kronecker_nfk
 from tests.test_gradients import _randomise_bn
 
 from tests.conftest import DIGITS
@@ -88,7 +89,7 @@ def _nfk_scale(g: torch.Tensor) -> np.ndarray:
 
 
 def test_leading_singular_pair_matches_the_svd():
-    from lowgrad.sketch import _leading_singular_pair, rank_one_masked
+    from lowgrad.nfk_factors import _leading_singular_pair, rank_one_masked
 
     w = np.random.default_rng(0).uniform(0.1, 3.0, (40, 90)) ** 3  # positive, like an NFK scale matrix
     a, b = _leading_singular_pair(w)
@@ -308,7 +309,8 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
 
 
 # -- the exact-NFK route: exact NFK scale and exact ||phi|| inside a CountSketch --------------------------------------
-from lowgrad.sketch import ExactNFKSketch, fit_exact_nfk  # noqa: E402
+from lowgrad.exact_nfk import ExactNFKSketch  # noqa: E402
+from lowgrad.nfk_factors import fit_exact_nfk  # noqa: E402
 
 
 def _exact_phi_reference(model, x_kernel, x):
@@ -568,7 +570,7 @@ def test_per_sample_conv_weight_gradients_on_either_path(conv, size):
     """``exact_layer_gradients`` of a Conv2d equals each sample's own autograd gradient (float64), whether formed
     as one grouped weight-gradient convolution over the batch (more positions than output channels) or from
     unfolded patches, written into ``out`` or not. Negative control: another sample's output gradient gives another gradient."""
-    from lowgrad.sketch import _forms_by_grouped_convolution, exact_layer_gradients
+    from lowgrad.layer_capture import _forms_by_grouped_convolution, exact_layer_gradients
 
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(**conv, bias=False).double()

@@ -224,13 +224,13 @@ class Kronecker(Route):
         return {**super().store_meta(params, layout, factors_sha256), "sketch_rank": params.gradient.sketch_rank}
 
     def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
-        from lowgrad.sketch import fit_kronecker_nfk
+        from lowgrad.nfk_factors import fit_kronecker_nfk
 
         layer_factors, errors = fit_kronecker_nfk(model, batches, param_names=param_names)
         return _flat(layer_factors), {"rank_one_relative_error": errors}
 
     def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
-        from lowgrad.sketch import KroneckerSketch
+        from lowgrad.kronecker import KroneckerSketch
 
         return KroneckerSketch(model, params.gradient.sketch_rank, params.seed, factors, param_names)
 
@@ -251,12 +251,12 @@ class ExactNFK(Route):
         return "ntk"  # the rows are already centred and scaled
 
     def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
-        from lowgrad.sketch import fit_exact_nfk
+        from lowgrad.nfk_factors import fit_exact_nfk
 
         return _flat(fit_exact_nfk(model, batches, param_names=param_names)), {}
 
     def make_sketch(self, params: Params, model: Any, param_names: list[str], factors: dict) -> Any:
-        from lowgrad.sketch import ExactNFKSketch
+        from lowgrad.exact_nfk import ExactNFKSketch
 
         return ExactNFKSketch(model, params.gradient.sketch_dim, params.seed, factors or None, param_names)
 

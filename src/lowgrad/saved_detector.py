@@ -48,8 +48,9 @@ def _saved_params(params: Params) -> dict[str, Any]:
 
 # the library code that decides how saved rows score new images (features, gradients on each route, G_low, the
 # detectors and fusion): its sha256 is saved, and an artifact written by other code is refused
-SCORING_CODE = ("data", "models", "networks", "checkpoints", "route", "gradients", "sketch", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
-                "factors", "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
+SCORING_CODE = ("data", "models", "networks", "checkpoints", "route", "gradients", "layer_capture", "kronecker",
+                "exact_nfk", "nfk_factors", "countsketch", "countsketch_kernel", "dense_sketch", "extract", "factors",
+                "matrix_free", "subspace", "probe", "detectors", "fusion", "scoring", "saved_detector")
 
 
 def belongs_with(params: Params) -> list[str]:
