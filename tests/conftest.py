@@ -44,6 +44,18 @@ def _prefect_isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@pytest.fixture(autouse=True)
+def _user_code_isolated():
+    """Each test builds the ``module:architectures.*`` models of its own project: a build leaves that project's root
+    on ``sys.path`` and its ``architectures`` modules in ``sys.modules`` (right for a process that builds one
+    project), so a worker running many projects' tests drops them after each test."""
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
+    for name in [n for n in sys.modules if n == "architectures" or n.startswith("architectures.")]:
+        del sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def tiny_finished(tmp_path_factory) -> Path:
     """The tiny project (``tests.test_pipeline.TINY``) run to the end once per session, shared by the pytest-xdist

@@ -191,7 +191,6 @@ def test_matrix_free_route_states_that_it_ignores_a_sketch():
     assert route.name == "matrix_free" and route.unused == ("gradient.sketch",)
 
 
-@pytest.mark.slow  # bench.routes end to end
 def test_bench_routes_exact_against_stored_gradients(tmp_path):
     """``bench.routes`` runs every stage in-process for both routes; the gradient detectors agree."""
     import json

@@ -391,3 +391,40 @@ def test_scheduled_deployment_on_a_real_prefect_server(project, tmp_path, prefec
         if serve is not None:
             terminate(serve)
         logs.close()
+
+
+def test_a_run_older_than_the_familywise_readings_gets_them_by_reevaluation(tiny_finished, tmp_path):
+    """bench.reevaluate on a finished run whose metrics lack the family-wise readings (as a run of older code):
+    the per-comparison readings are reproduced, the family-wise ones are those the score stage gives, the report
+    has the column; other bootstrap settings are refused (negative control), as is another configuration."""
+    import json
+    import shutil
+
+    import yaml
+
+    from bench.reevaluate import reevaluate
+    from lowgrad.errors import LowgradError
+
+    run = Path(shutil.copytree(tiny_finished, tmp_path / "run", symlinks=True))
+    full = json.loads((run / "report/metrics.json").read_text())
+    older = json.loads(json.dumps(full))
+    del older["familywise"]
+    for kinds in older["deltas"].values():
+        for comp in kinds.values():
+            for cell in comp["mean"].values():
+                del cell["ci_familywise"], cell["verdict_familywise"]
+    (run / "report/metrics.json").write_text(json.dumps(older))
+    metrics = reevaluate(run, run / "params.yaml", tmp_path / "out")
+    assert metrics["deltas"] == full["deltas"] and metrics["familywise"] == full["familywise"]
+    text = (tmp_path / "out/report.md").read_text()
+    assert f"Family-wise: the {full['familywise']['comparisons']} distinct comparisons" in text
+    assert "not computed (metrics written before the family-wise intervals)" not in text
+    raw = yaml.safe_load((run / "params.yaml").read_text())
+    raw["scoring"]["bootstrap"]["seed"] = 1
+    (tmp_path / "seed1.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(LowgradError, match="per-comparison readings are not reproduced"):
+        reevaluate(run, tmp_path / "seed1.yaml", tmp_path / "out1")
+    raw["scoring"]["bootstrap"]["seed"], raw["subspace"]["k"] = 0, 4
+    (tmp_path / "k4.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(LowgradError, match="'subspace' differs from the run's own params.yaml"):
+        reevaluate(run, tmp_path / "k4.yaml", tmp_path / "out2")

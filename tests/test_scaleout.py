@@ -36,7 +36,6 @@ def _params(scheduler):
     })
 
 
-@pytest.mark.slow  # a Dask cluster
 def test_dask_sharded_extraction_equals_single_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = _params(None)

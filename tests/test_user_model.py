@@ -97,7 +97,6 @@ def test_code_outside_architectures_or_not_the_projects_is_refused(project, tmp_
         build_model("module:architectures.stray:Net", 4, in_channels=1, image_size=8)
 
 
-@pytest.mark.slow  # the whole pipeline on every route
 @pytest.mark.parametrize("route,change", [
     ("exact", {}),
     ("kronecker", {"gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64}}),
