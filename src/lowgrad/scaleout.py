@@ -1,7 +1,8 @@
 """Scale-out on an existing distributed engine (``dask.distributed``).
 
 - Extraction: the pending chunks split into shards, each filled by one Dask task on a worker, writing
-  only its own whole chunks of the zarr store (bit-identical to the single-process run).
+  only its own whole chunks of the zarr store (bit-identical to the single-process run on the CPU, tested; on
+  CUDA nothing sets deterministic algorithms, so chunks may differ from a single-process run in the last bits).
 - Subspace passes: each worker reduces its shard of chunks to a partial product (moments,
   ``Phi_rows @ R``, ``Phi_rows^T L``) and the client adds the partials (equal to the single-process
   result up to floating-point summation order).
