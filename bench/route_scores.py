@@ -21,15 +21,18 @@ import numpy as np
 
 from lowgrad import paths
 from lowgrad.config import read_raw
+from lowgrad.route import ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTE_SETTINGS = {  # small settings: the check is of equality, not of quality
-    "exact": {},
-    "kronecker": {"gradient": {"sketch": "kronecker", "sketch_rank": 4, "factor_samples": 64}},
-    "exact_nfk": {"gradient": {"sketch": "exact_nfk", "sketch_dim": 512, "factor_samples": 64}},
-    "dense": {"gradient": {"sketch": "dense", "sketch_dim": 256, "factor_samples": 64}},
-    "matrix_free": {"subspace": {"method": "exact_randomized"}},
-}
+SMALL = {"sketch_rank": 4, "sketch_dim": 512, "factor_samples": 64}  # the check is of equality, not of quality
+
+
+def route_change(route) -> dict[str, dict]:
+    """The params sections that switch the embedded default to ``route`` (a class of :data:`lowgrad.route.ROUTES`),
+    with the small settings it reads."""
+    switch = route.switch()
+    small = {k: v for k, v in SMALL.items() if k in route.reads or (k == "factor_samples" and route.is_sketch)}
+    return {"gradient": {"sketch": switch["gradient.sketch"], **small}, "subspace": {"method": switch["subspace.method"]}}
 
 
 def route_scores(root: Path = ROOT, n_scored: int = 200) -> dict[str, np.ndarray]:
@@ -42,9 +45,9 @@ def route_scores(root: Path = ROOT, n_scored: int = 200) -> dict[str, np.ndarray
     sets = {name: load_image_set(root / paths.PREPARED.format(name=name)) for name in ("id_train", "id_test", "digits_6to9")}
     base = read_raw(root / paths.PARAMS)
     out = {}
-    for route, change in ROUTE_SETTINGS.items():
+    for route, cls in ROUTES.items():
         raw = copy.deepcopy(base)
-        for section, values in change.items():
+        for section, values in route_change(cls).items():
             raw[section] = {**raw[section], **values}
         raw["scoring"]["bootstrap"] = {"replicates": 100}
         det = LowGrad.from_params(raw).fit(sets["id_train"].images, sets["id_train"].labels,
