@@ -42,6 +42,8 @@ FOLLOWED_ONLY_FOR = {  # import edges followed for some stages only: the probe s
     ("src/lowgrad/route.py", "src/lowgrad/nfk_factors.py"): ROUTE_STEPS,  # their NFK factors
     ("src/lowgrad/route.py", "src/lowgrad/dense_sketch.py"): ROUTE_STEPS,  # the dense route's
     ("src/lowgrad/route.py", "src/lowgrad/gradients.py"): ROUTE_STEPS,  # the exact route's size check (the flow's)
+    ("src/lowgrad/route.py", "src/lowgrad/memory.py"): (*ROUTE_STEPS, "subspace", "project"),  # the batch a device
+    # holds, where exact gradients are formed (the matrix-free route recomputes them in subspace and project)
 }
 
 

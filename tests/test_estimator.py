@@ -42,9 +42,11 @@ def _cifar_shaped(images: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow  # a torchvision ResNet-18 on the exact-NFK route, twice
-def test_the_python_docs_run_as_written():
-    """docs/python.md's first two examples, exec'd as written on small 32 x 32 x 3 sets (the reader's arrays);
-    a rotten example (a renamed method) fails (negative control)."""
+def test_the_python_docs_run_as_written(tmp_path, monkeypatch):
+    """docs/python.md's first two examples, exec'd as written on small 32 x 32 x 3 sets (the reader's arrays), in a
+    scratch working directory (they save a detector there); a rotten example (a renamed method) fails (negative
+    control)."""
+    monkeypatch.chdir(tmp_path)
     examples = python_examples((ROOT / "docs/python.md").read_text())
     assert len(examples) >= 3
     train_images, train_labels = _digits(n=48)

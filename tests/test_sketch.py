@@ -306,6 +306,14 @@ def test_sketched_route_through_the_pipeline_functions(tmp_path, monkeypatch, ro
     other_seed = {**meta, "sketch_seed": 1}
     with pytest.raises(StoreError, match="meta.sketch_seed: stored 0, requested 1"):
         ChunkedStore.create_or_resume(store.path, store.n_rows, {k: tuple(v) for k, v in store.columns.items()}, store.chunk_rows, other_seed)
+    if route == "dense":  # a set whose Omega came from another device's generator is refused by project (issue 40)
+        import zarr
+
+        assert sub.sketch_layout_ == meta["sketch_layers"] and meta["sketch_layers"]["omega_drawn_on"] == "cpu"
+        group = zarr.open_group(str(ood_store.path), mode="r+")
+        group.attrs["meta"] = {**group.attrs["meta"], "sketch_layers": {**meta["sketch_layers"], "omega_drawn_on": "cuda (A100)"}}
+        with pytest.raises(StoreError, match=r"the rows of ood were sketched with .*cuda \(A100\)"):
+            project(params, "ood")
 
 
 # -- the exact-NFK route: exact NFK scale and exact ||phi|| inside a CountSketch --------------------------------------

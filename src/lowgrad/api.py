@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lowgrad.errors import DataError, DetectorError
+from lowgrad.errors import DataError, DetectorError, StoreError
 from lowgrad.saved_detector import flagged
 
 
@@ -160,6 +160,12 @@ class OODDetector:
             dim = rows_source.dim if rows_source is not None else extractor.gradients.dim
             subspace = GradientSubspace.load(root / SUBSPACE, lazy=route.recomputes_gradients, dim=dim,
                                              kernel=route.subspace_kernel, basis=params.subspace.basis)
+            if route.is_sketch:  # new images are sketched here, on this device: the same sketch as the basis's rows?
+                try:
+                    subspace.check_rows_from(getattr(extractor.gradients, "layout", None),
+                                             f"new images on device {params.device}")
+                except StoreError as err:
+                    raise DetectorError(f"{root}: {err}") from None
         return cls(root, saved, ctx, extractor, rows_source, subspace)
 
     @staticmethod

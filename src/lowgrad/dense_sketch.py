@@ -8,6 +8,11 @@ never held whole (ResNet-18 at D = 15k would be 670 GB), so every batch regenera
 and a CPU only for small models. Centring is linear and happens later, in sketch space (``E <Omega^T a,
 Omega^T b> = <a, b>``: inner products of NFK rows are preserved in expectation, with relative error about
 ``1/sqrt(D)``).
+
+``Omega`` is drawn by the device's own generator (a CPU draw is far too slow for a GPU's batches), and CUDA's
+``randn`` differs from the CPU's and between GPU models: the sketch's layout names where it was drawn
+(:func:`omega_source`), so a store or a saved detector is never read against another ``Omega`` (the extract stage
+starts a store afresh, ``project`` refuses sets drawn elsewhere, a saved detector refuses another device).
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ BLOCK_ROWS = 32768  # part of the sketch's definition: Omega's rows are seeded p
 
 def _block_seed(seed: int, block: int) -> int:
     return int.from_bytes(hashlib.sha256(f"dense:{seed}:{block}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def omega_source(device: torch.device | str) -> str:
+    """Where ``Omega`` is drawn, as the sketch's layout records it: ``"cpu"``, or ``"cuda (<GPU model>)"``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    return f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else device})"
 
 
 def omega_block(seed: int, block: int, rows: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -47,7 +60,8 @@ class DenseSketch:
         self.scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32, device=self.device)
         if self.scale is not None and self.scale.numel() != self.n_params:
             raise ValueError(f"NFK scale has {self.scale.numel()} entries for {self.n_params} gradient parameters")
-        self.layout = {"dense_dim": dim, "block_rows": BLOCK_ROWS, "n_params": self.n_params}
+        self.layout = {"dense_dim": dim, "block_rows": BLOCK_ROWS, "n_params": self.n_params,
+                       "omega_drawn_on": omega_source(self.device)}
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g, logits, features = self.gradients(x)  # checks for non-finite gradients

@@ -236,6 +236,7 @@ class LowGrad:
                 extractor = make_extractor(params, model, ImageSet(x, y), unflatten(factor_arrays))
                 sets[name] = _extract(extractor, params.gradient.chunk_rows, name)
             self.subspace_ = _fit_subspace(params, route, model, train_images, sets["id_train"])
+            self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if route.is_sketch else None
             for name, x in (("id_train", train_images), ("id_test", test_images)):
                 _project(params, route, model, self.subspace_, x, sets[name])
             self._fit_rows(params, model, sets, {"id_train": train_images, "id_test": test_images})

@@ -122,9 +122,10 @@ def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet,
     param_names = select_parameters(model, g.params)
     device = pick_device(params.device)
     sketch = route.make_sketch(params, model.to(device), param_names, factors)
+    named = dict(model.named_parameters())
     return Extractor(
         model, param_names, images, params.data.mean, params.data.std,
-        batch_size=g.batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
+        batch_size=route.batch_size(params, sum(named[n].numel() for n in param_names), device), dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
         store_gradients=route.stores_gradients,
     )
 

@@ -33,11 +33,13 @@ def fit_factors(params: Params, model, images: np.ndarray) -> tuple[dict[str, np
 
     rows = kernel_sample(params, len(images))
     device = next(model.parameters()).device
-    batches = (
-        to_tensor_batch(images[rows[i : i + g.batch_size]], params.data.mean, params.data.std).to(device)
-        for i in range(0, len(rows), g.batch_size)
-    )
     param_names = select_parameters(model, g.params)
+    named = dict(model.named_parameters())
+    batch = route.batch_size(params, sum(named[n].numel() for n in param_names), device)
+    batches = (
+        to_tensor_batch(images[rows[i : i + batch]], params.data.mean, params.data.std).to(device)
+        for i in range(0, len(rows), batch)
+    )
     info.update(kernel="nfk", kernel_samples=len(rows))
     arrays, details = route.fit_factors(params, model, batches, param_names)
     info.update(details)

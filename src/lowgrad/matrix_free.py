@@ -187,6 +187,10 @@ def exact_rows(params, model: torch.nn.Module, images: np.ndarray, desc: str = "
     from lowgrad.gradients import select_parameters
     from lowgrad.models import pick_device
 
-    model = model.to(pick_device(params.device))
+    from lowgrad.route import Route
+
+    device = pick_device(params.device)
+    model = model.to(device)
     gradients = PerSampleGradients(model, select_parameters(model, params.gradient.params))
-    return GradientRows(gradients, images, params.data.mean, params.data.std, params.gradient.batch_size, desc=desc)
+    batch_size = Route.from_params(params).batch_size(params, gradients.dim, device)
+    return GradientRows(gradients, images, params.data.mean, params.data.std, batch_size, desc=desc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -283,9 +284,13 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return frozen
 
 
+DETERMINISTIC = "LOWGRAD_DETERMINISTIC"  # set to 1: CUDA runs repeat bit for bit (slower; docs/routes.md)
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU. On CUDA, TF32 matmuls and convolutions are switched off:
-    gradients and projections are computed in true float32, as on the CPU."""
+    gradients and projections are computed in true float32, as on the CPU; with ``LOWGRAD_DETERMINISTIC=1`` in the
+    environment, torch's deterministic algorithms are switched on too (:func:`deterministic_mode`)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device: cuda was requested but no CUDA device is available")
     if name == "auto":
@@ -293,4 +298,15 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if os.environ.get(DETERMINISTIC, "0") not in ("", "0"):
+        deterministic_mode()
     return torch.device(name)
+
+
+def deterministic_mode() -> None:
+    """Opt-in repeatability on CUDA: deterministic kernels (an operation without one raises instead of varying),
+    cuDNN's benchmark off and cuBLAS's fixed workspace. CPU runs are repeatable without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS when its handle is created
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

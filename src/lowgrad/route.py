@@ -57,6 +57,8 @@ class Route:
     recomputes_gradients: ClassVar[bool] = False  # subspace and project recompute exact gradients
     stores_exact_sqnorm: ClassVar[bool] = False  # extract stores the exact ||phi||^2 (phi_sqnorm), project reports it
     is_sketch: ClassVar[bool] = False  # the grads column is a sketch drawn from the seed (and the NFK factors)
+    bytes_per_value: ClassVar[int] = 0  # bytes per image and selected parameter a batch holds at its peak (B x P
+    # matrices of exact gradients; 0: the route never forms them whole): bounds the batch (lowgrad.memory)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -154,6 +156,13 @@ class Route:
     def check_model(self, n_params: int, params: Params) -> None:
         """Raise one line if this route cannot take a model with ``n_params`` selected gradient parameters."""
 
+    def batch_size(self, params: Params, n_params: int, device: Any) -> int:
+        """The images per batch on ``device``: ``gradient.batch_size``, or fewer where the batch's gradient matrices
+        would not fit (:func:`lowgrad.memory.fitting_batch`)."""
+        from lowgrad.memory import fitting_batch
+
+        return fitting_batch(params.gradient.batch_size, self.bytes_per_value * n_params, device, f"the {self.name} route")
+
     def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
         """``(arrays, info)``: the NFK scale this route's sketch needs, from the kernel sample's ``batches``
         (called only when :attr:`needs_factors`)."""
@@ -177,6 +186,7 @@ class Exact(Route):
     sketch_setting = "none"
     reads = frozenset({"max_params", "dtype"})
     gradients_label = "exact"
+    bytes_per_value = 12  # vmap's gradients, their concatenation (float32) and the finiteness check
 
     def check_model(self, n_params: int, params: Params) -> None:
         from lowgrad.gradients import check_exact_route
@@ -193,6 +203,7 @@ class MatrixFree(Route):
     gradients_label = "not stored (matrix-free route)"
     stores_gradients = False
     recomputes_gradients = True
+    bytes_per_value = 24  # the exact rows (12, as Exact), normalised (4) and their float64 moments (8)
 
     @classmethod
     def selected_by(cls, sketch: str, method: str) -> bool:
@@ -269,6 +280,7 @@ class Dense(Route):
     reads = frozenset({"sketch_dim", "dtype"})
     gradients_label = "dense_sketch"
     is_sketch = True
+    bytes_per_value = 16  # the exact rows (12, as Exact) and the rows scaled by w (4)
 
     def fit_factors(self, params: Params, model: Any, batches: Any, param_names: list[str]) -> tuple[dict, dict]:
         from lowgrad.dense_sketch import fit_dense_nfk

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from lowgrad.config import Params
-from lowgrad.errors import ConfigError
-from lowgrad.store import ChunkedStore
+from lowgrad.errors import ConfigError, StoreError
+from lowgrad.store import ChunkedStore, jsonable
 from lowgrad.subspace import RowPasses, combine_partials, partial_pass
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,27 @@ def _client(params: Params):
     return Client(c.scheduler), None
 
 
+def pin_worker_gpu(params: Params) -> int | None:
+    """On a machine with several GPUs, the GPU of this Dask worker: worker ``i`` of a local cluster (named 0, 1,
+    ...) takes ``cuda:i mod n`` as its current device, so the workers share the GPUs instead of all landing on
+    ``cuda:0``. A worker started with one visible GPU (``CUDA_VISIBLE_DEVICES``, dask-cuda) keeps it. Returns the
+    index taken, or None."""
+    import torch
+
+    from lowgrad.models import pick_device
+
+    count = torch.cuda.device_count()
+    if count < 2 or pick_device(params.device).type != "cuda":
+        return None
+    from distributed import get_worker
+
+    name = get_worker().name
+    index = (int(name) if str(name).isdigit() else sum(map(ord, str(name)))) % count
+    torch.cuda.set_device(index)
+    log.info("Dask worker %s: cuda:%d of %d GPUs", name, index, count)
+    return index
+
+
 def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tuple[list[int], int]:
     """Fill some chunks of an existing store (runs on a Dask worker; paths resolved under ``root``).
     Returns the chunks and the worker's process id."""
@@ -96,7 +117,13 @@ def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tu
     from lowgrad.paths import EXTRACTED
 
     store = ChunkedStore.open_for_filling(Path(root) / EXTRACTED.format(name=name))
-    fill_chunks(store, build_extractor(params, name, root), chunks, desc=f"extract {name} shard")
+    pin_worker_gpu(params)
+    extractor = build_extractor(params, name, root)
+    layout = getattr(extractor.gradients, "layout", None)
+    if layout is not None and jsonable(layout) != store.meta.get("sketch_layers"):  # e.g. a dense Omega drawn on
+        raise StoreError(f"{store.path}: this worker's sketch ({jsonable(layout)}) is not the store's "  # another device
+                              f"({store.meta.get('sketch_layers')}): give every worker the coordinator's device")
+    fill_chunks(store, extractor, chunks, desc=f"extract {name} shard")
     return list(chunks), os.getpid()
 
 

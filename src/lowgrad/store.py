@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 _PROGRESS = "_progress"
 
 
-def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+def jsonable(meta: Any) -> Any:
+    """``meta`` as JSON reads it back (tuples as lists, sorted keys): how settings are compared."""
     return json.loads(json.dumps(meta, sort_keys=True))
 
 
@@ -70,7 +71,7 @@ class ChunkedStore:
             "chunk_rows": int(chunk_rows),
             "columns": {k: [int(d), str(t)] for k, (d, t) in columns.items()},
         }
-        wanted = _jsonable({"layout": layout, "meta": meta})
+        wanted = jsonable({"layout": layout, "meta": meta})
         if path.exists():
             found = cls._read_settings(path)
             if found == wanted:
@@ -97,7 +98,7 @@ class ChunkedStore:
             attrs = dict(zarr.open_group(str(path), mode="r").attrs)
         except Exception:  # not a zarr group at all
             return None
-        return _jsonable({"layout": attrs.get("layout"), "meta": attrs.get("meta")})
+        return jsonable({"layout": attrs.get("layout"), "meta": attrs.get("meta")})
 
     @staticmethod
     def _difference(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
@@ -226,7 +227,7 @@ class ChunkedStore:
         missing = self.pending()
         if missing:
             raise StoreError(f"{self.path}: cannot finalize, chunks {missing[:5]} are not written")
-        self.group.attrs.update({**_jsonable(extra_attrs), "complete": True})
+        self.group.attrs.update({**jsonable(extra_attrs), "complete": True})
 
     # -- reading ----------------------------------------------------------------------------------------
     def read_chunk(self, name: str, index: int) -> np.ndarray:

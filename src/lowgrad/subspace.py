@@ -7,9 +7,11 @@ data re-reads the zarr store chunk by chunk and ``G`` is never held in memory.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -302,6 +304,14 @@ def average_gradient_basis(passes: RowPasses, labels: np.ndarray) -> np.ndarray:
     return means / norms
 
 
+def _sketch_hint(mine: Any, theirs: Any) -> str:
+    drawn = [layout.get("omega_drawn_on") if isinstance(layout, dict) else None for layout in (mine, theirs)]
+    if drawn[0] != drawn[1]:
+        return (f"the dense sketch's Omega depends on the device it is drawn on; use {drawn[0]} (device: "
+                f"{'cpu' if drawn[0] == 'cpu' else 'cuda'}) or extract every set again on this one")
+    return "extract every set again with the same sketch"
+
+
 class GradientSubspace:
     """Estimator: ``fit`` the kernel normaliser and basis on the kernel set, ``transform`` gradients to
     ``G_low = phi(g) @ V`` (N x k)."""
@@ -318,6 +328,17 @@ class GradientSubspace:
     ) -> None:
         self.kernel, self.basis, self.method, self.k = kernel, basis, method, k
         self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
+        self.sketch_layout_: Any = None  # the sketch the fitted rows came through (its layout), None for exact rows
+
+    def check_rows_from(self, sketch_layout: Any, what: str) -> None:
+        """Refuse rows sketched otherwise than the ones this basis was fitted on (a dense ``Omega`` drawn on
+        another device, another sketch), naming both; rows of the exact route (no layout) are not checked."""
+        if self.sketch_layout_ is None and sketch_layout is None:
+            return
+        mine, theirs = json.loads(json.dumps(self.sketch_layout_)), json.loads(json.dumps(sketch_layout))
+        if mine != theirs:
+            raise StoreError(f"{what} were sketched with {theirs}, the basis's rows with {mine}: "
+                             + _sketch_hint(mine, theirs))
 
     def fit(
         self, blocks: "BlockSource | RowPasses", n_rows: int | None = None, dim: int | None = None,
@@ -387,6 +408,7 @@ class GradientSubspace:
                 singular_values=self.singular_values_,
                 explained_variance_ratio=self.explained_variance_ratio_,
                 total_sq=self.total_sq_,
+                **({} if self.sketch_layout_ is None else {"sketch_layout": np.array(json.dumps(self.sketch_layout_))}),
             )
 
     @classmethod
@@ -409,6 +431,7 @@ class GradientSubspace:
             sub.normalizer_.shift_, sub.normalizer_.scale_ = z["shift"], z["scale"]
             sub.singular_values_ = z["singular_values"]
             sub.explained_variance_ratio_, sub.total_sq_ = z["explained_variance_ratio"], float(z["total_sq"])
+            sub.sketch_layout_ = json.loads(str(z["sketch_layout"])) if "sketch_layout" in z.files else None
         arr = zarr.open_array(str(path.with_suffix(".zarr")), mode="r")
         sub.components_ = arr if lazy else arr[:]
         return sub

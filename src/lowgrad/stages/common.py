@@ -58,3 +58,11 @@ def row_passes(params: Params, name: str) -> Iterator:
 
     with stored_row_passes(params, ChunkedStore.open(EXTRACTED.format(name=name))) as passes:
         yield passes
+
+
+def stored_sketch_layout(name: str):
+    """The sketch (its layout, with where its random draws were made) that set ``name``'s stored rows came through."""
+    from lowgrad.paths import EXTRACTED
+    from lowgrad.store import ChunkedStore
+
+    return ChunkedStore.open(EXTRACTED.format(name=name)).meta.get("sketch_layers")

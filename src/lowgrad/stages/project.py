@@ -9,7 +9,7 @@ import numpy as np
 from lowgrad.config import Params
 from lowgrad.paths import PHI_SQNORM, PROJECTED, SUBSPACE, atomic_path
 from lowgrad.route import Route
-from lowgrad.stages.common import row_passes
+from lowgrad.stages.common import row_passes, stored_sketch_layout
 from lowgrad.subspace import GradientSubspace
 
 
@@ -18,6 +18,8 @@ def project(params: Params, name: str) -> None:
     with row_passes(params, name) as passes:
         sub = GradientSubspace.load(SUBSPACE, lazy=route.recomputes_gradients, dim=passes.dim,
                                     kernel=route.subspace_kernel, basis=params.subspace.basis)
+        if route.is_sketch:
+            sub.check_rows_from(stored_sketch_layout(name), f"the rows of {name}")
         g_low, sqnorm = sub.transform_blocks_with_sqnorm(passes)
     if route.stores_exact_sqnorm:  # the sketched row's norm is a proxy: the exact ||phi||^2 was stored beside it
         from lowgrad.paths import EXTRACTED

@@ -8,7 +8,7 @@ import logging
 from lowgrad.config import Params
 from lowgrad.paths import SUBSPACE
 from lowgrad.route import Route
-from lowgrad.stages.common import row_passes
+from lowgrad.stages.common import row_passes, stored_sketch_layout
 from lowgrad.subspace import GradientSubspace
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,8 @@ def subspace(params: Params) -> None:
         if route.recomputes_gradients:
             log.info("matrix-free PCA of %d x %d exact gradients: %d passes", passes.n_rows, passes.dim, 2 * s.power_iters + 3)
         sub.fit(passes, labels=_kernel_labels() if s.basis == "average_gradient" else None)
+    if route.is_sketch:
+        sub.sketch_layout_ = stored_sketch_layout("id_train")
     log.info("subspace: %d components explain %.1f %% of the %s kernel's variance",
              sub.components_.shape[1], 100 * sub.explained_variance_ratio_.sum(), sub.kernel)
     sub.save(SUBSPACE)
