@@ -1,5 +1,6 @@
 """The device run (issue 36): what a session lent a GPU runs first, one part per call of at most 10 minutes.
 
+    python -m bench.device smoke --out $OUT             # first: the CUDA smoke suite (tests/test_cuda.py, < 5 min)
     python -m bench.device plan                         # each part's command and expected device time
     python -m bench.device run gpu_profile --out $OUT   # (a) the paper's sizes, matrix-free exact route, on CUDA
     python -m bench.device run authors --out $OUT       # (b) the authors' recipe trained (resumes), then (a) on it
@@ -101,13 +102,25 @@ def collect(part: Part, out: Path, rc: int, started: float, wall_s: float) -> No
                                                   "written_this_call": copied, "expected": part.expected}, indent=1) + "\n")
 
 
+def smoke(out: Path) -> int:
+    """The CUDA smoke suite, its JUnit report and the card's name in ``out/smoke``; its exit status."""
+    dest = out / "smoke"
+    dest.mkdir(parents=True, exist_ok=True)
+    rc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-n", "0", "-q",
+                         "tests/test_cuda.py", f"--junitxml={dest / 'junit.xml'}"], cwd=ROOT).returncode
+    (dest / "device.json").write_text(json.dumps({"part": "smoke", "card": card(), "rc": rc}, indent=1) + "\n")
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["plan", "check", "run"])
+    parser.add_argument("action", choices=["smoke", "plan", "check", "run"])
     parser.add_argument("part", nargs="?", choices=list(PARTS))
     parser.add_argument("--out", type=Path, default=Path("bench/device-out"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the flow")
     args = parser.parse_args(argv)
+    if args.action == "smoke":
+        return smoke(args.out)
     parts = [PARTS[args.part]] if args.part else list(PARTS.values())
     if args.action == "plan":
         for part in parts:

@@ -52,3 +52,14 @@ def test_a_call_cut_off_by_its_time_limit_brings_back_only_what_it_wrote(tmp_pat
     record = json.loads((tmp_path / "gpu_profile/device.json").read_text())
     assert record["rc"] == 124 and "report/metrics.json" not in record["written_this_call"]
     assert not (tmp_path / "gpu_profile/report/metrics.json").exists()  # the committed file predates the call
+
+
+def test_the_smoke_part_runs_the_cuda_suite_and_names_the_card(tmp_path):
+    """``bench.device smoke`` runs tests/test_cuda.py (here every test skipped with its reason: no GPU) and writes its
+    JUnit report and the card beside it."""
+    import json
+
+    assert device.main(["smoke", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "smoke/junit.xml").read_text()
+    assert 'tests="10"' in report and 'skipped="10"' in report and "no CUDA device" in report
+    assert json.loads((tmp_path / "smoke/device.json").read_text()) == {"part": "smoke", "card": "none", "rc": 0}

@@ -194,3 +194,43 @@ def test_local_dask_workers_share_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert scaleout.pin_worker_gpu(params.model_copy(update={"device": "cpu"})) is None
     assert taken == [1, 2, 0]
+
+
+MATRIX_FREE = {**OPTIONS, "subspace": {**OPTIONS["subspace"], "method": "exact_randomized"}}
+
+
+def test_a_saved_matrix_free_detector_reads_v_once_or_streams_it(tmp_path, monkeypatch):
+    """Loaded on the matrix-free route, the saved detector reads ``V`` onto the device once, not for every scoring
+    call (before: once per call); where ``V`` does not fit, every batch streams it chunk by chunk, with the same
+    scores."""
+    from lowgrad import LowGrad, matrix_free
+
+    x, y = _digits(n=90)
+    tx, ty = _digits(n=45, offset=90)
+    batches = [_digits(classes=(7, 8, 9), n=12, offset=12 * i)[0] for i in range(3)]
+    LowGrad(_model(), **MATRIX_FREE).fit(x, y, test=(tx, ty)).save(tmp_path / "det")
+    reads = []
+    read = matrix_free.read_components
+    monkeypatch.setattr(matrix_free, "read_components", lambda arr, device: reads.append(arr.shape) or read(arr, device))
+    det = LowGrad.load(tmp_path / "det", model=_model())
+    resident = [det.score_samples(b) for b in batches]
+    assert len(reads) == 1
+    monkeypatch.setattr(matrix_free, "fits_on", lambda arr, device: False)  # as if V did not fit
+    reads.clear()
+    det = LowGrad.load(tmp_path / "det", model=_model())
+    streamed = [det.score_samples(b) for b in batches]
+    assert reads == [] and not isinstance(det._scorer._subspace.components_, torch.Tensor)
+    for before, after in zip(resident, streamed):
+        for row, s in before.items():
+            np.testing.assert_allclose(after[row], s, rtol=1e-5, atol=1e-6, err_msg=row)
+
+
+def test_float16_rows_cast_on_the_device_equal_numpys_cast():
+    """extract casts a float16 store's rows where they are computed (half the bytes cross to the host); torch's
+    rounding is NumPy's, bit for bit, across the float16 range, its subnormals and past its largest value."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=20_000) * scale for scale in (1e-8, 1e-5, 1e-2, 1, 1e3, 7e4)]).astype(np.float32)
+    values = np.concatenate([values, np.float32([65504, 65520, 65519.996, 6e-8, 5.9e-8, 2.9e-8, -0.0, 1e-45])])
+    torch_cast = torch.from_numpy(values).to(torch.float16).numpy()
+    np.testing.assert_array_equal(torch_cast.view(np.uint16), values.astype(np.float16).view(np.uint16))
+    assert not np.array_equal(torch_cast.view(np.uint16), values.astype(np.float32).astype(np.float16).view(np.uint16) ^ 1)

@@ -160,6 +160,10 @@ class OODDetector:
             dim = rows_source.dim if rows_source is not None else extractor.gradients.dim
             subspace = GradientSubspace.load(root / SUBSPACE, lazy=route.recomputes_gradients, dim=dim,
                                              kernel=route.subspace_kernel, basis=params.subspace.basis)
+            if route.recomputes_gradients:  # V read onto the device once, not for every scoring batch
+                from lowgrad.matrix_free import resident_components
+
+                subspace.components_ = resident_components(subspace.components_, rows_source.device)
             if route.is_sketch:  # new images are sketched here, on this device: the same sketch as the basis's rows?
                 try:
                     subspace.check_rows_from(getattr(extractor.gradients, "layout", None),

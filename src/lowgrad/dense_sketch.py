@@ -76,14 +76,14 @@ class DenseSketch:
 
 def fit_dense_nfk(model: FeatureClassifier, param_names: list[str], batches) -> np.ndarray:
     """Exact NFK scale ``w = d^(-1/2)`` per parameter (``d`` = variance of the per-sample gradients over the
-    kernel batches; zero-variance coordinates take the largest finite scale). Memory: 3 x P doubles."""
+    kernel batches; zero-variance coordinates take the largest finite scale). Memory: 3 x P doubles, on the device."""
     gradients = PerSampleGradients(model, param_names)
     moments = None
     for x in batches:
         if len(x) == 0:
             continue
-        moments = add_block_moments(moments, gradients(x)[0].cpu())
+        moments = add_block_moments(moments, gradients(x)[0])  # summed on the device (3 x P doubles)
     if moments is None:
         raise ValueError("no kernel samples to estimate the NFK scale from")
     n, _, m2 = moments
-    return nfk_scale((m2 / n).numpy())[0]
+    return nfk_scale((m2 / n).cpu().numpy())[0]  # only the sums leave the device

@@ -87,7 +87,8 @@ class Extractor:
                     lo, f = self.model(x, return_features=True)
             else:
                 g, lo, f, *sqnorm = self.gradients(x)
-                parts.setdefault("grads", []).append(g.cpu().numpy().astype(self.dtype, copy=False))
+                g = g.to(getattr(torch, self.dtype))  # cast where computed: a float16 store copies half the bytes
+                parts.setdefault("grads", []).append(g.cpu().numpy())
                 if sqnorm:
                     parts.setdefault("phi_sqnorm", []).append(sqnorm[0].cpu().numpy()[:, None])
             parts["logits"].append(lo.cpu().numpy())

@@ -48,6 +48,28 @@ def read_components(arr: zarr.Array, device: torch.device) -> torch.Tensor:
     return v
 
 
+def fits_on(arr: zarr.Array, device: torch.device) -> bool:
+    """Whether ``V`` (float32) may live whole on ``device`` (:data:`lowgrad.memory.SHARE` of its memory)."""
+    from lowgrad.memory import SHARE, device_memory
+
+    return 4 * arr.shape[0] * arr.shape[1] <= SHARE * device_memory(device)
+
+
+def resident_components(arr: zarr.Array, device: torch.device) -> torch.Tensor | zarr.Array:
+    """``V`` read once onto ``device`` where it fits, for a caller that projects many batches (the saved detector);
+    otherwise the zarr array, which every pass streams chunk by chunk."""
+    return read_components(arr, device) if fits_on(arr, device) else arr
+
+
+def _streamed_times(phi: torch.Tensor, arr: zarr.Array) -> torch.Tensor:
+    """``phi @ V`` with ``V`` read chunk by chunk from its zarr array (a ``V`` too large for the device)."""
+    out = torch.zeros(phi.shape[0], arr.shape[1], dtype=torch.float32, device=phi.device)
+    step = arr.chunks[0]
+    for start in range(0, arr.shape[0], step):
+        out.addmm_(phi[:, start : start + step], torch.from_numpy(arr[start : start + step]).to(phi.device))
+    return out
+
+
 QR_BLOCK_ROWS = 1 << 18  # rows of a tall matrix per float64 block of the Gram and the triangular solve
 
 
@@ -165,14 +187,16 @@ class GradientRows:
             for _, phi in self:
                 acc = add_block_moments(acc, phi)
             return None if acc is None else (acc[0], acc[1].cpu().numpy(), acc[2].cpu().numpy())
-        m = self._device_array(arg)
         if kind == "times":
+            streamed = hasattr(arg, "chunks") and not fits_on(arg, self.device)  # V too large: read per batch
+            m = arg if streamed else self._device_array(arg)
             out = torch.empty(self.n_rows, m.shape[1], dtype=torch.float32, device=self.device)
             sqnorm = torch.empty(self.n_rows, dtype=torch.float64, device=self.device)
             for rows, phi in self:
-                out[rows] = phi @ m
+                out[rows] = _streamed_times(phi, m) if streamed else phi @ m
                 sqnorm[rows] = phi.square().sum(1, dtype=torch.float64)
             return out, sqnorm
+        m = self._device_array(arg)
         if kind == "transpose_times":
             out = torch.zeros(self.dim, m.shape[1], dtype=torch.float32, device=self.device)
             for rows, phi in self:
@@ -186,7 +210,6 @@ def exact_rows(params, model: torch.nn.Module, images: np.ndarray, desc: str = "
     the configured device, recomputed on every pass (``params``: a :class:`lowgrad.config.Params`)."""
     from lowgrad.gradients import select_parameters
     from lowgrad.models import pick_device
-
     from lowgrad.route import Route
 
     device = pick_device(params.device)

@@ -24,7 +24,7 @@ def layer_gradient_moments(
     moments: dict[str, tuple] = {}
 
     def update(key: str, values: torch.Tensor) -> None:
-        moments[key] = add_block_moments(moments.get(key), values.cpu())  # float64 moments, kept on the CPU
+        moments[key] = add_block_moments(moments.get(key), values)  # float64 moments, summed where values are
 
     for x in batches:
         if len(x) == 0:
@@ -42,7 +42,7 @@ def layer_gradient_moments(
                 update(f"{layer.name}.bias", bias_gradients(layer.kind, d))
     if not moments:
         raise GradientError("no kernel samples to estimate the NFK factors from")
-    return sketch, moments
+    return sketch, {key: (n, mean.cpu(), m2.cpu()) for key, (n, mean, m2) in moments.items()}  # only the sums
 
 
 def fit_kronecker_nfk(
