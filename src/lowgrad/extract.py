@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lowgrad.config import Params
 from lowgrad.data import ImageSet, load_image_set, to_tensor_batch
 from lowgrad.factors import unflatten
-from lowgrad.gradients import PerSampleGradients, check_exact_route, select_parameters
+from lowgrad.gradients import PerSampleGradients, check_exact_route, count_parameters, select_parameters
 from lowgrad.checkpoints import load_checkpoint
 from lowgrad.models import fresh_model, pick_device
 from lowgrad.networks import FeatureClassifier
@@ -54,8 +54,7 @@ class Extractor:
         self.param_names, self.images = param_names, images
         self.mean, self.std = mean, std
         self.batch_size, self.dtype, self.device = batch_size, dtype, device
-        named = dict(self.model.named_parameters())
-        self.n_params = sum(named[n].numel() for n in param_names)
+        self.n_params = count_parameters(self.model, param_names)
         self.gradients = None
         if sketch is not None:
             self.gradients = sketch
@@ -123,10 +122,10 @@ def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet,
     param_names = select_parameters(model, g.params)
     device = pick_device(params.device)
     sketch = route.make_sketch(params, model.to(device), param_names, factors)
-    named = dict(model.named_parameters())
+    batch_size = route.batch_size(params, count_parameters(model, param_names), device)
     return Extractor(
         model, param_names, images, params.data.mean, params.data.std,
-        batch_size=route.batch_size(params, sum(named[n].numel() for n in param_names), device), dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
+        batch_size=batch_size, dtype=g.dtype, max_params=g.max_params, device=device, sketch=sketch,
         store_gradients=route.stores_gradients,
     )
 

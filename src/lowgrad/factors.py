@@ -29,13 +29,12 @@ def fit_factors(params: Params, model, images: np.ndarray) -> tuple[dict[str, np
     info: dict[str, Any] = {"sketch": g.sketch}
     if not route.needs_factors:
         return {}, info
-    from lowgrad.gradients import select_parameters
+    from lowgrad.gradients import count_parameters, select_parameters
 
     rows = kernel_sample(params, len(images))
     device = next(model.parameters()).device
     param_names = select_parameters(model, g.params)
-    named = dict(model.named_parameters())
-    batch = route.batch_size(params, sum(named[n].numel() for n in param_names), device)
+    batch = route.batch_size(params, count_parameters(model, param_names), device)
     batches = (
         to_tensor_batch(images[rows[i : i + batch]], params.data.mean, params.data.std).to(device)
         for i in range(0, len(rows), batch)

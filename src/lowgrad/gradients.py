@@ -27,6 +27,12 @@ def select_parameters(model: torch.nn.Module, spec: str | list[str]) -> list[str
     return [n for n in names if n in chosen]  # model order, independent of the prefix order
 
 
+def count_parameters(model: torch.nn.Module, names: list[str]) -> int:
+    """How many scalars the named parameters of ``model`` hold (``P``, the width of a gradient row)."""
+    named = dict(model.named_parameters())
+    return sum(named[n].numel() for n in names)
+
+
 class PerSampleGradients:
     """Callable ``x -> (grads (B, P), logits (B, C), features (B, F))`` for a fixed model and parameter set."""
 
