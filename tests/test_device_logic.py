@@ -261,3 +261,20 @@ def test_the_factors_moments_stay_where_the_gradients_are(monkeypatch, fit):
         monkeypatch.setattr(torch.Tensor, "cpu", cpu)
         copies[n_batches] = count[0]
     assert copies[4] == copies[1] > 0, copies
+
+
+def test_a_containers_memory_limit_bounds_the_cpu_budget(tmp_path, monkeypatch):
+    """On a CPU the budget is the host's memory, or a container's cgroup limit where lower ("max": none)."""
+    from lowgrad import memory
+
+    import os
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (str(v2), str(v1)))
+    v2.write_text("max\n")
+    assert memory.device_memory(torch.device("cpu")) == host
+    v1.write_text(f"{2**30}\n")
+    assert memory.device_memory(torch.device("cpu")) == 2**30
+    v1.write_text(f"{host * 4}\n")  # a limit above the host's memory changes nothing (negative control)
+    assert memory.device_memory(torch.device("cpu")) == host

@@ -3,10 +3,10 @@
 A route that forms the ``B x P`` matrix of a batch's exact gradients (exact, dense, matrix-free) declares how many
 bytes per selected parameter and image it holds at the peak (:attr:`lowgrad.route.Route.bytes_per_value`); the batch
 it runs is ``gradient.batch_size`` or fewer, so that those bytes stay within a share of the device's memory — the
-free memory of a GPU (``torch.cuda.mem_get_info``) when the stage starts, the whole memory of the host on a CPU (a
-fixed figure, so a CPU run's batches do not depend on what else the machine is doing). Fewer images per batch
-change nothing but the order of the floating-point work of a batched pass; a batch of one that does not fit is one
-``error:`` line before any work.
+free memory of a GPU (``torch.cuda.mem_get_info``) when the stage starts; on a CPU the host's whole memory, or a
+container's memory limit where lower (fixed figures, so a CPU run's batches do not depend on what else the machine
+is doing). Fewer images per batch change nothing but the order of the floating-point work of a batched pass; a batch
+of one that does not fit is one ``error:`` line before any work.
 """
 
 from __future__ import annotations
@@ -24,12 +24,28 @@ SHARE = 0.5  # of the device's memory that one batch's gradient matrices may tak
 GB = 1024**3
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
 def device_memory(device: torch.device) -> int:
-    """Bytes a batch may count on: a GPU's free memory now, or the host's physical memory."""
+    """Bytes a batch may count on: a GPU's free memory now, or the host's physical memory (a container's limit
+    where it sets a lower one)."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return min([int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), *_cgroup_limits()])
+
+
+def _cgroup_limits() -> list[int]:
+    limits = []
+    for path in CGROUP_LIMITS:
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means none
+            limits.append(int(text))
+    return limits
 
 
 def fitting_batch(batch_size: int, bytes_per_image: int, device: torch.device, what: str) -> int:
