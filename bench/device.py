@@ -104,7 +104,7 @@ def collect(part: Part, out: Path, rc: int, started: float, wall_s: float) -> No
 
 def smoke(out: Path) -> int:
     """The CUDA smoke suite, its JUnit report and the card's name in ``out/smoke``; its exit status."""
-    dest = out / "smoke"
+    dest = (out / "smoke").resolve()  # pytest runs in the repository root: one folder for both files
     dest.mkdir(parents=True, exist_ok=True)
     rc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-n", "0", "-q",
                          "tests/test_cuda.py", f"--junitxml={dest / 'junit.xml'}"], cwd=ROOT).returncode

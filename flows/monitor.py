@@ -181,9 +181,10 @@ def score_batch(detector, batch: Path, batch_name: str, sha: str, results: Path,
 
 
 @flow(name="lowgrad-monitor", log_prints=True)
-def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 0.25, results: str | None = None):
-    """Score each new batch in ``watch`` with the saved detector of the run at ``run``; fails when a batch's flagged
-    fraction passes ``bound`` on a row of ``rows`` (default: every row of the run)."""
+def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 0.25, results: str | None = None,
+            device: str = "cpu"):
+    """Score each new batch in ``watch`` with the saved detector of the run at ``run``, on ``device``; fails when a
+    batch's flagged fraction passes ``bound`` on a row of ``rows`` (default: every row of the run)."""
     from lowgrad.api import OODDetector
     from lowgrad.paths import sha256
 
@@ -207,7 +208,7 @@ def monitor(run: str, watch: str, rows: list[str] | None = None, bound: float = 
                     ", ".join(b.name for b, _ in todo) or "none", len(scored))
         if not todo:
             return {"scored": [], "skipped": scored}
-        detector = OODDetector.load(run)
+        detector = OODDetector.load(run, device=device)
         out.mkdir(parents=True, exist_ok=True)
     except LowgradError as err:
         logger.error("error: %s", err)
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="comma-separated rows to watch (default: every row)")
     parser.add_argument("--bound", type=float, default=0.25, help="fail when a batch has more flagged (default 0.25)")
     parser.add_argument("--results", help=f"where results go (default: <watch>/{RESULTS})")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the detector scores (default cpu; a dense-route run fitted on a GPU needs cuda)")
     when = parser.add_mutually_exclusive_group(required=True)
     when.add_argument("--once", action="store_true", help="one pass now (a temporary Prefect API if none is set)")
     when.add_argument("--every", type=int, metavar="SECONDS", help="serve a deployment scheduled every SECONDS")
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parameters = {"run": str(Path(args.run).resolve()), "watch": str(Path(args.watch).resolve()),
                   "rows": parse_rows(args.rows), "bound": args.bound,
-                  "results": str(Path(args.results).resolve()) if args.results else None}
+                  "results": str(Path(args.results).resolve()) if args.results else None, "device": args.device}
     with exit_on_user_error():
         check_settings(parameters["run"], parameters["rows"], args.bound)  # before serving: not at every scheduled run
         batches(Path(parameters["watch"]), Path(parameters["results"] or Path(parameters["watch"]) / RESULTS))

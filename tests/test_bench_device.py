@@ -60,6 +60,9 @@ def test_the_smoke_part_runs_the_cuda_suite_and_names_the_card(tmp_path):
     import json
 
     assert device.main(["smoke", "--out", str(tmp_path)]) == 0
+    import re
+
     report = (tmp_path / "smoke/junit.xml").read_text()
-    assert 'tests="10"' in report and 'skipped="10"' in report and "no CUDA device" in report
+    tests, skipped = (int(re.search(rf'{key}="(\d+)"', report).group(1)) for key in ("tests", "skipped"))
+    assert tests == skipped >= 10 and "no CUDA device" in report
     assert json.loads((tmp_path / "smoke/device.json").read_text()) == {"part": "smoke", "card": "none", "rc": 0}

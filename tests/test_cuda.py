@@ -5,7 +5,8 @@ this project has had a GPU yet, so none of these has run (docs/routes.md says so
 - every route fitted on CUDA scores as on the CPU (rtol 1e-4 on the distance-based rows, 1e-3 on the rows a trained
   probe reads), except the dense route, whose ``Omega`` is the device's own draw: there the detector fitted on the
   CPU refuses to score on CUDA, with one line;
-- a detector fitted on the CPU, saved, and loaded on CUDA scores as on the CPU (and the other way round);
+- a detector fitted on the CPU, saved, and loaded on CUDA scores as on the CPU, and the other way round;
+- the dense route fitted, saved and reloaded on CUDA scores alike there (its device-side moments, Omega and casts);
 - with ``LOWGRAD_DETERMINISTIC=1`` two fits on CUDA score bit for bit alike.
 """
 
@@ -61,14 +62,33 @@ def test_every_route_on_cuda_scores_as_on_the_cpu(route):
     _close(cpu, gpu)
 
 
+@pytest.mark.parametrize("fit,load", [("cpu", "cuda"), ("cuda", "cpu")])
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_a_detector_saved_on_one_device_scores_alike_on_the_other(route, tmp_path):
+def test_a_detector_saved_on_one_device_scores_alike_on_the_other(route, fit, load, tmp_path):
     from lowgrad import LowGrad
 
     (x, y), test, new = _sets()
-    det = LowGrad(_model(), **_options(ROUTES[route], "cpu")).fit(x, y, test=test)
+    det = LowGrad(_model(), **_options(ROUTES[route], fit)).fit(x, y, test=test)
     det.save(tmp_path / "det")
-    _close(det.score_samples(new), LowGrad.load(tmp_path / "det", model=_model(), device="cuda").score_samples(new))
+    _close(det.score_samples(new), LowGrad.load(tmp_path / "det", model=_model(), device=load).score_samples(new))
+
+
+def test_the_dense_route_on_cuda_fits_saves_and_scores_there(tmp_path):
+    """The dense route's device-side code (its moments summed on the GPU, Omega drawn there, float16 rows cast
+    there): fitted on CUDA, saved and reloaded on CUDA, the same scores; its forward rows as on the CPU."""
+    from lowgrad import LowGrad
+
+    (x, y), test, new = _sets()
+    options = _options({"gradient": {**DENSE["gradient"], "dtype": "float16"}}, "cuda")
+    det = LowGrad(_model(), **options).fit(x, y, test=test)
+    assert det.subspace_.sketch_layout_["omega_drawn_on"].startswith("cuda (")
+    scores = det.score_samples(new)
+    det.save(tmp_path / "det")
+    again = LowGrad.load(tmp_path / "det", model=_model(), device="cuda").score_samples(new)
+    for row, s in scores.items():
+        np.testing.assert_array_equal(again[row], s, err_msg=row)
+    cpu = LowGrad(_model(), **_options(DENSE, "cpu")).fit(x, y, test=test).score_samples(new)
+    _close({row: s for row, s in cpu.items() if not row.startswith(("grad_", "fused_"))}, scores)
 
 
 def test_the_dense_route_refuses_another_devices_omega(tmp_path):

@@ -146,3 +146,24 @@ def test_the_monitor_rescores_under_a_new_detector_or_other_settings(tiny_projec
         assert monitor(str(run), str(watch), ["knn", "msp"], 0.9)["scored"] == ["ood.npz"]  # another bound
         assert json.loads(records.read_text())["watched_rows"] == ["knn", "msp"]
         assert monitor(str(run), str(watch), ["knn", "msp"], 0.9)["skipped"] == ["ood.npz"]
+
+
+def test_the_monitor_scores_on_the_device_it_is_given(tmp_path, monkeypatch):
+    """``--device`` reaches the flow and its detector (default cpu): a dense-route run fitted on a GPU is scored
+    on one, where its Omega was drawn (docs/routes.md)."""
+    import types
+
+    import flows.monitor as mon
+    import flows.server
+
+    source = __import__("inspect").getsource(mon.monitor.fn)
+    seen = []
+    monkeypatch.setattr(mon, "check_settings", lambda run, rows, bound: None)
+    monkeypatch.setattr(mon, "batches", lambda watch, out: [])
+    monkeypatch.setattr(flows.server, "start_temporary_server", lambda: None)
+    monkeypatch.setattr(mon, "monitor", lambda return_state=False, **kw: seen.append(kw["device"])
+                        or types.SimpleNamespace(is_completed=lambda: True))
+    for extra, device in (([], "cpu"), (["--device", "cuda"], "cuda")):
+        mon.main(["--run", str(tmp_path), "--watch", str(tmp_path), "--once", *extra])
+    assert seen == ["cpu", "cuda"]
+    assert "OODDetector.load(run, device=device)" in source  # and the flow hands it to the detector

@@ -20,7 +20,8 @@ from lowgrad.errors import GradientError
 
 log = logging.getLogger(__name__)
 
-SHARE = 0.5  # of the device's memory that one batch's gradient matrices may take (activations, V, buffers: the rest)
+SHARE = 0.5  # of the device's memory that one batch's gradient matrices may take (activations, V, buffers: the rest;
+# a saved matrix-free detector sizes its batch first, then keeps V resident only within half of what is still free)
 GB = 1024**3
 
 
