@@ -122,7 +122,7 @@ def extract_shard(params: Params, name: str, chunks: list[int], root: str) -> tu
     layout = getattr(extractor.gradients, "layout", None)
     if layout is not None and jsonable(layout) != store.meta.get("sketch_layers"):  # e.g. a dense Omega drawn on
         raise StoreError(f"{store.path}: this worker's sketch ({jsonable(layout)}) is not the store's "  # another device
-                              f"({store.meta.get('sketch_layers')}): give every worker the coordinator's device")
+                         f"({store.meta.get('sketch_layers')}): give every worker the coordinator's device")
     fill_chunks(store, extractor, chunks, desc=f"extract {name} shard")
     return list(chunks), os.getpid()
 

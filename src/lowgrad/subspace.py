@@ -18,6 +18,7 @@ import zarr
 
 from lowgrad.errors import GradientError, StoreError
 from lowgrad.paths import atomic_path
+from lowgrad.store import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ class GradientSubspace:
         another device, another sketch), naming both; rows of the exact route (no layout) are not checked."""
         if self.sketch_layout_ is None and sketch_layout is None:
             return
-        mine, theirs = json.loads(json.dumps(self.sketch_layout_)), json.loads(json.dumps(sketch_layout))
+        mine, theirs = jsonable(self.sketch_layout_), jsonable(sketch_layout)
         if mine != theirs:
             raise StoreError(f"{what} were sketched with {theirs}, the basis's rows with {mine}: "
                              + _sketch_hint(mine, theirs))
