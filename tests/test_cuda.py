@@ -112,3 +112,20 @@ def test_deterministic_mode_repeats_bit_for_bit(monkeypatch):
             np.testing.assert_array_equal(second[row], s, err_msg=row)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_page_locked_copies_equal_plain_ones():
+    """``lowgrad.transfer``: the page-locked, non-blocking copies of a batch equal ``.cpu()``'s after the one wait,
+    whatever runs on the stream after them (a later kernel must not change a copy already made)."""
+    from lowgrad.transfer import to_device, to_host
+
+    x = torch.randn(64, 3, 32, 32)
+    on_gpu = to_device(x, torch.device("cuda"))
+    assert on_gpu.is_cuda
+    tensors = [on_gpu * 2, on_gpu.sum(dim=(1, 2, 3)), on_gpu.half()]
+    expected = [t.cpu().numpy() for t in tensors]
+    hosts = to_host(tensors)
+    for t in tensors:
+        t.zero_()
+    for got, want in zip(hosts, expected):
+        np.testing.assert_array_equal(got, want)

@@ -294,3 +294,45 @@ def test_a_containers_memory_limit_bounds_the_cpu_budget(tmp_path, monkeypatch):
     assert memory.device_memory(torch.device("cpu")) == 2**30
     v1.write_text(f"{host * 4}\n")  # a limit above the host's memory changes nothing (negative control)
     assert memory.device_memory(torch.device("cpu")) == host
+
+
+def test_each_batch_comes_to_the_host_in_one_wait(monkeypatch):
+    """The extraction copies a batch's results down together (``lowgrad.transfer.to_host``: page-locked, without
+    blocking, one wait for the stream on CUDA): one call per batch holding every tensor of that batch, its images
+    sent up through ``to_device``; the rows are those of the plain copies. Negative control: a compute that copied
+    each tensor itself (as before) would make no call."""
+    from lowgrad import extract, transfer
+    from lowgrad.data import ImageSet
+    from lowgrad.gradients import select_parameters
+    from lowgrad.models import build_model
+
+    calls, sent = [], []
+    monkeypatch.setattr(extract, "to_host", lambda ts: calls.append(len(ts)) or transfer.to_host(ts))
+    monkeypatch.setattr(extract, "to_device", lambda x, d: sent.append(len(x)) or transfer.to_device(x, d))
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 3, 1).eval()
+    x, y = _digits(n=20)
+    names = select_parameters(model, "all")
+    out = {}
+    for gradients in (True, False):
+        extractor = extract.Extractor(model, names, ImageSet(x, y), [0.5], [0.5], batch_size=8, dtype="float32",
+                                      max_params=10**6, device=torch.device("cpu"))
+        if not gradients:
+            extractor.gradients = None
+        out[gradients] = extractor.compute(slice(0, 20))
+    assert calls == [3, 3, 3, 2, 2, 2] and sent == [8, 8, 4, 8, 8, 4]  # grads + logits + features; then forward only
+    np.testing.assert_allclose(out[True]["logits"], out[False]["logits"], rtol=1e-5, atol=1e-6)  # vmap vs forward
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5))
+    np.testing.assert_allclose(out[False]["logits"], logits.numpy(), rtol=1e-5, atol=1e-6)  # batches of 8 vs 20
+    assert out[True]["grads"].shape == (20, sum(p.numel() for n, p in model.named_parameters() if n in names))
+
+
+def test_to_host_refuses_tensors_of_several_devices():
+    from lowgrad.transfer import to_host
+
+    a = torch.arange(3.0)
+    np.testing.assert_array_equal(to_host([a, a * 2])[1], [0.0, 2.0, 4.0])
+    assert to_host([]) == []
+    with pytest.raises(ValueError, match="several devices"):
+        to_host([a, torch.empty(3, device="meta")])

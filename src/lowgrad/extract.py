@@ -26,6 +26,7 @@ from lowgrad.networks import FeatureClassifier
 from lowgrad.paths import FACTORS, MODEL, PREPARED
 from lowgrad.route import Route
 from lowgrad.store import ChunkedStore
+from lowgrad.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +81,20 @@ class Extractor:
         parts: dict[str, list[np.ndarray]] = {"logits": [], "features": []}
         for start in range(rows.start, rows.stop, self.batch_size):
             stop = min(start + self.batch_size, rows.stop)
-            x = to_tensor_batch(self.images.images[start:stop], self.mean, self.std).to(self.device)
+            x = to_device(to_tensor_batch(self.images.images[start:stop], self.mean, self.std), self.device)
             if self.gradients is None:
                 with torch.no_grad():
                     lo, f = self.model(x, return_features=True)
+                lo, f = to_host([lo, f])
             else:
                 g, lo, f, *sqnorm = self.gradients(x)
                 g = g.to(getattr(torch, self.dtype))  # cast where computed: a float16 store copies half the bytes
-                parts.setdefault("grads", []).append(g.cpu().numpy())
+                g, lo, f, *sqnorm = to_host([g, lo, f, *sqnorm])  # one wait for the stream per batch
+                parts.setdefault("grads", []).append(g)
                 if sqnorm:
-                    parts.setdefault("phi_sqnorm", []).append(sqnorm[0].cpu().numpy()[:, None])
-            parts["logits"].append(lo.cpu().numpy())
-            parts["features"].append(f.cpu().numpy())
+                    parts.setdefault("phi_sqnorm", []).append(sqnorm[0][:, None])
+            parts["logits"].append(lo)
+            parts["features"].append(f)
         out = {k: np.concatenate(v) for k, v in parts.items()}
         out["labels"] = self.images.labels[rows, None].astype(np.int64)
         return out
