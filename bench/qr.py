@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowgrad.matrix_free import QR_BLOCK_ROWS, tall_qr
+from lowgrad.matrix_free import QR_BLOCK_ROWS, blocked_gram, tall_qr
 
 RESNET18_P = 11_173_962
 
@@ -41,10 +41,7 @@ def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def orthogonality(q: torch.Tensor) -> float:
-    gram = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64)
-    for start in range(0, q.shape[0], QR_BLOCK_ROWS):
-        block = q[start : start + QR_BLOCK_ROWS].double()
-        gram += block.T @ block
+    gram = blocked_gram(q)
     return float((gram - torch.eye(q.shape[1], dtype=torch.float64)).abs().max())
 
 

@@ -73,6 +73,15 @@ def _streamed_times(phi: torch.Tensor, arr: zarr.Array) -> torch.Tensor:
 QR_BLOCK_ROWS = 1 << 18  # rows of a tall matrix per float64 block of the Gram and the triangular solve
 
 
+def blocked_gram(a: torch.Tensor, block_rows: int = QR_BLOCK_ROWS) -> torch.Tensor:
+    """``a.T @ a`` in float64, summed over blocks of ``block_rows`` rows (one block's float64 copy at a time)."""
+    gram = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[0], block_rows):
+        block = a[start : start + block_rows].double()
+        gram += block.T @ block
+    return gram
+
+
 def tall_qr(a: torch.Tensor, block_rows: int = QR_BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q, R`` of a tall ``m x w`` matrix by CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa and Yamamoto 2014):
     twice, the ``w x w`` Gram matrix summed in float64 over blocks of ``block_rows`` rows, its Cholesky factor,
@@ -86,11 +95,7 @@ def tall_qr(a: torch.Tensor, block_rows: int = QR_BLOCK_ROWS) -> tuple[torch.Ten
     m, w = a.shape
     r_total = torch.eye(w, dtype=torch.float64, device=a.device)
     for _ in range(2):
-        gram = torch.zeros(w, w, dtype=torch.float64, device=a.device)
-        for start in range(0, m, block_rows):
-            block = a[start : start + block_rows].double()
-            gram += block.T @ block
-        r, info = torch.linalg.cholesky_ex(gram, upper=True)
+        r, info = torch.linalg.cholesky_ex(blocked_gram(a, block_rows), upper=True)
         if int(info) != 0:
             raise GradientError(f"the randomized SVD's {w} columns are linearly dependent (the Cholesky factor of their "
                                 f"Gram matrix breaks down at column {int(info)}): the rows span fewer dimensions than "
