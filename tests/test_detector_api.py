@@ -159,9 +159,9 @@ def test_an_artifact_saved_by_other_scoring_code_or_incomplete_is_refused(tmp_pa
 
 def test_arrays_replaced_between_check_and_load_are_refused_and_load_reads_again(tmp_path, monkeypatch):
     """A rerun of ``score`` swapping the detector's folder between the digest check and the read: ``load_fitted``
-    checks the bytes it parses (never thresholds of one run with arrays of another); ``OODDetector.load`` reads
-    again when detector.json changed meanwhile, and keeps a refusal whose detector.json did not change."""
-    from lowgrad import api
+    checks the bytes it parses (never thresholds of one run with arrays of another); ``OODDetector.load`` (the
+    estimator's, through ``FittedDetector.load``) reads again when detector.json changed meanwhile, and keeps a refusal whose detector.json did not change."""
+    from lowgrad import api, fitted
 
     params, _, _, _, ctx = _run(tmp_path)
     meta = check_artifact(tmp_path)
@@ -175,18 +175,18 @@ def test_arrays_replaced_between_check_and_load_are_refused_and_load_reads_again
 
     calls = []
 
-    def swapped_once(cls, root, device):
+    def swapped_once(cls, root, device, model=None):
         calls.append(1)
         if len(calls) == 1:  # the folder is replaced while this read runs
             (root / META).write_text((root / META).read_text() + " ")
             raise DetectorError("arrays.npz changed while it was read")
         return "reloaded"
 
-    monkeypatch.setattr(api.OODDetector, "_load_once", classmethod(swapped_once))
-    assert api.OODDetector.load(tmp_path) == "reloaded" and len(calls) == 2
+    monkeypatch.setattr(fitted.FittedDetector, "_load_once", classmethod(swapped_once))
+    assert fitted.FittedDetector.load(tmp_path) == "reloaded" and len(calls) == 2
     calls.clear()
-    monkeypatch.setattr(api.OODDetector, "_load_once",
-                        classmethod(lambda cls, root, device: calls.append(1) or (_ for _ in ()).throw(DetectorError("own"))))
+    monkeypatch.setattr(fitted.FittedDetector, "_load_once", classmethod(
+        lambda cls, root, device, model=None: calls.append(1) or (_ for _ in ()).throw(DetectorError("own"))))
     with pytest.raises(DetectorError, match="own"):  # negative control: nothing changed, so no second read
-        api.OODDetector.load(tmp_path)
+        api.OODDetector.load(tmp_path)  # the estimator's load reads through FittedDetector.load
     assert len(calls) == 1

@@ -104,7 +104,7 @@ def test_the_batch_shrinks_to_what_the_device_holds(monkeypatch, caplog):
 
     from lowgrad import memory
     from lowgrad.errors import GradientError
-    from lowgrad.estimator import parse_options
+    from lowgrad.estimator_options import parse_options
 
     def parse_params(raw):
         return parse_options({"data": {**OPTIONS["data"], "image_size": 8, "channels": 1}, **raw})
@@ -181,7 +181,7 @@ def test_local_dask_workers_share_the_gpus(monkeypatch):
     import distributed
 
     from lowgrad import models, scaleout
-    from lowgrad.estimator import parse_options
+    from lowgrad.estimator_options import parse_options
 
     params = parse_options({"data": {**OPTIONS["data"], "image_size": 8, "channels": 1}, "device": "cuda"})
     taken = []

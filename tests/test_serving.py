@@ -163,8 +163,8 @@ def test_api_errors_name_the_callers_input_and_large_batches_are_split(tiny_fini
     assert _one_line(err).startswith("predict needs one row's name, got None")
     # a DataLoader's one large batch is computed in the extract stage's chunks, as an array is
     seen = []
-    features = det._features
-    monkeypatch.setattr(det, "_features", lambda batch, *a: seen.append(len(batch)) or features(batch, *a))
+    features = det._scorer._features
+    monkeypatch.setattr(det._scorer, "_features", lambda batch, *a: seen.append(len(batch)) or features(batch, *a))
     big = np.concatenate([images] * 5)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(big)), batch_size=len(big))
     scores = det.score(loader, rows=["grad_knn"])["grad_knn"]

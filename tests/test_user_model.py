@@ -181,12 +181,17 @@ def _the_estimator_fits_what_the_pipeline_fitted(project: Path, raw: dict) -> No
 
 def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
     """``OODDetector.load(run).score(images)`` of id_test and the OOD set: the pipeline's stored scores, for every
-    forward, gradient and fused row (relative difference at most 1e-4); ``predict`` flags below the threshold."""
-    from lowgrad import OODDetector
+    forward, gradient and fused row (relative difference at most 1e-4); ``predict`` flags below the threshold. The
+    loaded detector is the fitted estimator, built around no image set of its own (no placeholder)."""
+    from lowgrad import LowGrad, OODDetector
     from lowgrad.data import load_image_set
+    from lowgrad.errors import DetectorError
 
     detector = OODDetector.load(project)
-    assert set(detector.rows) == rows
+    assert type(detector) is LowGrad and set(detector.rows) == rows == set(detector.rows_)
+    assert detector._scorer._extractor.images is None
+    with pytest.raises(DetectorError, match="load it without model="):
+        OODDetector.load(project, model=torch.nn.Linear(2, 2))
     stored = np.load(project / "artifacts/scores.npz")
     for name in ("id_test", "digits_7to9"):
         images = load_image_set(project / f"data/prepared/{name}.npz").images

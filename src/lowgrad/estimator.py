@@ -11,8 +11,9 @@ The options are the sections of ``params.yaml`` that decide the method (``data``
 this process, block by block as its stages do (factors, per-sample gradients in ``gradient.chunk_rows`` rows, the
 out-of-core PCA, the projection, each row's fit and its threshold at 95 % ID TPR on ``test``), so on the same
 model, images and options it gives the pipeline's scores; sets are held in memory. Scoring new images, the lock
-around the shared model and the saved format are the saved detector's (:mod:`lowgrad.api`,
-:mod:`lowgrad.saved_detector`): ``save`` writes the folder ``OODDetector.load`` reads, with the same checks.
+around the shared model and the saved format are the saved detector's (:mod:`lowgrad.fitted`,
+:mod:`lowgrad.saved_detector`): ``save`` writes the folder ``load`` reads, with the same checks; ``lowgrad.OODDetector``
+is this class, and its ``load`` returns a pipeline run's detector as a fitted ``LowGrad``.
 """
 
 from __future__ import annotations
@@ -23,70 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from lowgrad.config import ClusterConfig, GradientConfig, InputConfig, Int, SubspaceConfig, _Strict, format_validation_error
+from lowgrad.config import InputConfig, format_validation_error
 from lowgrad.errors import ConfigError, DataError, DetectorError
+from lowgrad.estimator_options import EstimatorParams, parse_options
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DETECTORS = {  # what LowGrad(model) fits when no ``scoring`` is given
-    "forward": {"energy": {}, "knn": {}},
-    "gradient": {"knn": {}, "mahalanobis": {}, "residual": {}},
-}
-
-
-class EstimatorModel(_Strict):
-    """The classifier: ``arch`` (a ``model.arch`` name) lets :meth:`LowGrad.load` rebuild it from the saved weights;
-    without it the caller passes the model to ``load``. ``num_classes``: read from the model's output if not given."""
-
-    arch: str | None = None
-    num_classes: Int | None = Field(None, gt=1)
-
-
-class EstimatorParams(_Strict):
-    """The options of :class:`LowGrad`: the method's sections of ``params.yaml`` (their option models and defaults)."""
-
-    seed: Int = 0
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
-    data: InputConfig
-    model: EstimatorModel = EstimatorModel()
-    gradient: GradientConfig = GradientConfig()
-    subspace: SubspaceConfig = SubspaceConfig()
-    scoring: Any = Field(DEFAULT_DETECTORS, validate_default=True)  # lowgrad.options.DetectorsConfig
-    cluster: ClusterConfig = ClusterConfig()  # the stores are in memory: always this process
-
-    @field_validator("scoring", mode="before")
-    @classmethod
-    def _scoring(cls, value: Any) -> Any:
-        from lowgrad.options import DetectorsConfig, check_scoring
-
-        return check_scoring(value if isinstance(value, DetectorsConfig) else DetectorsConfig.model_validate(value))
-
-    @model_validator(mode="after")
-    def _runnable_route(self) -> "EstimatorParams":
-        from lowgrad.route import Route
-
-        try:
-            Route.from_params(self)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return self
-
-
-def parse_options(raw: dict[str, Any], source: str = "LowGrad options") -> EstimatorParams:
-    """Validate :class:`LowGrad`'s options (one :class:`ConfigError` line naming the key otherwise)."""
-    try:
-        return EstimatorParams.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source, EstimatorParams)) from None
-
 
 def _as_images(images: Any, labels: Any, what: str, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 ``N x H x W x C`` images and int64 labels (-1: none) from an array or tensor with ``labels``, a torch
     ``Dataset`` / ``DataLoader`` of ``(image, label)`` pairs, or an image folder (labels from its class folders; read
     and resized as ``lowgrad score`` reads one, to the options' ``data``)."""
-    from lowgrad.api import _as_array, _describe
+    from lowgrad.fitted import _as_array, _describe
 
     if isinstance(images, (str, Path)):
         from lowgrad.data import folder_images, read_images
@@ -183,23 +133,11 @@ class LowGrad:
     def _classifier(self, params: EstimatorParams):
         """The caller's model with the pipeline's classifier interface, on a copy (the caller's object is left as
         it is), in eval mode; and the params with ``model.num_classes`` filled in."""
-        import torch
-
-        from lowgrad.models import with_head_split
+        from lowgrad.fitted import classifier_of
 
         if self.model is None:
             raise ConfigError("LowGrad needs a model: LowGrad(model, ...) or LowGrad.from_params(path)")
-        model = copy.deepcopy(self.model).cpu().eval()
-        num_classes = params.model.num_classes
-        if num_classes is None:
-            with torch.no_grad():
-                size, channels = params.data.image_size, params.data.channels
-                out = model(torch.zeros(2, channels, size, size))
-            num_classes = int((out[0] if isinstance(out, tuple) else out).shape[1])
-        model = with_head_split(model, num_classes, params.model.arch or type(self.model).__name__,
-                                params.data.channels, params.data.image_size)
-        params = params.model_copy(update={"model": params.model.model_copy(update={"num_classes": num_classes})})
-        return model, params
+        return classifier_of(self.model, params)
 
     def fit(self, images: Any, labels: Any = None, *, test: Any = None) -> "LowGrad":
         """Fit every configured row on ``images`` (the ID bank: uint8 ``N x H x W x C`` with ``labels``, a
@@ -244,7 +182,7 @@ class LowGrad:
         return self
 
     def _fit_rows(self, params, model, sets, images) -> None:
-        from lowgrad.api import OODDetector, new_image_sources, scoring_context
+        from lowgrad.fitted import FittedDetector, scoring_context, scoring_sources
         from lowgrad.data import to_tensor_batch
         from lowgrad.factors import unflatten
         from lowgrad.metrics import tpr_threshold
@@ -257,9 +195,9 @@ class LowGrad:
         self.thresholds_ = {label: tpr_threshold(s, TPR) for label, s in id_test.items()}
         self.rows_ = list(self.thresholds_)
         self.fitted_, self.id_test_scores_ = fitted, id_test
-        extractor, rows_source = new_image_sources(params, model, unflatten(self.factors_))
+        extractor, rows_source = scoring_sources(params, model, unflatten(self.factors_))
         saved = SavedDetector(params=params, fitted=fitted, thresholds=self.thresholds_, id_test_scores=id_test)
-        self._scorer = OODDetector(None, saved, ctx, extractor, rows_source, self.subspace_)
+        self._scorer = FittedDetector(None, saved, ctx, extractor, rows_source, self.subspace_)
 
     # -- scoring ---------------------------------------------------------------------------------------------------
 
@@ -268,13 +206,44 @@ class LowGrad:
             raise DetectorError("this LowGrad is not fitted yet: call fit(images, labels, test=...) or LowGrad.load")
         return self._scorer
 
-    def score_samples(self, images: Any, rows: list[str] | str | None = None) -> dict[str, np.ndarray]:
+    def score_samples(self, images: Any, rows: list[str] | str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
         """``{row: scores}`` of every row (or of ``rows``), higher = more in-distribution."""
-        return self._fitted().score(images, rows=rows)
+        return self._fitted().score(images, rows=rows, progress=progress)
+
+    score = score_samples  # the saved detector's name for it (lowgrad score, the monitor)
 
     def predict(self, images: Any, row: str) -> np.ndarray:
         """``True`` where ``row`` flags an image as OOD (its score below the row's threshold)."""
         return self._fitted().predict(images, row=row)
+
+    @property
+    def rows(self) -> list[str]:
+        """Every row this detector scores, in the report's order (forward, gradient, fused)."""
+        return self._fitted().rows
+
+    def check_rows(self, rows: list[str] | str | None) -> list[str]:
+        """``rows`` (every row when None), each one this detector has (one :class:`DetectorError` line otherwise)."""
+        return self._fitted().check_rows(rows)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Each row's threshold at 95 % ID TPR (``thresholds_``)."""
+        return self._fitted().thresholds
+
+    @property
+    def id_test_scores(self) -> dict[str, np.ndarray]:
+        """Each row's scores of the held-out ID set: the reference a monitor compares new batches with."""
+        return self._fitted().id_test_scores
+
+    @property
+    def params(self):
+        """The options (a pipeline run's: its whole params) the detector was fitted with."""
+        return self._fitted().params
+
+    @property
+    def root(self) -> Path | None:
+        """The folder the detector was loaded from (None: fitted in this process)."""
+        return self._fitted().root
 
     # -- saving ----------------------------------------------------------------------------------------------------
 
@@ -297,43 +266,17 @@ class LowGrad:
 
     @classmethod
     def load(cls, folder: str | Path, model=None, device: str = "cpu") -> "LowGrad":
-        """A saved detector (:meth:`save`, or a pipeline run's project folder), every digest checked first; ``model``:
-        the classifier when the options name no ``model.arch`` (its weights must be the saved ones)."""
-        from lowgrad.api import OODDetector
-        from lowgrad.saved_detector import check_artifact
+        """The fitted estimator saved in ``folder`` (:meth:`save`, or a pipeline run's project folder), every digest
+        checked first; ``model``: the classifier when the options name no ``model.arch`` (its weights must be the
+        saved ones). ``lowgrad.OODDetector.load`` is this method."""
+        from lowgrad.fitted import FittedDetector
 
-        root = Path(folder)
-        meta = check_artifact(root)
-        raw = meta["params"]
-        if "datasets" in raw.get("data", {}):  # a pipeline run's folder
-            det = OODDetector.load(root, device=device)
-        else:
-            params = parse_options({**raw, "device": device}, source=str(root))
-            given = None
-            if model is not None:
-                given, _ = cls(model)._classifier(params)
-                _check_same_weights(given, root)
-            det = OODDetector._build(root, meta, params, model=given)
+        det = FittedDetector.load(folder, device=device, model=model)
         out = cls(model)
         out._scorer, out.params_ = det, det.params
         out.thresholds_, out.rows_ = dict(det.thresholds), list(det.thresholds)
         out.id_test_scores_ = dict(det.id_test_scores)
         return out
-
-
-def _check_same_weights(model, root: Path) -> None:
-    """The model given to :meth:`LowGrad.load` has the saved weights (one :class:`DetectorError` line otherwise)."""
-    import torch
-
-    from lowgrad.paths import MODEL
-
-    saved = torch.load(root / MODEL, map_location="cpu", weights_only=True)
-    given = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    differ = sorted(k for k in set(saved) | set(given)
-                    if k not in saved or k not in given or not torch.equal(saved[k].to(given[k].dtype), given[k]))
-    if differ:
-        raise DetectorError(f"the model given is not the one this detector was fitted with ({len(differ)} tensors "
-                            f"differ from {root / MODEL}, first {differ[0]}): pass the model it was fitted on")
 
 
 def _extract(extractor, chunk_rows: int, name: str) -> dict[str, Any]:

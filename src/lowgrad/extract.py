@@ -38,7 +38,7 @@ class Extractor:
         self,
         model: FeatureClassifier,
         param_names: list[str],
-        images: ImageSet,
+        images: ImageSet | None,
         mean: list[float],
         std: list[float],
         *,
@@ -49,8 +49,10 @@ class Extractor:
         sketch=None,
         store_gradients: bool = True,
     ) -> None:
-        """``sketch``: a Kronecker or dense sketch to store instead of exact gradients; ``store_gradients=False``
-        (the matrix-free route, which recomputes gradients): logits, features and labels only."""
+        """``images``: the set whose rows :meth:`compute` reads (None: only :meth:`compute_images`, a saved
+        detector's); ``sketch``: a Kronecker or dense sketch to store instead of exact gradients;
+        ``store_gradients=False`` (the matrix-free route, which recomputes gradients): logits, features and labels
+        only."""
         self.model = model.to(device).eval()
         self.param_names, self.images = param_names, images
         self.mean, self.std = mean, std
@@ -78,16 +80,25 @@ class Extractor:
         }
 
     def compute(self, rows: slice) -> dict[str, np.ndarray]:
+        """The stored columns of rows ``rows`` of this extractor's image set."""
+        out = self.compute_images(self.images.images[rows])
+        out["labels"] = self.images.labels[rows, None].astype(np.int64)
+        return out
+
+    def compute_images(self, images: np.ndarray, gradients: bool = True) -> dict[str, np.ndarray]:
+        """Logits, features and (unless ``gradients`` is False) the route's gradient rows of uint8 ``images``, in
+        batches of ``batch_size`` (new images scored by a saved detector come here, its set's rows through
+        :meth:`compute`)."""
+        source = self.gradients if gradients else None
         parts: dict[str, list[np.ndarray]] = {"logits": [], "features": []}
-        for start in range(rows.start, rows.stop, self.batch_size):
-            stop = min(start + self.batch_size, rows.stop)
-            x = to_device(to_tensor_batch(self.images.images[start:stop], self.mean, self.std), self.device)
-            if self.gradients is None:
+        for start in range(0, len(images), self.batch_size):
+            x = to_device(to_tensor_batch(images[start : start + self.batch_size], self.mean, self.std), self.device)
+            if source is None:
                 with torch.no_grad():
                     lo, f = self.model(x, return_features=True)
                 lo, f = to_host([lo, f])
             else:
-                g, lo, f, *sqnorm = self.gradients(x)
+                g, lo, f, *sqnorm = source(x)
                 g = g.to(getattr(torch, self.dtype))  # cast where computed: a float16 store copies half the bytes
                 g, lo, f, *sqnorm = to_host([g, lo, f, *sqnorm])  # one wait for the stream per batch
                 parts.setdefault("grads", []).append(g)
@@ -95,9 +106,7 @@ class Extractor:
                     parts.setdefault("phi_sqnorm", []).append(sqnorm[0][:, None])
             parts["logits"].append(lo)
             parts["features"].append(f)
-        out = {k: np.concatenate(v) for k, v in parts.items()}
-        out["labels"] = self.images.labels[rows, None].astype(np.int64)
-        return out
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]:
@@ -106,20 +115,19 @@ def load_factors(path: str | Path = FACTORS) -> dict[str, dict[str, np.ndarray]]
         return unflatten({key: z[key] for key in z.files})
 
 
-def build_extractor(params: Params, name: str | None, root: str | Path = ".", images: ImageSet | None = None) -> Extractor:
-    """The extractor of one prepared set on this configuration's route (``root``: the project directory), or of
-    ``images`` (new inputs, :class:`lowgrad.api.OODDetector`)."""
+def build_extractor(params: Params, name: str, root: str | Path = ".") -> Extractor:
+    """The extractor of one prepared set on this configuration's route (``root``: the project directory)."""
     root = Path(root)
     model = load_checkpoint(fresh_model(params), root / MODEL).eval()
     factors = load_factors(root / FACTORS) if Route.from_params(params).needs_factors else {}
-    return make_extractor(params, model, images if images is not None else load_image_set(root / PREPARED.format(name=name)),
-                          factors)
+    return make_extractor(params, model, load_image_set(root / PREPARED.format(name=name)), factors)
 
 
-def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet,
+def make_extractor(params: Params, model: FeatureClassifier, images: ImageSet | None,
                    factors: dict[str, dict[str, np.ndarray]]) -> Extractor:
-    """The extractor of ``images`` through ``model`` on this configuration's route (``factors``: the route's NFK
-    scale, :func:`lowgrad.factors.fit_factors` unflattened; empty on routes without)."""
+    """The extractor of ``images`` (None: of whatever images it is given, :meth:`Extractor.compute_images`) through
+    ``model`` on this configuration's route (``factors``: the route's NFK scale, :func:`lowgrad.factors.fit_factors`
+    unflattened; empty on routes without)."""
     route = Route.from_params(params)
     g = params.gradient
     param_names = select_parameters(model, g.params)

@@ -136,7 +136,7 @@ class GradientRows:
     """The rows ``phi_i = (g_i - shift) * scale`` of one image set, recomputed batch by batch, never stored."""
 
     gradients: PerSampleGradients
-    images: np.ndarray
+    images: np.ndarray | None  # None: a saved detector's source, given each call's images (dataclasses.replace)
     mean: list[float]
     std: list[float]
     batch_size: int
@@ -210,9 +210,10 @@ class GradientRows:
         raise ValueError(f"unknown pass kind {kind!r}")
 
 
-def exact_rows(params, model: torch.nn.Module, images: np.ndarray, desc: str = "rows") -> GradientRows:
-    """The matrix-free route's exact gradient rows of ``images`` (uint8 N x H x W x C) through ``model``, moved to
-    the configured device, recomputed on every pass (``params``: a :class:`lowgrad.config.Params`)."""
+def exact_rows(params, model: torch.nn.Module, images: np.ndarray | None, desc: str = "rows") -> GradientRows:
+    """The matrix-free route's exact gradient rows of ``images`` (uint8 N x H x W x C; None: set later, per call)
+    through ``model``, moved to the configured device, recomputed on every pass (``params``: a
+    :class:`lowgrad.config.Params`)."""
     from lowgrad.gradients import select_parameters
     from lowgrad.models import pick_device
     from lowgrad.route import Route
