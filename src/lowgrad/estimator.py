@@ -305,19 +305,15 @@ def _row_passes(params, route, model, images: np.ndarray, data: dict[str, Any], 
 
 
 def _fit_subspace(params, route, model, images: np.ndarray, train: dict[str, Any]):
-    from lowgrad.subspace import GradientSubspace
+    from lowgrad.steps import fit_subspace
 
-    s = params.subspace
-    sub = GradientSubspace(kernel=route.subspace_kernel, basis=s.basis, method=s.method, k=s.k,
-                           oversample=s.oversample, power_iters=s.power_iters, seed=params.seed)
-    return sub.fit(_row_passes(params, route, model, images, train, "id_train"),
-                   labels=train["labels"] if s.basis == "average_gradient" else None)
+    return fit_subspace(params, _row_passes(params, route, model, images, train, "id_train"), lambda: train["labels"])
 
 
 def _project(params, route, model, sub, images: np.ndarray, data: dict[str, Any]) -> None:
-    g_low, sqnorm = sub.transform_blocks_with_sqnorm(_row_passes(params, route, model, images, data, data["name"]))
-    if route.stores_exact_sqnorm:
-        sqnorm = data["_columns"]["phi_sqnorm"][:, 0]
-    data["g_low"], data["phi_sqnorm"] = g_low.astype(np.float32), sqnorm.astype(np.float64)
+    from lowgrad.steps import project_rows
+
+    passes = _row_passes(params, route, model, images, data, data["name"])
+    data["g_low"], data["phi_sqnorm"] = project_rows(params, sub, passes, lambda: data["_columns"]["phi_sqnorm"][:, 0])
     for key in ("_columns", "_chunk_rows"):
         data.pop(key)

@@ -279,6 +279,7 @@ class FittedDetector:
     def _features(self, images: np.ndarray, gradients: bool, with_images: bool) -> dict[str, Any]:
         """What ``score`` reads of a set, computed for ``images`` as the extract and project stages do."""
         from lowgrad.data import to_tensor_batch
+        from lowgrad.steps import project_rows
         from lowgrad.subspace import RowPasses
 
         out = self._extractor.compute_images(images, gradients=gradients)  # no gradients for forward rows only
@@ -289,10 +290,8 @@ class FittedDetector:
             else:
                 grads = out["grads"]
                 passes = RowPasses(lambda: iter([(slice(0, len(grads)), grads)]), len(grads), grads.shape[1])
-            g_low, sqnorm = self._subspace.transform_blocks_with_sqnorm(passes)
-            if "phi_sqnorm" in out:  # the exact-NFK route stores the exact ||phi||^2 beside the sketched row
-                sqnorm = out["phi_sqnorm"][:, 0]
-            data["g_low"], data["phi_sqnorm"] = g_low.astype(np.float32), sqnorm.astype(np.float64)
+            data["g_low"], data["phi_sqnorm"] = project_rows(self.params, self._subspace, passes,
+                                                             lambda: out["phi_sqnorm"][:, 0])
         if with_images:
             data["images"] = to_tensor_batch(images, self.params.data.mean, self.params.data.std)
         return data

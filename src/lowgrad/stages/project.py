@@ -10,6 +10,7 @@ from lowgrad.config import Params
 from lowgrad.paths import PHI_SQNORM, PROJECTED, SUBSPACE, atomic_path
 from lowgrad.route import Route
 from lowgrad.stages.common import row_passes, stored_sketch_layout
+from lowgrad.steps import project_rows
 from lowgrad.subspace import GradientSubspace
 
 
@@ -20,12 +21,14 @@ def project(params: Params, name: str) -> None:
                                     kernel=route.subspace_kernel, basis=params.subspace.basis)
         if route.is_sketch:
             sub.check_rows_from(stored_sketch_layout(name), f"the rows of {name}")
-        g_low, sqnorm = sub.transform_blocks_with_sqnorm(passes)
-    if route.stores_exact_sqnorm:  # the sketched row's norm is a proxy: the exact ||phi||^2 was stored beside it
-        from lowgrad.paths import EXTRACTED
-        from lowgrad.store import ChunkedStore
-
-        sqnorm = ChunkedStore.open(EXTRACTED.format(name=name)).read("phi_sqnorm")[:, 0]
-    for template, array in ((PHI_SQNORM, sqnorm.astype(np.float64)), (PROJECTED, g_low.astype(np.float32))):
+        g_low, sqnorm = project_rows(params, sub, passes, lambda: _stored_exact_sqnorm(name))
+    for template, array in ((PHI_SQNORM, sqnorm), (PROJECTED, g_low)):
         with atomic_path(template.format(name=name)) as tmp:
             np.save(tmp, array)
+
+
+def _stored_exact_sqnorm(name: str) -> np.ndarray:
+    from lowgrad.paths import EXTRACTED
+    from lowgrad.store import ChunkedStore
+
+    return ChunkedStore.open(EXTRACTED.format(name=name)).read("phi_sqnorm")[:, 0]

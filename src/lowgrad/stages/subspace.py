@@ -9,20 +9,18 @@ from lowgrad.config import Params
 from lowgrad.paths import SUBSPACE
 from lowgrad.route import Route
 from lowgrad.stages.common import row_passes, stored_sketch_layout
-from lowgrad.subspace import GradientSubspace
+from lowgrad.steps import fit_subspace
 
 log = logging.getLogger(__name__)
 
 
 def subspace(params: Params) -> None:
-    s = params.subspace
     route = Route.from_params(params)
-    sub = GradientSubspace(kernel=route.subspace_kernel, basis=s.basis, method=s.method, k=s.k,
-                           oversample=s.oversample, power_iters=s.power_iters, seed=params.seed)
     with row_passes(params, "id_train") as passes:
         if route.recomputes_gradients:
-            log.info("matrix-free PCA of %d x %d exact gradients: %d passes", passes.n_rows, passes.dim, 2 * s.power_iters + 3)
-        sub.fit(passes, labels=_kernel_labels() if s.basis == "average_gradient" else None)
+            log.info("matrix-free PCA of %d x %d exact gradients: %d passes", passes.n_rows, passes.dim,
+                     2 * params.subspace.power_iters + 3)
+        sub = fit_subspace(params, passes, _kernel_labels)
     if route.is_sketch:
         sub.sketch_layout_ = stored_sketch_layout("id_train")
     log.info("subspace: %d components explain %.1f %% of the %s kernel's variance",
