@@ -28,8 +28,12 @@ coordinate multiplied by ``1 + r * N(0, 1)`` for each relative size ``r``, the s
 probe's SGD carries a change of ``G_low`` of known size (1e-6: of the order of float32 round-off, which no route can
 avoid; one noise draw, scaled by each ``r``).
 
+Both routes run through the estimator's steps (:class:`lowgrad.LowGrad`'s: ``fit_factors`` on a random kernel sample
+of ``--factor-samples`` images, the route's extractor, ``lowgrad.steps.fit_subspace`` and ``project_rows``), with the
+options of :func:`route_options`; rows are float32, as the pipeline stores them.
+
 ``--route exact_nfk``: a CountSketch into ``--dim`` buckets of the exactly normalised gradient (w and z of the
-first ``--factor-samples`` kernel images) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
+kernel sample) with the exact ``||phi||^2``. ``--route dense``: the dense Gaussian sketch of
 exactly NFK-scaled gradients (the reference route, meant for GPUs; on ResNet-20 a CPU runs it) instead of the
 Kronecker sketch; ``--dim`` is its dimension.
 """
@@ -42,25 +46,26 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from scipy.linalg import orthogonal_procrustes
 
-from lowgrad.config import DataConfig, read_raw
-from lowgrad.rows import detector_row_name
-from lowgrad.data import load_dataset, to_tensor_batch
-from lowgrad.detectors import Head, uses_probe
-from lowgrad.gradients import PerSampleGradients, select_parameters
-from lowgrad.metrics import ood_metrics
 from lowgrad.checkpoints import load_checkpoint
+from lowgrad.config import DataConfig, read_raw, set_dotted
+from lowgrad.data import load_dataset
+from lowgrad.detectors import Head, uses_probe
+from lowgrad.estimator_options import parse_options
+from lowgrad.extract import make_extractor
+from lowgrad.factors import fit_factors, unflatten
+from lowgrad.metrics import ood_metrics
 from lowgrad.models import build_model, head_of, pick_device
-from lowgrad.factors import unflatten
-from lowgrad.route import ROUTES
 from lowgrad.options import ProbeConfig
+from lowgrad.route import ROUTES, Route
+from lowgrad.rows import detector_row_name
 from lowgrad.scoring import ScoringContext, score_detector
-from lowgrad.subspace import GradientSubspace
+from lowgrad.steps import fit_subspace, project_rows
+from lowgrad.subspace import GradientSubspace, RowPasses
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LOWGRAD_SHARED", ROOT.parent / "shared"))
@@ -68,26 +73,49 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 OOD_SETS = ("textures", "tinyimagenet", "fashionmnist")
 
 
-def _rows(fn, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """``fn``'s first output over ``x`` in batches moved to ``device``, as float64 NumPy rows, and its exact
-    ``||phi||^2`` (the fourth output) where it has one."""
-    rows, sqnorms = [], []
-    for i in range(0, len(x), batch):
-        out = fn(x[i : i + batch].to(device))
-        rows.append(out[0].double().cpu().numpy())
-        if len(out) > 3:
-            sqnorms.append(out[3].double().cpu().numpy())
-    return np.concatenate(rows), (np.concatenate(sqnorms) if sqnorms else None)
+def route_options(args: argparse.Namespace, route: str):
+    """The estimator's options (:mod:`lowgrad.estimator_options`) of one route at this bench's sizes: the route's
+    switch and the settings it reads, the PCA of the committed fidelity runs (20 oversampling columns, 4 power
+    iterations, seed 0)."""
+    cls = ROUTES[route]
+    raw = {"seed": 0, "device": args.device, "model": {"num_classes": 10},
+           "data": {"image_size": 32, "channels": 3, "mean": MEAN, "std": STD},
+           "gradient": {"batch_size": args.batch if cls.is_sketch else 64, "chunk_rows": 256},
+           "subspace": {"kernel": args.kernel, "k": args.k, "oversample": 20, "power_iters": 4}}
+    for key, value in cls.switch().items():
+        set_dotted(raw, key, value)
+    for key, value in (("sketch_rank", args.rank), ("sketch_dim", args.dim)):
+        if key in cls.reads:
+            raw["gradient"][key] = value
+    options = parse_options(raw, source=f"bench.fidelity's {route} route")
+    if not Route.from_params(options).needs_factors:
+        return options
+    raw["gradient"]["factor_samples"] = min(args.factor_samples, args.n)
+    return parse_options(raw, source=f"bench.fidelity's {route} route")
 
 
-def _sets_low(sub, rows: dict, stored_sqnorms: dict, sets: dict) -> dict:
+def route_rows(options, model, sets: dict) -> tuple[dict, dict, dict]:
+    """Each set's gradient rows on ``options``' route as the estimator extracts them (its factors on the kernel set,
+    its extractor), the exact ``||phi||^2`` where the route stores one, and the factors' info."""
+    arrays, info = fit_factors(options, model, sets["id_train"].images)
+    extractor = make_extractor(options, model, None, unflatten(arrays))
+    out = {name: extractor.compute_images(s.images) for name, s in sets.items()}
+    sqnorms = {name: o["phi_sqnorm"][:, 0] for name, o in out.items() if "phi_sqnorm" in o}
+    return {name: o["grads"] for name, o in out.items()}, sqnorms, info
+
+
+def _passes(rows: np.ndarray) -> RowPasses:
+    return RowPasses(lambda: ((slice(i, i + 256), rows[i : i + 256]) for i in range(0, len(rows), 256)), len(rows),
+                     rows.shape[1])
+
+
+def _sets_low(options, sub, rows: dict, stored_sqnorms: dict, sets: dict) -> dict:
     """Each set's ``G_low``, ``||phi||^2`` (the one extraction stored, else the normalised row's) and labels, as the
-    scoring stage reads them."""
+    estimator's projection step gives them to the scoring step."""
     out = {}
     for name, r in rows.items():
-        stored = stored_sqnorms.get(name)
-        sqnorm = stored if stored is not None else (sub.normalizer_.transform(r) ** 2).sum(1)
-        out[name] = {"name": name, "g_low": sub.transform(r), "phi_sqnorm": sqnorm, "labels": sets[name].labels}
+        g_low, sqnorm = project_rows(options, sub, _passes(r), lambda name=name: stored_sqnorms[name])
+        out[name] = {"name": name, "g_low": g_low, "phi_sqnorm": sqnorm, "labels": sets[name].labels}
     return out
 
 
@@ -150,14 +178,14 @@ def _basis_controls(model, probe_rows: dict, low: dict, rotations: dict[str, np.
     return out
 
 
-def _bootstrap_basis(exact: dict, sub: GradientSubspace, g_test: np.ndarray, labels: np.ndarray, blocks) -> np.ndarray:
+def _bootstrap_basis(exact: dict, sub: GradientSubspace, g_test: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The exact route's ``G_low`` basis refitted (same settings) on a bootstrap resample of the kernel set (seed 0),
     as an orthogonal map from the fitted one (Procrustes on the ID test rows, whose fitted ``G_low`` is ``g_test``):
     how far another kernel sample turns the basis, which the exact route cannot avoid either (one resample, no
     spread)."""
     rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
     resampled = GradientSubspace(sub.kernel, sub.basis, sub.method, sub.k, sub.oversample, sub.power_iters, sub.seed).fit(
-        blocks(exact["id_train"][rows]), len(rows), exact["id_train"].shape[1], labels[rows])
+        _passes(exact["id_train"][rows]), labels=labels[rows])
     rotation, _ = _rotation_onto(g_test, resampled.transform(exact["id_test"]))
     return rotation
 
@@ -195,35 +223,22 @@ def main() -> None:
         "fashionmnist": {"source": "npz", "path": str(SHARED / "data/fashionmnist_test.npz"), "max_samples": n},
     })
     sets = {name: load_dataset(name, data, 0) for name in data.datasets}
-    x = {name: to_tensor_batch(s.images, MEAN, STD) for name, s in sets.items()}
     labels = sets["id_train"].labels
     model = load_checkpoint(build_model("resnet20_cifar", 10), ckpt).eval().to(device)
     timings = {}
 
-    # exact route: per-sample gradients (torch.func), NFK, randomized PCA, projection
+    # each route through the estimator's steps: factors, extraction, the subspace on the kernel set, the projection
+    exact_options, sketch_options = route_options(args, "exact"), route_options(args, args.route)
     start = time.perf_counter()
-    psg = PerSampleGradients(model, select_parameters(model, "all"))
-    exact = {name: _rows(psg, xs, device)[0] for name, xs in x.items()}
+    exact, _, _ = route_rows(exact_options, model, sets)
     timings["exact_gradients_s"] = time.perf_counter() - start
-    blocks = lambda g: (lambda: ((slice(i, i + 256), g[i : i + 256]) for i in range(0, len(g), 256)))  # noqa: E731
-    exact_sub = GradientSubspace(args.kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(exact["id_train"]), n, psg.dim, labels)
-
-    # sketch route: NFK Kronecker factors, sketches, centring, randomized PCA, projection
+    exact_sub = fit_subspace(exact_options, _passes(exact["id_train"]), lambda: labels)
     start = time.perf_counter()
-    n_factor = min(args.factor_samples, n)
-    factors, errors = {}, {"none": 0.0}
-    factor_batches = (x["id_train"][i : min(i + 64, n_factor)].to(device) for i in range(0, n_factor, 64))
-    route = ROUTES[args.route](kernel=args.kernel, basis="pca", method="randomized")
-    options = SimpleNamespace(gradient=SimpleNamespace(sketch_rank=args.rank, sketch_dim=args.dim), seed=0)
-    if route.needs_factors:
-        arrays, info = route.fit_factors(options, model, factor_batches, psg.param_names)
-        factors, errors = unflatten(arrays), info.get("rank_one_relative_error", errors)
-    sketch = route.make_sketch(options, model, psg.param_names, factors)
-    sketched_with_norms = {name: _rows(sketch, xs, device, args.batch) for name, xs in x.items()}
-    sketched = {name: rows for name, (rows, _) in sketched_with_norms.items()}
+    sketched, sketch_sqnorms, info = route_rows(sketch_options, model, sets)
     timings["sketch_route_s"] = time.perf_counter() - start
-    sketch_kernel = route.subspace_kernel
-    sketch_sub = GradientSubspace(sketch_kernel, k=args.k, oversample=20, power_iters=4).fit(blocks(sketched["id_train"]), n, sketch.dim, labels)
+    errors = info.get("rank_one_relative_error", {"none": 0.0})
+    sketch_sub = fit_subspace(sketch_options, _passes(sketched["id_train"]), lambda: labels)
+    n_factor = sketch_options.gradient.factor_samples if Route.from_params(sketch_options).needs_factors else 0
 
     # inner products of centred NFK rows (ID test)
     phi = exact_sub.normalizer_.transform(exact["id_test"])
@@ -241,8 +256,8 @@ def main() -> None:
 
     # OOD tables on G_low: every gradient detector of the cpu profile, the probe trained with each seed
     detectors = read_raw(ROOT / "configs/cifar10_resnet18_cpu.yaml")["scoring"]["gradient"]
-    sets_low = {"exact": _sets_low(exact_sub, exact, {}, sets),
-                "sketch": _sets_low(sketch_sub, sketched, {n: s for n, (_, s) in sketched_with_norms.items()}, sets)}
+    sets_low = {"exact": _sets_low(exact_options, exact_sub, exact, {}, sets),
+                "sketch": _sets_low(sketch_options, sketch_sub, sketched, sketch_sqnorms, sets)}
     # the orthogonal map R that best turns the exact route's G_low of the ID test set into the sketch route's (the two
     # bases differ by signs and by turns within near-equal eigenvalues), and the error that no change of basis explains
     sketch_rotation, g_low_error = _rotation_onto(sets_low["exact"]["id_test"]["g_low"], sets_low["sketch"]["id_test"]["g_low"])
@@ -259,13 +274,13 @@ def main() -> None:
         perturbed[f"{r:g}"] = _largest_moves(model, probe_rows, sets_low["exact"], moved)
     basis = _basis_controls(model, probe_rows, sets_low["exact"], {
         "sketch_route": sketch_rotation,
-        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, sets_low["exact"]["id_test"]["g_low"], labels, blocks)})
+        "kernel_set_bootstrap": _bootstrap_basis(exact, exact_sub, sets_low["exact"]["id_test"]["g_low"], labels)})
     table = tables[0]
     worst = max(cell["abs_delta_auroc"] for det_rows in table.values() for cell in det_rows.values())
     print(json.dumps({
         "model": "resnet20_cifar (269,722 parameters)", "kernel": args.kernel, "samples_per_set": n, "k": args.k,
-        "route": args.route, "sketch_rank": args.rank if "sketch_rank" in route.reads else None,
-        "sketch_dim": sketch.dim, "factor_samples": n_factor,
+        "route": args.route, "sketch_rank": args.rank if "sketch_rank" in ROUTES[args.route].reads else None,
+        "sketch_dim": sketched["id_train"].shape[1], "factor_samples": n_factor,
         "rank_one_nfk_error_median": round(float(np.median(list(errors.values()))), 3),
         "rank_one_nfk_error_max": round(float(max(errors.values())), 3),
         "gram_relative_error": round(gram_error, 4), "gram_offdiag_correlation": round(corr, 4),
