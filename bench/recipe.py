@@ -8,14 +8,17 @@ exact gradients, 4,000 kernel / bank images, k = 200, 4 power iterations) runs o
     python -m bench.recipe --epochs 20 --out bench/results/recipe_resnet20     # beside ../shared
 
 Each part resumes after a kill: training after its last finished epoch (the train stage's resume file in
-``--workdir/<recipe>/train``), a finished checkpoint or protocol is kept and not redone. ``recipe.json`` in
-``--out`` is rewritten after every part: each recipe's full-test-set accuracy (10,000 images), the protocol's
-metrics, report and verdict readings, the stage timings; then the readings the two checkpoints differ on.
+``--workdir/<recipe>/train``); a finished checkpoint is kept with what it was trained from (``trained.json``: a rerun
+with other settings is refused) and a finished protocol with its checkpoint's sha256 (another checkpoint's results
+are dropped). ``recipe.json`` in ``--out`` is rewritten after every part: per recipe the checkpoint's sha256, its
+settings, its full-test-set accuracy (10,000 images), the protocol's metrics, report and verdict readings and stage
+timings; then the readings the two checkpoints differ on.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ import yaml
 
 from bench.routes import differing_readings, route_params, run_route
 from lowgrad import paths, pipeline, timing
+from lowgrad.paths import write_json
 from lowgrad.route import ROUTES
 
 PARAMS_FILE = Path("configs/cifar10_resnet18_cpu.yaml")
@@ -44,16 +48,27 @@ RECIPES = {  # the one difference between the two checkpoints
 TRAIN_STAGES = ("prepare@id_train", "train")
 
 
-def train_recipe(params_file: Path, overrides: dict[str, Any], extra: dict[str, Any], workdir: Path) -> Path:
-    """Train one recipe on all of ``id_train`` (unless ``extra`` says otherwise) in ``workdir`` (resumes); returns
-    the finished checkpoint."""
-    done = workdir / "trained.pt"
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train_recipe(params_file: Path, overrides: dict[str, Any], workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """Train one recipe on all of ``id_train`` (unless ``overrides`` say otherwise) in ``workdir`` (resumes);
+    returns the finished checkpoint and what it was trained from (``trained.json`` beside it: the params file's
+    sha256, the overrides, the wall seconds of the call that finished it). A checkpoint there from other settings
+    is refused, never reused."""
+    done, record = workdir / "trained.pt", workdir / "trained.json"
+    trained_from = {"params_file": str(params_file), "params_file_sha256": _sha256(params_file), "overrides": overrides}
     if done.exists():
-        return done
-    params = route_params(params_file, {**overrides, "model.checkpoint": paths.TRAINED,
-                                        "data.datasets.id_train.max_samples": None, **extra})
+        kept = json.loads(record.read_text()) if record.exists() else {}
+        if {k: kept.get(k) for k in trained_from} != json.loads(json.dumps(trained_from)):
+            raise SystemExit(f"error: {done} was trained with other settings ({record}): remove {workdir} or give "
+                             "another --workdir")
+        return done, kept
+    params = route_params(params_file, {"data.datasets.id_train.max_samples": None, **overrides,
+                                        "model.checkpoint": paths.TRAINED})
     plan = [step for step in pipeline.stage_bodies(params, Path.cwd()) if step[0] in TRAIN_STAGES]
-    here = Path.cwd()
+    here, started = Path.cwd(), time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
     try:
@@ -63,9 +78,11 @@ def train_recipe(params_file: Path, overrides: dict[str, Any], extra: dict[str, 
             timing.record(name)
     finally:
         os.chdir(here)
+    trained_from["finishing_call_wall_s"] = round(time.perf_counter() - started, 1)  # a resumed run: its last call
+    write_json(record, trained_from)
     shutil.copy(workdir / paths.TRAINED, done.with_suffix(".tmp"))
     os.replace(done.with_suffix(".tmp"), done)
-    return done
+    return done, trained_from
 
 
 def test_accuracy(params_file: Path, overrides: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
@@ -103,24 +120,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary_path = args.out / "recipe.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary.update({"params_file": str(args.params_file), "common": common, "protocol": PROTOCOL, "set": extra,
-                    "recipes": {name: RECIPES[name] for name in args.recipes}})
+    summary["recipes"] = RECIPES
     results = summary.setdefault("results", {})
     for name in args.recipes:
-        overrides = {**common, **RECIPES[name]}
-        started = time.perf_counter()
-        checkpoint = train_recipe(args.params_file, overrides, extra, args.workdir / name / "train")
-        entry = results.setdefault(name, {})
-        entry.setdefault("train_wall_s", round(time.perf_counter() - started, 1))
-        entry["test_accuracy"] = test_accuracy(args.params_file, {**overrides, **extra}, checkpoint)
+        overrides = {**common, **RECIPES[name], **extra}  # the --set overrides last: they win
+        checkpoint, trained_from = train_recipe(args.params_file, overrides, args.workdir / name / "train")
+        digest = _sha256(checkpoint)
+        entry = results.get(name, {})
+        if entry.get("checkpoint_sha256") != digest:  # results of another checkpoint are not kept
+            entry = {"checkpoint_sha256": digest}
+        entry.update({"trained_from": trained_from, "protocol_overrides": {**PROTOCOL, **extra}})
+        entry["test_accuracy"] = test_accuracy(args.params_file, overrides, checkpoint)
+        results[name] = entry
+        summary_path.write_text(json.dumps(summary, indent=1))  # partial results survive a kill
         if "protocol" not in entry:
-            run = run_route(args.params_file, {**overrides, **PROTOCOL, **extra,
-                                                     "model.checkpoint": str(checkpoint.resolve())},
-                            args.workdir / name / "protocol")
-            entry["protocol"] = run
+            entry["protocol"] = run_route(args.params_file, {**overrides, **PROTOCOL, **extra,
+                                                             "model.checkpoint": str(checkpoint.resolve())},
+                                          args.workdir / name / "protocol")
             for item in (paths.REPORT, paths.METRICS):
                 shutil.copy(args.workdir / name / "protocol" / item, args.out / f"{Path(item).stem}_{name}{Path(item).suffix}")
-        summary_path.write_text(json.dumps(summary, indent=1))  # partial results survive a kill
+        summary_path.write_text(json.dumps(summary, indent=1))
     if all(name in results and "protocol" in results[name] for name in RECIPES):
         summary["readings_differing"] = differing_readings({n: results[n]["protocol"] for n in RECIPES})
         summary_path.write_text(json.dumps(summary, indent=1))

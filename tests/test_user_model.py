@@ -192,6 +192,9 @@ def _saved_detector_round_trip(project: Path, rows: set[str]) -> None:
     assert detector._scorer._extractor.images is None
     with pytest.raises(DetectorError, match="load it without model="):
         OODDetector.load(project, model=torch.nn.Linear(2, 2))
+    with pytest.raises(DetectorError, match="copy that folder"):  # a loaded detector holds no fitted model to save
+        detector.save(project / "resaved")
+    assert not (project / "resaved").exists()
     stored = np.load(project / "artifacts/scores.npz")
     for name in ("id_test", "digits_7to9"):
         images = load_image_set(project / f"data/prepared/{name}.npz").images

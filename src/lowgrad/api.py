@@ -13,10 +13,7 @@ yielding such batches (or ``(images, labels)`` pairs). New inputs go through the
 and seed), the ``project`` stage's ``G_low = phi(g) V`` with the saved normaliser and basis, then each saved row as
 ``score`` fitted it. Nothing is refitted.
 
-One detector may be shared by threads (a web handler, a thread pool): its calls take turns (a lock around the
-model-dependent work, whose gradient routes swap the model's parameters or hook its layers while they run), so
-each call gets exactly the result of that call made alone. Torch already spreads one call over every core, so
-taking turns costs little throughput; load one detector per process for parallel scoring.
+One detector may be shared by threads: :mod:`lowgrad.fitted` says how.
 """
 
 from lowgrad.estimator import LowGrad as OODDetector

@@ -19,7 +19,6 @@ is this class, and its ``load`` returns a pipeline run's detector as a fitted ``
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,6 @@ from pydantic import ValidationError
 from lowgrad.config import InputConfig, format_validation_error
 from lowgrad.errors import ConfigError, DataError, DetectorError
 from lowgrad.estimator_options import EstimatorParams, parse_options
-
-log = logging.getLogger(__name__)
 
 def _as_images(images: Any, labels: Any, what: str, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 ``N x H x W x C`` images and int64 labels (-1: none) from an array or tensor with ``labels``, a torch
@@ -210,7 +207,8 @@ class LowGrad:
         """``{row: scores}`` of every row (or of ``rows``), higher = more in-distribution."""
         return self._fitted().score(images, rows=rows, progress=progress)
 
-    score = score_samples  # the saved detector's name for it (lowgrad score, the monitor)
+    score = score_samples  # the saved detector's name for it (lowgrad score, the monitor); not scikit-learn's
+    # score(X, y), a mean over samples: a second positional argument here names rows
 
     def predict(self, images: Any, row: str) -> np.ndarray:
         """``True`` where ``row`` flags an image as OOD (its score below the row's threshold)."""
@@ -256,6 +254,8 @@ class LowGrad:
         from lowgrad.saved_detector import save_fitted
 
         self._fitted()
+        if not hasattr(self, "model_"):
+            raise DetectorError(f"this detector was loaded from {self.root}: copy that folder instead of saving it again")
         with atomic_dir(folder) as staging:
             save_state_dict(self.model_, staging / MODEL)
             self.subspace_.save(staging / SUBSPACE)
@@ -265,7 +265,7 @@ class LowGrad:
         return Path(folder)
 
     @classmethod
-    def load(cls, folder: str | Path, model=None, device: str = "cpu") -> "LowGrad":
+    def load(cls, folder: str | Path, *, model=None, device: str = "cpu") -> "LowGrad":
         """The fitted estimator saved in ``folder`` (:meth:`save`, or a pipeline run's project folder), every digest
         checked first; ``model``: the classifier when the options name no ``model.arch`` (its weights must be the
         saved ones). ``lowgrad.OODDetector.load`` is this method."""

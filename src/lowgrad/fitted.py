@@ -3,8 +3,12 @@
 
 New inputs go through the run's own code path: the ``extract`` stage's forward pass and gradient route (the saved
 model, sketch factors and seed), the ``project`` stage's ``G_low = phi(g) V`` with the saved normaliser and basis,
-then each saved row as ``score`` fitted it. Nothing is refitted. Calls take turns through one lock (the gradient
-routes swap the model's parameters or hook its layers while they run, :mod:`lowgrad.api`).
+then each saved row as ``score`` fitted it. Nothing is refitted.
+
+One detector may be shared by threads (a web handler, a thread pool): its calls take turns (a lock around the
+model-dependent work, whose gradient routes swap the model's parameters or hook its layers while they run), so
+each call gets exactly the result of that call made alone. Torch already spreads one call over every core, so
+taking turns costs little throughput; load one detector per process for parallel scoring.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class FittedDetector:
         self._turns = threading.Lock()  # one call at a time through the shared model (module docstring)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu", model=None) -> "FittedDetector":
+    def load(cls, run_dir: str | Path, *, device: str = "cpu", model=None) -> "FittedDetector":
         """The saved detector of the project at ``run_dir`` (after ``dvc repro`` or ``dvc pull``) or of a folder
         ``LowGrad.save`` wrote; ``model``: the classifier, when the saved options name no ``model.arch`` (its
         weights must be the saved ones). Refuses, with one :class:`DetectorError` line, an artifact whose model,

@@ -3,8 +3,9 @@
 On CUDA the images go up from page-locked memory and every result of a batch comes down into page-locked memory
 without blocking, then the stream is waited for once: one synchronisation per batch instead of one per tensor,
 at the page-locked copy rate (a copy from pageable memory is staged through a pinned buffer by the driver and
-blocks). torch caches page-locked blocks (its host caching allocator), so a batch reuses the last one's. On the
-CPU nothing is copied: the arrays are the tensors' own memory.
+blocks). The results are then copied into ordinary memory and their page-locked blocks freed, so torch's host
+caching allocator hands the same blocks to the next batch: page-locked memory stays at one batch's results, not a
+chunk's. On the CPU nothing is copied: the arrays are the tensors' own memory.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Tensors of one device as host arrays; on CUDA each copied into page-locked memory without blocking, then
-    one wait for the stream before any of them is read."""
+    """Tensors of one device as host arrays; on CUDA each copied into page-locked memory without blocking, one
+    wait for the stream, then each copied into ordinary memory (its page-locked block free for the next batch)."""
     if not tensors:
         return []
     device = tensors[0].device
@@ -36,4 +37,4 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     for host, t in zip(hosts, tensors):
         host.copy_(t.detach(), non_blocking=True)
     torch.cuda.current_stream(device).synchronize()
-    return [host.numpy() for host in hosts]
+    return [host.numpy().copy() for host in hosts]
