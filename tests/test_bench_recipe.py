@@ -20,6 +20,9 @@ def _main(monkeypatch, args: list[str]) -> None:
     from bench import recipe
 
     monkeypatch.setattr(sys, "argv", ["bench.recipe", *args])
+    # main's logging.basicConfig would leave a root handler on this test's captured stderr, which pytest closes: a
+    # later test's log record (a Prefect flow's, printing through its logger) would then fail on it, recursively
+    monkeypatch.setattr(recipe.logging, "basicConfig", lambda **kwargs: None)
     recipe.main()
 
 
