@@ -7,7 +7,8 @@ this project has had a GPU yet, so none of these has run (docs/routes.md says so
   CPU refuses to score on CUDA, with one line;
 - a detector fitted on the CPU, saved, and loaded on CUDA scores as on the CPU, and the other way round;
 - the dense route fitted, saved and reloaded on CUDA scores alike there (its device-side moments, Omega and casts);
-- with ``LOWGRAD_DETERMINISTIC=1`` two fits on CUDA score bit for bit alike.
+- with ``LOWGRAD_DETERMINISTIC=1`` two fits on CUDA score bit for bit alike;
+- the page-locked, non-blocking copies of ``lowgrad.transfer`` equal plain ``.cpu()`` copies.
 """
 
 from __future__ import annotations
