@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -42,6 +43,23 @@ def _prefect_isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home / "results"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams():
+    """A logging handler made while a test captured stderr (``capsys``: Prefect configures its handlers, the root
+    logger's included, on first use) keeps that test's stream, which pytest closes after it: a later record fails on
+    it, and a flow printing to its log turns the failure into a recursion. Before each test such a handler is pointed
+    at the current stderr (its stream attribute set: ``setStream`` would flush the closed one)."""
+    for logger in [logging.getLogger(), *(obj for obj in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(obj, logging.Logger))]:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.stream = sys.stderr
+                if hasattr(handler, "console"):  # Prefect's console handler writes through a rich Console
+                    handler.console.file = sys.stderr
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ def _main(monkeypatch, args: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_both_recipes_are_trained_read_and_kept_with_their_settings(tmp_path, monkeypatch, capsys):
+def test_both_recipes_are_trained_read_and_kept_with_their_settings(tmp_path, monkeypatch):
     shared_file("models/resnet20-12fca82f.th")  # the profile's sets are in ../shared
     monkeypatch.chdir(ROOT)
     args = ["--epochs", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *TINY]
