@@ -29,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from bench.routes import differing_readings, route_params, run_route
-from lowgrad import paths, pipeline, timing
+from bench.routes import differing_readings, route_params, run_route, run_stages
+from lowgrad import paths, pipeline
 from lowgrad.paths import write_json
 from lowgrad.route import ROUTES
 
@@ -68,16 +68,8 @@ def train_recipe(params_file: Path, overrides: dict[str, Any], workdir: Path) ->
     params = route_params(params_file, {"data.datasets.id_train.max_samples": None, **overrides,
                                         "model.checkpoint": paths.TRAINED})
     plan = [step for step in pipeline.stage_bodies(params, Path.cwd()) if step[0] in TRAIN_STAGES]
-    here, started = Path.cwd(), time.perf_counter()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)
-    try:
-        for name, func, args in plan:
-            timing.start()
-            func(params, *args)
-            timing.record(name)
-    finally:
-        os.chdir(here)
+    started = time.perf_counter()
+    run_stages(plan, lambda name: params, workdir)
     trained_from["finishing_call_wall_s"] = round(time.perf_counter() - started, 1)  # a resumed run: its last call
     write_json(record, trained_from)
     shutil.copy(workdir / paths.TRAINED, done.with_suffix(".tmp"))

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +85,32 @@ def stage_params(params: Params, stage: str, input_seed: int | None) -> Params:
     return params.model_copy(update={"seed": input_seed})
 
 
-def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input_seed: int | None = None) -> dict[str, Any]:
-    """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
-    params = route_params(params_file, overrides)
+def run_stages(plan: list, params_of: Callable[[str], Params], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Each ``(name, body, args)`` of ``plan`` run in ``workdir`` (created) with ``params_of(name)``, timed: each
+    stage's timing record."""
     here = Path.cwd()
-    plan = pipeline.stage_bodies(params, here)
-    if input_seed is not None and not any(makes_inputs(name) for name, _, _ in plan):
-        raise SystemExit(f"error: --input-seed: no stage of this plan makes the inputs ({', '.join(INPUT_STAGES)})")
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
     try:
         stages = {}
         for name, func, args in plan:
             timing.start()
-            func(stage_params(params, name, input_seed), *args)
+            func(params_of(name), *args)
             stages[name] = json.loads(timing.record(name).read_text())
             logging.info("%s: %.1f s", name, stages[name]["wall_s"])
-        metrics = json.loads(Path(paths.METRICS).read_text())
+        return stages
     finally:
         os.chdir(here)
+
+
+def run_route(params_file: Path, overrides: dict[str, Any], workdir: Path, input_seed: int | None = None) -> dict[str, Any]:
+    """All stages of one route in ``workdir`` (paths in the params file are relative to the project root)."""
+    params = route_params(params_file, overrides)
+    plan = pipeline.stage_bodies(params, Path.cwd())
+    if input_seed is not None and not any(makes_inputs(name) for name, _, _ in plan):
+        raise SystemExit(f"error: --input-seed: no stage of this plan makes the inputs ({', '.join(INPUT_STAGES)})")
+    stages = run_stages(plan, lambda name: stage_params(params, name, input_seed), workdir)
+    metrics = json.loads((workdir / paths.METRICS).read_text())
     table = {d: metrics["methods"][d] for d in DETECTORS if d in metrics["methods"]}
     return {
         "overrides": overrides, "samples": metrics["samples"], "id_accuracy": metrics["id_accuracy"],
