@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,7 @@ def _cgroup_limits() -> list[int]:
     limits = []
     for path in CGROUP_LIMITS:
         try:
-            text = open(path).read().strip()
+            text = Path(path).read_text().strip()
         except OSError:
             continue
         if text.isdigit():  # "max" (v2) means none
