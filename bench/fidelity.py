@@ -104,17 +104,12 @@ def route_rows(options, model, sets: dict) -> tuple[dict, dict, dict]:
     return {name: o["grads"] for name, o in out.items()}, sqnorms, info
 
 
-def _passes(rows: np.ndarray) -> RowPasses:
-    return RowPasses(lambda: ((slice(i, i + 256), rows[i : i + 256]) for i in range(0, len(rows), 256)), len(rows),
-                     rows.shape[1])
-
-
 def _sets_low(options, sub, rows: dict, stored_sqnorms: dict, sets: dict) -> dict:
     """Each set's ``G_low``, ``||phi||^2`` (the one extraction stored, else the normalised row's) and labels, as the
     estimator's projection step gives them to the scoring step."""
     out = {}
     for name, r in rows.items():
-        g_low, sqnorm = project_rows(options, sub, _passes(r), lambda name=name: stored_sqnorms[name])
+        g_low, sqnorm = project_rows(options, sub, RowPasses.of_array(r, 256), lambda name=name: stored_sqnorms[name])
         out[name] = {"name": name, "g_low": g_low, "phi_sqnorm": sqnorm, "labels": sets[name].labels}
     return out
 
@@ -185,7 +180,7 @@ def _bootstrap_basis(exact: dict, sub: GradientSubspace, g_test: np.ndarray, lab
     spread)."""
     rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
     resampled = GradientSubspace(sub.kernel, sub.basis, sub.method, sub.k, sub.oversample, sub.power_iters, sub.seed).fit(
-        _passes(exact["id_train"][rows]), labels=labels[rows])
+        RowPasses.of_array(exact["id_train"][rows], 256), labels=labels[rows])
     rotation, _ = _rotation_onto(g_test, resampled.transform(exact["id_test"]))
     return rotation
 
@@ -232,12 +227,12 @@ def main() -> None:
     start = time.perf_counter()
     exact, _, _ = route_rows(exact_options, model, sets)
     timings["exact_gradients_s"] = time.perf_counter() - start
-    exact_sub = fit_subspace(exact_options, _passes(exact["id_train"]), lambda: labels)
+    exact_sub = fit_subspace(exact_options, RowPasses.of_array(exact["id_train"], 256), lambda: labels)
     start = time.perf_counter()
     sketched, sketch_sqnorms, info = route_rows(sketch_options, model, sets)
     timings["sketch_route_s"] = time.perf_counter() - start
     errors = info.get("rank_one_relative_error", {"none": 0.0})
-    sketch_sub = fit_subspace(sketch_options, _passes(sketched["id_train"]), lambda: labels)
+    sketch_sub = fit_subspace(sketch_options, RowPasses.of_array(sketched["id_train"], 256), lambda: labels)
     n_factor = sketch_options.gradient.factor_samples if Route.from_params(sketch_options).needs_factors else 0
 
     # inner products of centred NFK rows (ID test)

@@ -43,9 +43,9 @@ def _cifar_shaped(images: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow  # a torchvision ResNet-18 on the exact-NFK route, twice
 def test_the_python_docs_run_as_written(tmp_path, monkeypatch):
-    """docs/python.md's first two examples, exec'd as written on small 32 x 32 x 3 sets (the reader's arrays), in a
-    scratch working directory (they save a detector there); a rotten example (a renamed method) fails (negative
-    control)."""
+    """docs/python.md's first two examples and its work-directory one, exec'd as written on small 32 x 32 x 3 sets
+    (the reader's arrays), in a scratch working directory (they save a detector and a work directory there); a rotten
+    example (a renamed method) fails (negative control)."""
     monkeypatch.chdir(tmp_path)
     examples = python_examples((ROOT / "docs/python.md").read_text())
     assert len(examples) >= 3
@@ -63,6 +63,13 @@ def test_the_python_docs_run_as_written(tmp_path, monkeypatch):
         np.testing.assert_allclose(s, first[row], rtol=1e-6, err_msg=row)
     with pytest.raises(AttributeError, match="score_sample"):
         exec(examples[0].replace("score_samples", "score_sample"), dict(namespace))
+    [work_dir_example] = [e for e in examples if "work_dir=" in e]
+    exec(work_dir_example, namespace)  # the rows stream through a store; the second fit reads them back
+    assert (tmp_path / "lowgrad-work/artifacts/extract/id_train.zarr").is_dir()
+    again = namespace["knn_only"].score_samples(namespace["new_images"])
+    assert set(again) == {"knn", "grad_knn"}
+    for row, s in again.items():
+        np.testing.assert_allclose(s, first[row], rtol=1e-6, err_msg=row)
 
 
 @pytest.mark.slow  # the session's tiny finished run

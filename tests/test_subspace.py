@@ -239,3 +239,23 @@ def test_cpu_tensor_moments_take_one_shifted_pass_and_match_a_float64_two_pass(d
     assert not np.allclose(m2_unshifted.numpy(), expected_m2, rtol=1e-9)
     with pytest.raises(ValueError, match="running mean"):
         _shifted_block_moments(torch.from_numpy(rows), np.zeros(5))
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 7, 103, 500])
+def test_passes_over_an_array_cover_each_row_once_in_order(block_rows):
+    """``RowPasses.of_array``: the blocks tile the rows (an uneven last block, one block when None or larger than
+    the array), and a moments pass equals NumPy's float64 mean and sum of squared deviations."""
+    from lowgrad.subspace import row_blocks
+
+    g = np.random.default_rng(2).standard_normal((103, 9)).astype(np.float32)
+    passes = RowPasses.of_array(g, block_rows)
+    blocks = list(passes.blocks())
+    assert [b.start for b, _ in blocks] == list(range(0, 103, block_rows or 103))
+    np.testing.assert_array_equal(np.concatenate([x for _, x in blocks]), g)
+    assert all(np.array_equal(x, g[rows]) for rows, x in blocks) and blocks[-1][0].stop == 103
+    n, mean, m2 = passes.run("moments")
+    g64 = g.astype(np.float64)
+    assert n == 103
+    np.testing.assert_allclose(mean, g64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m2, ((g64 - g64.mean(0)) ** 2).sum(0), rtol=1e-10)
+    assert len(list(row_blocks(g[:0], 4))) == 0

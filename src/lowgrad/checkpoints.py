@@ -111,14 +111,25 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
     """The model's float tensors on the CPU, written atomically and byte-for-byte reproducibly: torch names the
     archive inside the file after the file, so it is serialised in memory first and the same weights always give
     the same bytes (and DVC sees an unchanged model as unchanged)."""
-    import io
-
     from lowgrad.paths import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(_state_bytes(model))
+
+
+def _state_bytes(model: nn.Module) -> bytes:
+    import io
 
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the file :func:`save_state_dict` writes for ``model`` (the same weights, the same digest)."""
+    import hashlib
+
+    return hashlib.sha256(_state_bytes(model)).hexdigest()
 
 
 def check_finite_state(model: nn.Module, source: str) -> None:

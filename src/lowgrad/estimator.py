@@ -10,7 +10,8 @@ The options are the sections of ``params.yaml`` that decide the method (``data``
 ``LowGrad.from_params("params.yaml", model)`` fits what the pipeline fits. ``fit`` runs the pipeline's steps in
 this process, block by block as its stages do (factors, per-sample gradients in ``gradient.chunk_rows`` rows, the
 out-of-core PCA, the projection, each row's fit and its threshold at 95 % ID TPR on ``test``), so on the same
-model, images and options it gives the pipeline's scores; sets are held in memory. Scoring new images, the lock
+model, images and options it gives the pipeline's scores; the sets' rows are held in memory, or stream through
+chunked stores in a ``work_dir`` (:mod:`lowgrad.fit_work`). Scoring new images, the lock
 around the shared model and the saved format are the saved detector's (:mod:`lowgrad.fitted`,
 :mod:`lowgrad.saved_detector`): ``save`` writes the folder ``load`` reads, with the same checks; ``lowgrad.OODDetector``
 is this class, and its ``load`` returns a pipeline run's detector as a fitted ``LowGrad``.
@@ -68,6 +69,8 @@ def _as_images(images: Any, labels: Any, what: str, data: dict[str, Any]) -> tup
     else:
         raise DataError(f"{what}: images must be an array, a tensor, a Dataset / DataLoader or an image folder, got "
                         f"{_describe(images)}")
+    if len(array) == 0:
+        raise DataError(f"{what}: no images")
     if array.ndim == 3:
         array = array[..., None]
     if array.dtype != np.uint8 or array.ndim != 4:
@@ -136,17 +139,22 @@ class LowGrad:
             raise ConfigError("LowGrad needs a model: LowGrad(model, ...) or LowGrad.from_params(path)")
         return classifier_of(self.model, params)
 
-    def fit(self, images: Any, labels: Any = None, *, test: Any = None) -> "LowGrad":
+    def fit(self, images: Any, labels: Any = None, *, test: Any = None, work_dir: str | Path | None = None) -> "LowGrad":
         """Fit every configured row on ``images`` (the ID bank: uint8 ``N x H x W x C`` with ``labels``, a
         ``Dataset`` / ``DataLoader`` of ``(image, label)``, or an image folder); ``test``: held-out ID images in the
-        same forms (a tuple ``(images, labels)`` for arrays) that set each row's threshold at 95 % ID TPR."""
+        same forms (a tuple ``(images, labels)`` for arrays) that set each row's threshold at 95 % ID TPR.
+        ``work_dir``: a folder the sets' gradient rows stream through, chunk by chunk (a killed fit resumes there, a
+        later fit of the same images, model and route reuses them: :mod:`lowgrad.fit_work`); None holds them in
+        memory."""
         import torch
 
+        from lowgrad.data import ImageSet
         from lowgrad.extract import make_extractor
-        from lowgrad.factors import fit_factors, unflatten
+        from lowgrad.factors import unflatten
+        from lowgrad.fit_work import FitWork
         from lowgrad.models import pick_device
-        from lowgrad.route import Route
         from lowgrad.scoring import check_bank_size
+        from lowgrad.steps import fit_subspace, project_rows
 
         data = self.options.get("data", {})
         train_images, train_labels = _as_images(images, labels, "fit images", data)
@@ -159,22 +167,25 @@ class LowGrad:
         self._params(test_images)
         model, params = self._classifier(params)
         check_bank_size(params, len(train_images))
-        route = Route.from_params(params)
         model = model.to(pick_device(params.device))
+        given = {"id_train": ImageSet(train_images, train_labels), "id_test": ImageSet(test_images, test_labels)}
         with torch.inference_mode(False):
-            factor_arrays, _ = fit_factors(params, model, train_images)
-            self.factors_ = factor_arrays
-            sets = {}
-            for name, (x, y) in (("id_train", (train_images, train_labels)), ("id_test", (test_images, test_labels))):
-                from lowgrad.data import ImageSet
-
-                extractor = make_extractor(params, model, ImageSet(x, y), unflatten(factor_arrays))
-                sets[name] = _extract(extractor, params.gradient.chunk_rows, name)
-            self.subspace_ = _fit_subspace(params, route, model, train_images, sets["id_train"])
-            self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if route.is_sketch else None
-            for name, x in (("id_train", train_images), ("id_test", test_images)):
-                _project(params, route, model, self.subspace_, x, sets[name])
-            self._fit_rows(params, model, sets, {"id_train": train_images, "id_test": test_images})
+            work = FitWork(work_dir, params, model)
+            self.factors_ = work.factors(train_images, train_labels)
+            stored, sets = {}, {}
+            for name, image_set in given.items():
+                extractor = make_extractor(params, model, image_set, unflatten(self.factors_))
+                stored[name] = work.extract(extractor, name, self.factors_)
+                sets[name] = {"name": name, "logits": stored[name].read("logits"),
+                              "features": stored[name].read("features"), "labels": stored[name].read("labels")[:, 0]}
+            with _row_passes(params, model, given["id_train"].images, stored["id_train"], "id_train") as passes:
+                self.subspace_ = fit_subspace(params, passes, lambda: sets["id_train"]["labels"])
+            self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if work.route.is_sketch else None
+            for name, image_set in given.items():
+                with _row_passes(params, model, image_set.images, stored[name], name) as passes:
+                    sets[name]["g_low"], sets[name]["phi_sqnorm"] = project_rows(
+                        params, self.subspace_, passes, lambda: stored[name].read("phi_sqnorm")[:, 0])  # noqa: B023
+            self._fit_rows(params, model, sets, {name: s.images for name, s in given.items()})
         self.params_, self.model_ = params, model
         return self
 
@@ -279,41 +290,15 @@ class LowGrad:
         return out
 
 
-def _extract(extractor, chunk_rows: int, name: str) -> dict[str, Any]:
-    """One set's columns as the extract stage stores them, computed in its chunks (``gradient.chunk_rows`` rows)."""
-    from tqdm import tqdm
+def _row_passes(params, model, images: np.ndarray, stored, name: str):
+    """The gradient rows of one set on the route: recomputed (matrix-free) or its extracted ones, chunk by chunk."""
+    import contextlib
 
-    n = len(extractor.images)
-    parts = [extractor.compute(slice(start, min(start + chunk_rows, n)))
-             for start in tqdm(range(0, n, chunk_rows), desc=f"extract {name}", unit="chunk", disable=n <= chunk_rows)]
-    columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    return {"name": name, "logits": columns["logits"], "features": columns["features"],
-            "labels": columns["labels"][:, 0], "_columns": columns, "_chunk_rows": chunk_rows}
+    from lowgrad.route import Route
+    from lowgrad.stages.common import stored_row_passes
 
-
-def _row_passes(params, route, model, images: np.ndarray, data: dict[str, Any], name: str):
-    """The gradient rows of one set on the route: recomputed (matrix-free) or the extracted ones, in stored chunks."""
-    if route.recomputes_gradients:
+    if Route.from_params(params).recomputes_gradients:
         from lowgrad.matrix_free import exact_rows
 
-        return exact_rows(params, model, images, desc=name)
-    from lowgrad.subspace import RowPasses
-
-    grads, step = data["_columns"]["grads"], data["_chunk_rows"]
-    blocks = lambda: ((slice(s, min(s + step, len(grads))), grads[s : s + step]) for s in range(0, len(grads), step))  # noqa: E731
-    return RowPasses(blocks, len(grads), grads.shape[1])
-
-
-def _fit_subspace(params, route, model, images: np.ndarray, train: dict[str, Any]):
-    from lowgrad.steps import fit_subspace
-
-    return fit_subspace(params, _row_passes(params, route, model, images, train, "id_train"), lambda: train["labels"])
-
-
-def _project(params, route, model, sub, images: np.ndarray, data: dict[str, Any]) -> None:
-    from lowgrad.steps import project_rows
-
-    passes = _row_passes(params, route, model, images, data, data["name"])
-    data["g_low"], data["phi_sqnorm"] = project_rows(params, sub, passes, lambda: data["_columns"]["phi_sqnorm"][:, 0])
-    for key in ("_columns", "_chunk_rows"):
-        data.pop(key)
+        return contextlib.nullcontext(exact_rows(params, model, images, desc=name))
+    return stored_row_passes(params, stored)

@@ -34,7 +34,7 @@ class EstimatorParams(_Strict):
     gradient: GradientConfig = GradientConfig()
     subspace: SubspaceConfig = SubspaceConfig()
     scoring: Any = Field(DEFAULT_DETECTORS, validate_default=True)  # lowgrad.options.DetectorsConfig
-    cluster: ClusterConfig = ClusterConfig()  # the stores are in memory: always this process
+    cluster: ClusterConfig = ClusterConfig()  # fit runs in this process (a work directory's stores too)
 
     @field_validator("scoring", mode="before")
     @classmethod

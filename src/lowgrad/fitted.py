@@ -292,8 +292,7 @@ class FittedDetector:
             if self._rows_source is not None:  # matrix-free: the exact rows, recomputed
                 passes = dataclasses.replace(self._rows_source, images=images)
             else:
-                grads = out["grads"]
-                passes = RowPasses(lambda: iter([(slice(0, len(grads)), grads)]), len(grads), grads.shape[1])
+                passes = RowPasses.of_array(out["grads"])  # one chunk (_batches' unit)
             data["g_low"], data["phi_sqnorm"] = project_rows(self.params, self._subspace, passes,
                                                              lambda: out["phi_sqnorm"][:, 0])
         if with_images:

@@ -60,12 +60,12 @@ def belongs_with(params: Params) -> list[str]:
     return [MODEL, *user_code, SUBSPACE, COMPONENTS, *([FACTORS] if Route.from_params(params).needs_factors else [])]
 
 
-def code_digests() -> dict[str, str]:
-    """``{module file: sha256}`` of :data:`SCORING_CODE` as installed here."""
+def code_digests(modules: tuple[str, ...] = SCORING_CODE) -> dict[str, str]:
+    """``{module file: sha256}`` of ``modules`` (of :mod:`lowgrad`) as installed here."""
     import importlib.util
 
     out = {}
-    for name in SCORING_CODE:
+    for name in modules:
         origin = Path(importlib.util.find_spec(f"lowgrad.{name}").origin)
         out[f"lowgrad/{origin.name}"] = sha256(origin)
     return out

@@ -1,6 +1,6 @@
 """The method's steps after extraction, taken alike by the pipeline's stages (on the stored chunks of the step
-before), by :class:`lowgrad.LowGrad` (on arrays in memory) and by a fitted detector scoring new images: the
-subspace fitted on the kernel set's gradient rows, and each set's rows projected onto it."""
+before), by :class:`lowgrad.LowGrad` (on arrays in memory or its work directory's stores) and by a fitted detector
+scoring new images: the subspace fitted on the kernel set's gradient rows, and each set's rows projected onto it."""
 
 from __future__ import annotations
 

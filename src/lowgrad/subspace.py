@@ -154,6 +154,12 @@ class NumpyOps:
         return u[:, :k], s[:k], wt[:k].T
 
 
+def row_blocks(rows: np.ndarray, block_rows: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """``(rows, block)`` over an array in memory, ``block_rows`` rows at a time (a block source's iterator)."""
+    for start in range(0, len(rows), block_rows):
+        yield slice(start, min(start + block_rows, len(rows))), rows[start : start + block_rows]
+
+
 class RowPasses:
     """Passes over the rows of ``Phi``, run in this process. The row-pass protocol (``n_rows``, ``dim``, ``ops``,
     ``normalised``, ``run``) has two other backends: :class:`lowgrad.scaleout.DaskRowPasses` runs the same
@@ -165,6 +171,12 @@ class RowPasses:
     def __init__(self, blocks: BlockSource, n_rows: int, dim: int, shift=None, scale=None) -> None:
         self.blocks, self.n_rows, self.dim = blocks, n_rows, dim
         self.shift, self.scale = shift, scale
+
+    @classmethod
+    def of_array(cls, rows: np.ndarray, block_rows: int | None = None) -> "RowPasses":
+        """Passes over gradient rows held in memory, ``block_rows`` at a time (all at once when None)."""
+        step = block_rows or max(len(rows), 1)
+        return cls(lambda: row_blocks(rows, step), len(rows), rows.shape[1])
 
     def normalised(self, shift: np.ndarray, scale: np.ndarray) -> "RowPasses":
         return RowPasses(self.blocks, self.n_rows, self.dim, shift, scale)

@@ -1,0 +1,189 @@
+"""``LowGrad.fit(..., work_dir=)``: the sets' rows stream through chunked stores in a folder (:mod:`lowgrad.fit_work`).
+
+On every route a work-directory fit scores exactly what the in-memory fit scores; its peak numpy memory stays
+below one set's gradient matrix while the in-memory fit's does not; a killed fit resumes at its first unfinished
+chunk; a second fit of the same inputs extracts nothing, and one of other images, another model or other code
+recomputes what they changed (never a stale row); a damaged chunk or factors file is recomputed."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from lowgrad.errors import ConfigError
+from tests.test_estimator import OPTIONS, _digits, _model
+
+ROUTES = {
+    "exact": {},
+    "kronecker": {"gradient": {**OPTIONS["gradient"], "sketch": "kronecker", "sketch_rank": 2, "factor_samples": 32}},
+    "exact_nfk": {"gradient": {**OPTIONS["gradient"], "sketch": "exact_nfk", "sketch_dim": 128, "factor_samples": 32}},
+    "dense": {"gradient": {**OPTIONS["gradient"], "sketch": "dense", "sketch_dim": 128, "factor_samples": 32}},
+    "matrix_free": {"subspace": {**OPTIONS["subspace"], "method": "exact_randomized"}},
+}
+
+
+@pytest.fixture(scope="module")
+def sets():
+    x, y = _digits(n=90)
+    tx, ty = _digits(n=45, offset=90)
+    return x, y, tx, ty, _digits(classes=(7, 8, 9), n=20)[0]
+
+
+def _fit(sets, work_dir=None, model=None, **change):
+    from lowgrad import LowGrad
+
+    x, y, tx, ty, new = sets
+    det = LowGrad(model or _model(), **{**OPTIONS, **change}).fit(x, y, test=(tx, ty), work_dir=work_dir)
+    return det, det.score_samples(new)
+
+
+def _originals() -> dict:
+    from lowgrad import extract, factors
+
+    return {"compute": extract.Extractor.compute, "fit_factors": factors.fit_factors}
+
+
+_ORIGINAL = _originals()
+
+
+class _Killed(Exception):
+    """The process stopping half-way (a kill leaves the same files: each chunk is written whole, then marked)."""
+
+
+class _Counted:
+    """Counts (and can stop at) the extractor's chunk computations and the factor fits."""
+
+    def __init__(self, monkeypatch, stop_after: int | None = None) -> None:
+        from lowgrad import extract, factors
+
+        self.chunks = self.factor_fits = 0
+        compute, fit_factors = _ORIGINAL["compute"], _ORIGINAL["fit_factors"]  # not an earlier _Counted's
+
+        def counted_compute(extractor, rows):
+            if stop_after is not None and self.chunks == stop_after:
+                raise _Killed("killed")
+            self.chunks += 1
+            return compute(extractor, rows)
+
+        def counted_factors(*args, **kwargs):
+            self.factor_fits += 1
+            return fit_factors(*args, **kwargs)
+
+        monkeypatch.setattr(extract.Extractor, "compute", counted_compute)
+        monkeypatch.setattr(factors, "fit_factors", counted_factors)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for row in a:
+        np.testing.assert_array_equal(a[row], b[row], err_msg=row)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_work_dir_fit_scores_what_the_in_memory_fit_scores(sets, tmp_path, route):
+    _, in_memory = _fit(sets, **ROUTES[route])
+    det, on_disk = _fit(sets, tmp_path / "work", **ROUTES[route])
+    _same(on_disk, in_memory)
+    stores = sorted(p.name for p in (tmp_path / "work/artifacts/extract").iterdir())
+    assert stores == ["id_test.zarr", "id_train.zarr"]
+    assert (tmp_path / "work/artifacts/sketch/factors.npz").exists() == (route in ("kronecker", "exact_nfk", "dense"))
+    det.save(tmp_path / "saved")  # a work-dir fit saves and reloads as any other
+    from lowgrad import LowGrad
+
+    _same(LowGrad.load(tmp_path / "saved", model=_model()).score_samples(sets[4]), in_memory)
+
+
+def test_the_rows_stream_through_the_store(tmp_path):
+    """Peak numpy memory of a fit of a 4,000-parameter model in chunks of 16 rows, on 200 and on 400 bank images:
+    with a work directory the 200 more images cost less than a quarter of their gradient rows (200 x P float32;
+    what grows is the per-image columns, the kNN distances) and the peak stays below half of the 400-image matrix;
+    in memory (the negative control) the peak holds at least the matrix and grows by at least the added rows."""
+    model = _model()
+    n_params = sum(p.numel() for p in model.parameters())
+    options = {"scoring": {"forward": {}, "gradient": {"knn": {"k": 3}}},
+               "gradient": {**OPTIONS["gradient"], "chunk_rows": 16}}
+    peaks = {}
+    for n in (200, 400):
+        x, y = _digits(n=n)
+        tx, ty = _digits(n=60, offset=n)
+        for where, work_dir in (("memory", None), ("work_dir", tmp_path / f"work{n}")):
+            _fit((x, y, tx, ty, tx[:5]), work_dir and work_dir / "warm", model, **options)  # imports, caches
+            tracemalloc.start()
+            _fit((x, y, tx, ty, tx[:5]), work_dir, model, **options)
+            peaks[where, n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    added, matrix = 200 * n_params * 4, 400 * n_params * 4
+    assert peaks["memory", 400] >= matrix and peaks["memory", 400] - peaks["memory", 200] >= added, peaks
+    assert peaks["work_dir", 400] - peaks["work_dir", 200] < added / 4 and peaks["work_dir", 400] < matrix / 2, peaks
+
+
+def test_a_killed_fit_resumes_at_its_first_unfinished_chunk(sets, tmp_path, monkeypatch):
+    """90 bank images in chunks of 40 (3 chunks) and 45 test images (2): killed while computing the bank's third
+    chunk, the rerun computes that chunk and the test set's two only, and scores what an unbroken fit scores."""
+    _, reference = _fit(sets, **ROUTES["exact_nfk"])
+    with pytest.raises(_Killed):
+        _Counted(monkeypatch, stop_after=2)
+        _fit(sets, tmp_path / "work", **ROUTES["exact_nfk"])
+    store = tmp_path / "work/artifacts/extract/id_train.zarr"
+    assert not json.loads((store / "zarr.json").read_text())["attributes"].get("complete")  # nothing half-written looks done
+    counted = _Counted(monkeypatch)
+    _, resumed = _fit(sets, tmp_path / "work", **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (1 + 2, 0)
+    _same(resumed, reference)
+
+
+def test_a_second_fit_reuses_only_what_the_same_inputs_computed(sets, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    _fit(sets, work, **ROUTES["exact_nfk"])
+    counted = _Counted(monkeypatch)
+    other_rows = {"scoring": {"forward": {"knn": {"k": 5}}, "gradient": {"mahalanobis": {}}}}
+    _, reused = _fit(sets, work, **ROUTES["exact_nfk"], **other_rows)  # other detectors: nothing extracted again
+    assert (counted.chunks, counted.factor_fits) == (0, 0)
+    _same(reused, _fit(sets, **ROUTES["exact_nfk"], **other_rows)[1])
+
+    x, y, tx, ty, new = sets
+    changed = tx.copy()
+    changed[0, 0, 0, 0] ^= 1  # one bit of one test image: that set only
+    counted = _Counted(monkeypatch)
+    _fit((x, y, changed, ty, new), work, **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (2, 0)
+
+    model = _model()  # other weights: the factors and every chunk of both sets
+    with __import__("torch").no_grad():
+        model[0].weight.mul_(1.5)
+    counted = _Counted(monkeypatch)
+    _, other_model = _fit(sets, work, model, **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (5, 1)
+    _same(other_model, _fit(sets, None, model, **ROUTES["exact_nfk"])[1])
+
+    from lowgrad import saved_detector
+
+    monkeypatch.setattr(saved_detector, "code_digests", lambda modules: {"lowgrad/extract.py": "other code"})
+    counted = _Counted(monkeypatch)
+    _fit(sets, work, model, **ROUTES["exact_nfk"])
+    assert counted.chunks == 5  # rows written by other extraction code are not trusted
+
+
+def test_damaged_chunks_and_factors_are_recomputed(sets, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    _, reference = _fit(sets, work, **ROUTES["exact_nfk"])
+    chunk = work / "artifacts/extract/id_train.zarr/grads/c/1/0"
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    factors = work / "artifacts/sketch/factors.npz"
+    factors.write_bytes(factors.read_bytes()[:-10])
+    counted = _Counted(monkeypatch)
+    _, repaired = _fit(sets, work, **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (1, 1)
+    _same(repaired, reference)
+
+
+def test_a_project_folder_is_not_a_work_dir(sets, tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(ConfigError, match="is a lowgrad project") as err:
+        _fit(sets, tmp_path)
+    assert "\n" not in str(err.value)
