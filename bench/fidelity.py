@@ -179,8 +179,8 @@ def _bootstrap_basis(exact: dict, sub: GradientSubspace, g_test: np.ndarray, lab
     how far another kernel sample turns the basis, which the exact route cannot avoid either (one resample, no
     spread)."""
     rows = np.random.default_rng(0).integers(0, len(labels), len(labels))
-    resampled = GradientSubspace(sub.kernel, sub.basis, sub.method, sub.k, sub.oversample, sub.power_iters, sub.seed).fit(
-        RowPasses.of_array(exact["id_train"][rows], 256), labels=labels[rows])
+    settings = {key: getattr(sub, key) for key in ("kernel", "basis", "method", "k", "oversample", "power_iters", "seed")}
+    resampled = GradientSubspace(**settings).fit(RowPasses.of_array(exact["id_train"][rows], 256), labels=labels[rows])
     rotation, _ = _rotation_onto(g_test, resampled.transform(exact["id_test"]))
     return rotation
 

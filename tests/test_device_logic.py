@@ -27,10 +27,11 @@ def test_omega_source_names_the_device_and_the_gpu_model(monkeypatch):
 
 def test_the_basis_keeps_its_rows_sketch_and_refuses_another(tmp_path):
     from lowgrad.subspace import GradientSubspace
+    from tests.test_subspace import subspace
 
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(30, 12))
-    sub = GradientSubspace(kernel="center", k=3, power_iters=1).fit(lambda: iter([(slice(0, 30), rows)]), 30, 12)
+    sub = subspace(kernel="center", k=3, power_iters=1).fit(lambda: iter([(slice(0, 30), rows)]), 30, 12)
     cpu = {"dense_dim": 12, "block_rows": 32768, "n_params": 40, "omega_drawn_on": "cpu"}
     sub.sketch_layout_ = cpu
     sub.save(tmp_path / "subspace.npz")
@@ -42,7 +43,7 @@ def test_the_basis_keeps_its_rows_sketch_and_refuses_another(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(StoreError, match="extract every set again with the same sketch"):
         loaded.check_rows_from({**cpu, "dense_dim": 24}, "the rows of tinyimagenet")
-    exact = GradientSubspace(kernel="nfk", k=3, power_iters=1).fit(lambda: iter([(slice(0, 30), rows)]), 30, 12)
+    exact = subspace(kernel="nfk", k=3, power_iters=1).fit(lambda: iter([(slice(0, 30), rows)]), 30, 12)
     exact.save(tmp_path / "exact.npz")  # exact rows: nothing recorded, nothing checked
     with np.load(tmp_path / "exact.npz") as z:
         assert "sketch_layout" not in z.files

@@ -181,3 +181,52 @@ def test_every_project_path_is_named_in_paths_py():
     before = 'm = json.loads((root / "report/metrics.json").read_text())\nload_params("params.yaml")\n' \
              'x = Path("artifacts/extract") / name\nraise E("no dvc.lock (stages run outside DVC)")\n'
     assert artifact_path_literals(ast.parse(before), names) == [1, 2, 3]
+
+
+# parameters named like an option but not one: the probe's fixed SGD constants (the authors' setting, not
+# scoring.probe options) share names with the classifier's train options; a seed is each caller's
+NOT_OPTIONS = {"momentum", "weight_decay", "seed"}
+
+
+def restated_defaults(tree: ast.AST, defaults: dict[str, set]) -> list[str]:
+    """``function(name=value)`` for each literal default equal to an option model's default of a field of that name."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            positional = a.posonlyargs + a.args
+            pairs = [*zip(positional[len(positional) - len(a.defaults):], a.defaults),
+                     *((x, d) for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)]
+            found += [f"{node.name}({arg.arg}={d.value!r})" for arg, d in pairs
+                      if isinstance(d, ast.Constant) and arg.arg not in NOT_OPTIONS and d.value in defaults.get(arg.arg, ())]
+    return found
+
+
+def test_option_defaults_are_stated_only_in_the_option_models():
+    """A library signature takes an option's default from its option model (``lowgrad.config``, ``lowgrad.options``,
+    ``lowgrad.estimator_options``) or has none; a literal copy would drift from the model silently."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    import lowgrad.config
+    import lowgrad.estimator_options
+    import lowgrad.options
+
+    models = [lowgrad.config, lowgrad.options, lowgrad.estimator_options]
+    defaults: dict[str, set] = {}
+    for module in models:
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__:
+                for field, info in cls.model_fields.items():
+                    if isinstance(info.default, (int, float, str)) and not isinstance(info.default, bool):
+                        defaults.setdefault(field, set()).add(info.default)
+    assert defaults["k"] >= {32} and defaults["epochs"] >= {10}
+    model_files = {Path(m.__file__).resolve() for m in models}
+    found = {str(path.relative_to(ROOT)): hits for path in sorted((ROOT / "src/lowgrad").rglob("*.py"))
+             if path.resolve() not in model_files and (hits := restated_defaults(ast.parse(path.read_text()), defaults))}
+    assert found == {}, found
+    # negative control: the signatures this replaced are found
+    before = "def __init__(self, kernel='nfk', k=32, oversample=10, seed=0): ...\ndef train_probe(x, *, epochs=10): ...\n"
+    assert restated_defaults(ast.parse(before), defaults) == ["__init__(kernel='nfk')", "__init__(k=32)",
+                                                              "__init__(oversample=10)", "train_probe(epochs=10)"]

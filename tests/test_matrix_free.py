@@ -12,6 +12,7 @@ from lowgrad.matrix_free import GradientRows
 from lowgrad.models import build_model
 from lowgrad.subspace import GradientSubspace, nfk_scale
 from tests.test_gradients import _randomise_bn
+from tests.test_subspace import subspace
 
 from tests.conftest import DIGITS
 
@@ -64,8 +65,8 @@ def setting():
 
 def fit_exact_randomized(rows, kernel, k, oversample, power_iters, seed):
     """The matrix-free PCA: GradientSubspace over recomputed-gradient row passes."""
-    return GradientSubspace(kernel=kernel, method="exact_randomized", k=k, oversample=oversample,
-                            power_iters=power_iters, seed=seed).fit(rows)
+    return subspace(kernel=kernel, method="exact_randomized", k=k, oversample=oversample,
+                    power_iters=power_iters, seed=seed).fit(rows)
 
 
 def transform_rows(sub, rows):

@@ -80,10 +80,11 @@ def test_defaults_are_never_refused_and_raw_helpers_drop_what_a_route_ignores():
 def test_subspace_load_refuses_a_basis_fitted_for_other_rows(tmp_path):
     from lowgrad.errors import StoreError
     from lowgrad.subspace import GradientSubspace
+    from tests.test_subspace import subspace
 
     g = np.random.default_rng(0).standard_normal((40, 12))
     blocks = lambda: iter([(slice(0, 40), g)])  # noqa: E731
-    GradientSubspace(kernel="nfk", k=3, oversample=5).fit(blocks, 40, 12).save(tmp_path / "s.npz")
+    subspace(kernel="nfk", k=3, oversample=5).fit(blocks, 40, 12).save(tmp_path / "s.npz")
     assert GradientSubspace.load(tmp_path / "s.npz", dim=12, kernel="nfk").components_.shape == (12, 3)
     with pytest.raises(StoreError, match="P 12 \\(expected 30\\)"):
         GradientSubspace.load(tmp_path / "s.npz", dim=30)

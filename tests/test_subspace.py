@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lowgrad.config import SubspaceConfig
 from lowgrad.store import ChunkedStore
 from lowgrad.subspace import GradientSubspace, KernelNormalizer, RowPasses, incremental_pca, randomized_svd
+
+
+def subspace(**options) -> GradientSubspace:
+    """A :class:`GradientSubspace` with params.yaml's ``subspace`` defaults (:class:`SubspaceConfig`) and seed 0,
+    ``options`` replaced."""
+    return GradientSubspace(**{**SubspaceConfig().model_dump(), "seed": 0, **options})
 
 
 def _blocks(matrix: np.ndarray, rows: int):
@@ -89,7 +96,7 @@ def test_average_gradient_basis_and_projection(kernel):
     g = rng.standard_normal((90, 30)) + 0.5
     labels = np.repeat([0, 1, 2], 30)
     g[labels == 1] += 2.0
-    sub = GradientSubspace(kernel=kernel, basis="average_gradient").fit(_blocks(g, 25), 90, 30, labels)
+    sub = subspace(kernel=kernel, basis="average_gradient").fit(_blocks(g, 25), 90, 30, labels)
     phi = sub.normalizer_.transform(g)
     expected = np.stack([phi[labels == c].mean(axis=0) for c in range(3)], axis=1)
     expected /= np.linalg.norm(expected, axis=0)
@@ -99,7 +106,7 @@ def test_average_gradient_basis_and_projection(kernel):
 
 def test_subspace_save_load_roundtrip(tmp_path):
     g = _decaying(80, 50, seed=5)
-    sub = GradientSubspace(k=6).fit(_blocks(g, 32), 80, 50)
+    sub = subspace(k=6).fit(_blocks(g, 32), 80, 50)
     sub.save(tmp_path / "sub.npz")
     again = GradientSubspace.load(tmp_path / "sub.npz")
     np.testing.assert_array_equal(again.transform(g), sub.transform(g))
@@ -112,7 +119,7 @@ def test_projection_pass_gives_phi_sqnorm_and_the_residual_detectors():
     from lowgrad.detectors import make_detector
 
     g = _decaying(120, 50, seed=4)
-    sub = GradientSubspace(kernel="nfk", k=5, oversample=10, power_iters=4, seed=0).fit(_blocks(g, 32), 120, 50)
+    sub = subspace(kernel="nfk", k=5, oversample=10, power_iters=4, seed=0).fit(_blocks(g, 32), 120, 50)
     test = _decaying(30, 50, seed=5)
     g_low, sqnorm = sub.transform_blocks_with_sqnorm(_blocks(test, 7), 30)
     phi = (test - sub.normalizer_.shift_) * sub.normalizer_.scale_

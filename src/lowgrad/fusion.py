@@ -19,7 +19,7 @@ RULES = ("zscore", "fisher")
 class ScoreCalibrator:
     """Maps one detector's scores to a common scale fitted on held-out ID scores: ``zscore`` or ``pvalue``."""
 
-    def __init__(self, rule: str = "zscore") -> None:
+    def __init__(self, rule: str) -> None:
         if rule not in ("zscore", "pvalue"):
             raise ValueError(f"calibration rule must be 'zscore' or 'pvalue', got {rule!r}")
         self.rule = rule
@@ -39,7 +39,7 @@ class ScoreCalibrator:
         return (1.0 + np.searchsorted(self.sorted_, scores, side="right")) / (len(self.sorted_) + 1.0)
 
 
-def fuse(calibration: list[np.ndarray], scores: list[np.ndarray], rule: str = "zscore") -> np.ndarray:
+def fuse(calibration: list[np.ndarray], scores: list[np.ndarray], rule: str) -> np.ndarray:
     """Equal-weight fusion of several members: ``calibration[i]`` and ``scores[i]`` are member ``i``'s scores on
     the held-out ID rows and on the set to fuse."""
     if rule not in RULES:

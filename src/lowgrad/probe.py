@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowgrad.detectors import Head
+from lowgrad.options import ProbeConfig
+
+DEFAULT = ProbeConfig()  # the option model's defaults are the signature's (one source)
 
 
 def train_probe(
@@ -15,9 +18,9 @@ def train_probe(
     labels: np.ndarray,
     num_classes: int,
     *,
-    epochs: int = 10,
-    batch_size: int = 16,
-    lr: float = 0.1,
+    epochs: int = DEFAULT.epochs,
+    batch_size: int = DEFAULT.batch_size,
+    lr: float = DEFAULT.lr,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,

@@ -200,7 +200,7 @@ class KernelNormalizer:
     Fisher of centred gradients (zero-variance entries take the largest finite ``w``). NTK: ``phi = g``.
     ``center``: ``phi = g - z`` (NFK on Kronecker sketches, whose rows already carry ``w``)."""
 
-    def __init__(self, kernel: str = "nfk") -> None:
+    def __init__(self, kernel: str) -> None:
         if kernel not in ("nfk", "ntk", "center"):
             raise ValueError(f"kernel must be 'nfk', 'ntk' or 'center', got {kernel!r}")
         self.kernel = kernel
@@ -331,14 +331,17 @@ class GradientSubspace:
 
     def __init__(
         self,
-        kernel: str = "nfk",
-        basis: str = "pca",
-        method: str = "randomized",
-        k: int = 32,
-        oversample: int = 10,
-        power_iters: int = 4,
-        seed: int = 0,
+        *,
+        kernel: str,
+        basis: str,
+        method: str,
+        k: int,
+        oversample: int | None,
+        power_iters: int | None,
+        seed: int | None,
     ) -> None:
+        """The options of ``params.yaml``'s ``subspace`` section (:class:`lowgrad.config.SubspaceConfig`, where their
+        defaults are) and the seed; ``kernel`` is the route's (:attr:`lowgrad.route.Route.subspace_kernel`)."""
         self.kernel, self.basis, self.method, self.k = kernel, basis, method, k
         self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
         self.sketch_layout_: Any = None  # the sketch the fitted rows came through (its layout), None for exact rows
@@ -439,7 +442,8 @@ class GradientSubspace:
             if wrong:
                 detail = ", ".join(f"{key} {got} (expected {want})" for key, (got, want) in wrong.items())
                 raise StoreError(f"{path} was fitted for other rows: {detail}; rerun the subspace stage")
-            sub = cls(kernel=kernel, basis=basis, method=method, k=int(z["k"]))
+            sub = cls(kernel=kernel, basis=basis, method=method, k=int(z["k"]), oversample=None, power_iters=None,
+                      seed=None)  # how the basis was fitted is not kept: a loaded basis is never refitted
             sub.normalizer_ = KernelNormalizer(kernel)
             sub.normalizer_.shift_, sub.normalizer_.scale_ = z["shift"], z["scale"]
             sub.singular_values_ = z["singular_values"]
