@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,12 +160,85 @@ def test_a_second_fit_reuses_only_what_the_same_inputs_computed(sets, tmp_path, 
     assert (counted.chunks, counted.factor_fits) == (5, 1)
     _same(other_model, _fit(sets, None, model, **ROUTES["exact_nfk"])[1])
 
+    counted = _Counted(monkeypatch)  # other subspace settings: nothing extracted again
+    _, other_k = _fit(sets, work, model, **ROUTES["exact_nfk"], subspace={**OPTIONS["subspace"], "k": 4})
+    assert (counted.chunks, counted.factor_fits) == (0, 0)
+    _same(other_k, _fit(sets, None, model, **ROUTES["exact_nfk"], subspace={**OPTIONS["subspace"], "k": 4})[1])
+
+    changed_bank = x.copy()
+    changed_bank[:, 0, 0, 0] ^= 1  # one bit of each bank image: its factors' kernel sample, so both sets' rows
+    counted = _Counted(monkeypatch)
+    _fit((changed_bank, y, tx, ty, new), work, model, **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (5, 1)
+
     from lowgrad import saved_detector
 
     monkeypatch.setattr(saved_detector, "code_digests", lambda modules: {"lowgrad/extract.py": "other code"})
     counted = _Counted(monkeypatch)
     _fit(sets, work, model, **ROUTES["exact_nfk"])
-    assert counted.chunks == 5  # rows written by other extraction code are not trusted
+    assert (counted.chunks, counted.factor_fits) == (5, 1)  # what other extraction code wrote is not trusted
+
+
+def _tanh_model():
+    """``_model()``'s weights and layers, but Tanh where it has ReLU: the same state_dict, another function."""
+    import torch
+
+    model = _model()
+    return torch.nn.Sequential(*(torch.nn.Tanh() if isinstance(m, torch.nn.ReLU) else m for m in model))
+
+
+@pytest.mark.parametrize("change", ["architecture", "seed", "normalisation", "dtype", "parameters"])
+def test_what_changes_the_rows_is_never_reused(sets, tmp_path, monkeypatch, change):
+    """A work directory filled by one fit, then a fit that differs in one thing that changes the stored rows: every
+    chunk and the factors are computed again, and the scores are those of an in-memory fit of the changed inputs."""
+    work = tmp_path / "work"
+    _fit(sets, work, **ROUTES["exact_nfk"])
+    model, options = None, dict(ROUTES["exact_nfk"])
+    if change == "architecture":
+        model = _tanh_model()
+        assert all(__import__("torch").equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values()))
+    elif change == "seed":
+        options["seed"] = 1
+    elif change == "normalisation":
+        options["data"] = {"mean": [0.4], "std": [0.5]}
+    elif change == "dtype":
+        options["gradient"] = {**options["gradient"], "dtype": "float16"}
+    else:
+        options["gradient"] = {**options["gradient"], "params": ["3.weight", "3.bias", "5.weight", "5.bias"]}
+    counted = _Counted(monkeypatch)
+    _, scores = _fit(sets, work, model, **options)
+    assert (counted.chunks, counted.factor_fits) == (5, 1)
+    _same(scores, _fit(sets, None, model, **options)[1])
+
+
+def test_one_fit_at_a_time_per_work_dir(sets, tmp_path):
+    from lowgrad.estimator_options import parse_options
+    from lowgrad.fit_work import FitWork
+
+    params = parse_options({**OPTIONS, "data": {**OPTIONS["data"], "image_size": 8, "channels": 1}})
+    from lowgrad.fitted import classifier_of
+
+    model, params = classifier_of(_model(), params)
+    with FitWork(tmp_path / "work", params, model):  # another fit holds it
+        with pytest.raises(ConfigError, match="is in use by another fit") as err:
+            _fit(sets, tmp_path / "work")
+        assert "\n" not in str(err.value)
+    _fit(sets, tmp_path / "work")  # released
+
+
+def test_the_code_named_by_a_store_is_the_extraction_stages_code():
+    """Every library module the factors and extract stages depend on (dvc.yaml) is in EXTRACTION_CODE, so a change
+    to any of them makes a work directory's stores and factors be recomputed."""
+    import yaml
+
+    from lowgrad.fit_work import EXTRACTION_CODE
+    from tests.conftest import ROOT
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    deps = [d for name in ("factors", "extract") for d in (stages[name].get("do", stages[name]))["deps"]]
+    modules = {Path(d).stem for d in deps if d.startswith("src/lowgrad/") and "/stages/" not in d} - {"__init__"}
+    assert {"subspace", "moments_kernel", "nfk_factors", "extract"} <= modules
+    assert modules <= set(EXTRACTION_CODE), modules - set(EXTRACTION_CODE)
 
 
 def test_damaged_chunks_and_factors_are_recomputed(sets, tmp_path, monkeypatch):

@@ -61,6 +61,28 @@ def test_resume_and_completion(tmp_path):
     np.testing.assert_array_equal(done.read("a")[:, 0], np.repeat([0, 1, 2], [8, 8, 7]))
 
 
+def test_a_store_killed_while_being_laid_out_is_laid_out_again(tmp_path, monkeypatch):
+    """Killed after its arrays but before its settings were written, a store is not reopened as the one asked for
+    (it has no settings) but laid out afresh, and fills; its progress folder exists before its settings do."""
+    path = tmp_path / "s.zarr"
+    seen = []
+
+    def killed(self, *args, **kwargs):
+        seen.append((path / "_progress").is_dir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zarr.core.attributes.Attributes, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1})
+    monkeypatch.undo()
+    assert seen == [True]
+    store = ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1}, on_mismatch="overwrite")
+    assert store.pending() == [0, 1, 2]
+    _fill(store)
+    store.finalize()
+    assert ChunkedStore.open(path).complete
+
+
 def test_foreign_settings_are_refused_or_overwritten(tmp_path):
     path = tmp_path / "s.zarr"
     _fill(ChunkedStore.create_or_resume(path, 23, COLUMNS, 8, {"seed": 1, "layers": ["conv1"]}))

@@ -169,8 +169,8 @@ class LowGrad:
         check_bank_size(params, len(train_images))
         model = model.to(pick_device(params.device))
         given = {"id_train": ImageSet(train_images, train_labels), "id_test": ImageSet(test_images, test_labels)}
-        with torch.inference_mode(False):
-            work = FitWork(work_dir, params, model)
+        with torch.inference_mode(False), FitWork(work_dir, params, model) as work:
+            route = work.route
             self.factors_ = work.factors(train_images, train_labels)
             stored, sets = {}, {}
             for name, image_set in given.items():
@@ -178,13 +178,13 @@ class LowGrad:
                 stored[name] = work.extract(extractor, name, self.factors_)
                 sets[name] = {"name": name, "logits": stored[name].read("logits"),
                               "features": stored[name].read("features"), "labels": stored[name].read("labels")[:, 0]}
-            with _row_passes(params, model, given["id_train"].images, stored["id_train"], "id_train") as passes:
-                self.subspace_ = fit_subspace(params, passes, lambda: sets["id_train"]["labels"])
-            self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if work.route.is_sketch else None
+            passes = _row_passes(params, route, model, given["id_train"].images, stored["id_train"], "id_train")
+            self.subspace_ = fit_subspace(params, passes, lambda: sets["id_train"]["labels"])
+            self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if route.is_sketch else None
             for name, image_set in given.items():
-                with _row_passes(params, model, image_set.images, stored[name], name) as passes:
-                    sets[name]["g_low"], sets[name]["phi_sqnorm"] = project_rows(
-                        params, self.subspace_, passes, lambda: stored[name].read("phi_sqnorm")[:, 0])  # noqa: B023
+                passes = _row_passes(params, route, model, image_set.images, stored[name], name)
+                sets[name]["g_low"], sets[name]["phi_sqnorm"] = project_rows(
+                    params, self.subspace_, passes, lambda store=stored[name]: store.read("phi_sqnorm")[:, 0])
             self._fit_rows(params, model, sets, {name: s.images for name, s in given.items()})
         self.params_, self.model_ = params, model
         return self
@@ -290,15 +290,12 @@ class LowGrad:
         return out
 
 
-def _row_passes(params, model, images: np.ndarray, stored, name: str):
+def _row_passes(params, route, model, images: np.ndarray, stored, name: str):
     """The gradient rows of one set on the route: recomputed (matrix-free) or its extracted ones, chunk by chunk."""
-    import contextlib
-
-    from lowgrad.route import Route
-    from lowgrad.stages.common import stored_row_passes
-
-    if Route.from_params(params).recomputes_gradients:
+    if route.recomputes_gradients:
         from lowgrad.matrix_free import exact_rows
 
-        return contextlib.nullcontext(exact_rows(params, model, images, desc=name))
-    return stored_row_passes(params, stored)
+        return exact_rows(params, model, images, desc=name)
+    from lowgrad.subspace import RowPasses
+
+    return RowPasses(lambda: stored.iter_chunks("grads"), stored.n_rows, stored.columns["grads"][0])

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lowgrad.config import ClusterConfig, GradientConfig, InputConfig, Int, SubspaceConfig, _Strict, format_validation_error
+from lowgrad.config import GradientConfig, InputConfig, Int, SubspaceConfig, _Strict, format_validation_error
 from lowgrad.errors import ConfigError
 
 DEFAULT_DETECTORS = {  # what LowGrad(model) fits when no ``scoring`` is given
@@ -34,7 +34,6 @@ class EstimatorParams(_Strict):
     gradient: GradientConfig = GradientConfig()
     subspace: SubspaceConfig = SubspaceConfig()
     scoring: Any = Field(DEFAULT_DETECTORS, validate_default=True)  # lowgrad.options.DetectorsConfig
-    cluster: ClusterConfig = ClusterConfig()  # fit runs in this process (a work directory's stores too)
 
     @field_validator("scoring", mode="before")
     @classmethod

@@ -6,17 +6,20 @@ folder takes a project's layout (:mod:`lowgrad.paths`: ``artifacts/sketch/factor
 ``artifacts/extract/<set>.zarr``) and each set streams into a :class:`lowgrad.store.ChunkedStore` chunk by chunk,
 as the ``extract`` stage writes it, so only one chunk of gradient rows is ever in memory and every later pass
 (the PCA, the projection) re-reads the store. What is stored names what it was computed from: the images' and
-labels' digest, the model's weights, the normalisation, the route's settings and factors, and the extraction code.
-So a killed fit resumes at the first unfinished chunk; a later fit of the same images and model on the same route
-reuses the stores and factors (fitting other detectors or another subspace extracts nothing); a store or factors
-file computed from anything else is replaced; and every chunk is checked against its checksum before it is used.
+labels' digest, the model (:func:`model_sha256`: weights, structure and outputs), the normalisation, the route's
+settings and factors, and the extraction code. So a killed fit resumes at the first unfinished chunk; a later fit
+of the same images and model on the same route reuses the stores and factors (fitting other detectors or another
+subspace extracts nothing); a store or factors file computed from anything else is replaced; every chunk is
+checked against its checksum before it is used; and one fit at a time holds the folder (``fit.lock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +27,38 @@ from typing import Any
 import numpy as np
 
 from lowgrad.errors import ConfigError
-from lowgrad.paths import DVC_YAML, EXTRACTED, FACTORS, FACTORS_INFO, atomic_path, sha256, write_json
+from lowgrad.paths import DVC_YAML, EXTRACTED, FACTORS, FACTORS_INFO, FIT_LOCK, atomic_path, sha256, write_json
 from lowgrad.store import jsonable
 
 log = logging.getLogger(__name__)
 
-# the library code that decides what extraction computes: a store written by other code is recomputed
-EXTRACTION_CODE = ("data", "models", "networks", "checkpoints", "route", "gradients", "layer_capture", "kronecker",
-                   "exact_nfk", "nfk_factors", "countsketch", "countsketch_kernel", "dense_sketch", "extract",
-                   "factors", "transfer")
+# the library code that decides what the factors and the stores hold (the factors and extract stages' code in
+# dvc.yaml, tests/test_fit_work.py checks, and this module): a store or factors file of other code is recomputed
+EXTRACTION_CODE = ("config", "errors", "paths", "route", "timing", "data", "gradients", "memory", "checkpoints",
+                   "models", "networks", "factors", "layer_capture", "kronecker", "exact_nfk", "nfk_factors",
+                   "countsketch", "countsketch_kernel", "dense_sketch", "subspace", "store", "moments_kernel",
+                   "extract", "transfer", "fit_work")
+
+
+def model_sha256(model, image_size: int, channels: int) -> str:
+    """sha256 of what the classifier computes: its weights (as :func:`lowgrad.checkpoints.save_state_dict` writes
+    them), its class and structure, and its logits and features on a fixed seeded batch, computed on a CPU copy (two
+    models with the same weights but another forward pass differ)."""
+    import copy
+
+    import torch
+
+    from lowgrad.checkpoints import weights_sha256
+
+    h = hashlib.sha256(weights_sha256(model).encode())
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
+    cpu = copy.deepcopy(model).cpu().eval()
+    x = torch.rand(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, features = cpu(x, return_features=True)
+    for out in (logits, features):
+        h.update(memoryview(np.ascontiguousarray(out.numpy())).cast("B"))
+    return h.hexdigest()
 
 
 def digest_arrays(*arrays: np.ndarray) -> str:
@@ -68,19 +94,40 @@ class FitWork:
     them through its stores (module docstring)."""
 
     def __init__(self, folder: str | Path | None, params, model) -> None:
-        from lowgrad.checkpoints import weights_sha256
         from lowgrad.route import Route
-        from lowgrad.saved_detector import code_digests
 
         self.folder = None if folder is None else Path(folder)
         self.params, self.model, self.route = params, model, Route.from_params(params)
-        if self.folder is not None:
-            if (self.folder / DVC_YAML).exists():
-                raise ConfigError(f"work_dir {self.folder} is a lowgrad project (its stores are DVC's): give fit a "
-                                  "folder of its own")
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._inputs = {"model_sha256": weights_sha256(model), "code_sha256": code_digests(EXTRACTION_CODE),
-                            "normalize": {"mean": params.data.mean, "std": params.data.std}}
+        self._lock: int | None = None
+
+    def __enter__(self) -> "FitWork":
+        """Take the work directory (one fit at a time: a second one refused in one line) and name its inputs."""
+        from lowgrad.saved_detector import code_digests
+
+        if self.folder is None:
+            return self
+        if (self.folder / DVC_YAML).exists():
+            raise ConfigError(f"work_dir {self.folder} is a lowgrad project (its stores are DVC's): give fit a "
+                              "folder of its own")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / FIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"work_dir {self.folder} is in use by another fit (lock {self.folder / FIT_LOCK}): "
+                              "wait for it, or give this fit a folder of its own") from None
+        self._lock = fd
+        data = self.params.data
+        self._inputs = {"model_sha256": model_sha256(self.model, data.image_size, data.channels),
+                        "code_sha256": code_digests(EXTRACTION_CODE), "normalize": {"mean": data.mean, "std": data.std}}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)  # the kernel releases it too when the process dies
+            os.close(self._lock)
+            self._lock = None
 
     # -- factors ---------------------------------------------------------------------------------------------------
 
@@ -101,7 +148,10 @@ class FitWork:
             with np.load(path) as z:
                 return {key: z[key] for key in z.files}
         if found:
-            log.info("%s: fitted from other inputs or damaged: fitting them again", path)
+            differ = sorted(k for k in set(wanted) | set(found.get("inputs") or {})
+                            if wanted.get(k) != (found.get("inputs") or {}).get(k))
+            log.warning("%s: %s: fitting them again", path,
+                        f"fitted from other {', '.join(differ)}" if differ else "its file does not match its record")
         arrays, details = fit_factors(self.params, self.model, images)
         info.unlink(missing_ok=True)  # the record goes first: a half-replaced pair never looks valid
         with atomic_path(path) as tmp:

@@ -58,6 +58,7 @@ REPORT = "report/report.md"
 PLOTS = "report/plots"
 TIMINGS = "artifacts/timings"
 ABLATIONS = "report/ablations"  # bench.ablations' table
+FIT_LOCK = "fit.lock"  # LowGrad.fit's work directory: held while a fit uses it (lowgrad.fit_work)
 
 
 @contextlib.contextmanager

@@ -88,8 +88,8 @@ class ChunkedStore:
             group.create_array(
                 name, shape=(n_rows, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0, compressors=None
             )
-        group.attrs.update(wanted)
         (path / _PROGRESS).mkdir()
+        group.attrs.update(wanted)  # last: until its settings are written, a store is not reopened as this one
         return cls(path, group)
 
     @staticmethod
