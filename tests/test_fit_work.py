@@ -225,6 +225,17 @@ def test_one_fit_at_a_time_per_work_dir(sets, tmp_path):
         assert "\n" not in str(err.value)
     _fit(sets, tmp_path / "work")  # released
 
+    from lowgrad import fit_work
+
+    def broken(*args):
+        raise RuntimeError("the model cannot run")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit_work, "model_sha256", broken)
+        with pytest.raises(RuntimeError, match="cannot run"):
+            _fit(sets, tmp_path / "work")
+    _fit(sets, tmp_path / "work")  # a fit that failed while taking the folder released it
+
 
 def test_the_code_named_by_a_store_is_the_extraction_stages_code():
     """Every library module the factors and extract stages depend on (dvc.yaml) is in EXTRACTION_CODE, so a change

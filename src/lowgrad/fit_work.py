@@ -119,8 +119,13 @@ class FitWork:
                               "wait for it, or give this fit a folder of its own") from None
         self._lock = fd
         data = self.params.data
-        self._inputs = {"model_sha256": model_sha256(self.model, data.image_size, data.channels),
-                        "code_sha256": code_digests(EXTRACTION_CODE), "normalize": {"mean": data.mean, "std": data.std}}
+        try:
+            self._inputs = {"model_sha256": model_sha256(self.model, data.image_size, data.channels),
+                            "code_sha256": code_digests(EXTRACTION_CODE),
+                            "normalize": {"mean": data.mean, "std": data.std}}
+        except BaseException:
+            self.__exit__()  # __exit__ runs only after a successful __enter__: release the folder here
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,7 +178,8 @@ class FitWork:
             return ArrayColumns({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, chunk_rows, name)
         from lowgrad.extract import fill_chunks, open_store
 
-        factors_sha256 = digest_arrays(*(factors[k] for k in sorted(factors))) if self.route.is_sketch else None
+        names = sorted(factors)
+        factors_sha256 = digest_arrays(np.array(names), *(factors[k] for k in names)) if self.route.is_sketch else None
         meta = {**self._inputs, "dataset": name,
                 "dataset_sha256": digest_arrays(extractor.images.images, extractor.images.labels),
                 **self.route.store_meta(self.params, getattr(extractor.gradients, "layout", None), factors_sha256)}
