@@ -8,6 +8,7 @@ recomputes what they changed (never a stale row); a damaged chunk or factors fil
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -165,6 +166,13 @@ def test_a_second_fit_reuses_only_what_the_same_inputs_computed(sets, tmp_path, 
     assert (counted.chunks, counted.factor_fits) == (0, 0)
     _same(other_k, _fit(sets, None, model, **ROUTES["exact_nfk"], subspace={**OPTIONS["subspace"], "k": 4})[1])
 
+    relabelled = y.copy()
+    relabelled[:2] = relabelled[1::-1] if relabelled[0] != relabelled[1] else (relabelled[:2] + 1) % 3
+    counted = _Counted(monkeypatch)  # other bank labels: the bank's rows (its labels column), not the factors
+    _, other_labels = _fit((x, relabelled, tx, ty, new), work, model, **ROUTES["exact_nfk"])
+    assert (counted.chunks, counted.factor_fits) == (3, 0)
+    _same(other_labels, _fit((x, relabelled, tx, ty, new), None, model, **ROUTES["exact_nfk"])[1])
+
     changed_bank = x.copy()
     changed_bank[:, 0, 0, 0] ^= 1  # one bit of each bank image: its factors' kernel sample, so both sets' rows
     counted = _Counted(monkeypatch)
@@ -187,13 +195,14 @@ def _tanh_model():
     return torch.nn.Sequential(*(torch.nn.Tanh() if isinstance(m, torch.nn.ReLU) else m for m in model))
 
 
-@pytest.mark.parametrize("change", ["architecture", "seed", "normalisation", "dtype", "parameters"])
+@pytest.mark.parametrize("change", ["architecture", "seed", "normalisation", "dtype", "parameters", "batch size"])
 def test_what_changes_the_rows_is_never_reused(sets, tmp_path, monkeypatch, change):
     """A work directory filled by one fit, then a fit that differs in one thing that changes the stored rows: every
     chunk and the factors are computed again, and the scores are those of an in-memory fit of the changed inputs."""
+    route = "exact" if change == "batch size" else "exact_nfk"  # the exact route: no factors to carry the change
     work = tmp_path / "work"
-    _fit(sets, work, **ROUTES["exact_nfk"])
-    model, options = None, dict(ROUTES["exact_nfk"])
+    _fit(sets, work, **ROUTES[route])
+    model, options = None, {"gradient": OPTIONS["gradient"], **ROUTES[route]}
     if change == "architecture":
         model = _tanh_model()
         assert all(__import__("torch").equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values()))
@@ -201,13 +210,15 @@ def test_what_changes_the_rows_is_never_reused(sets, tmp_path, monkeypatch, chan
         options["seed"] = 1
     elif change == "normalisation":
         options["data"] = {"mean": [0.4], "std": [0.5]}
+    elif change == "batch size":  # another batch moves the float rounding of the rows
+        options["gradient"] = {**options["gradient"], "batch_size": 4}
     elif change == "dtype":
         options["gradient"] = {**options["gradient"], "dtype": "float16"}
     else:
         options["gradient"] = {**options["gradient"], "params": ["3.weight", "3.bias", "5.weight", "5.bias"]}
     counted = _Counted(monkeypatch)
     _, scores = _fit(sets, work, model, **options)
-    assert (counted.chunks, counted.factor_fits) == (5, 1)
+    assert (counted.chunks, counted.factor_fits) == (5, 1)  # (on the exact route a call that fits nothing)
     _same(scores, _fit(sets, None, model, **options)[1])
 
 
@@ -272,3 +283,40 @@ def test_a_project_folder_is_not_a_work_dir(sets, tmp_path):
     with pytest.raises(ConfigError, match="is a lowgrad project") as err:
         _fit(sets, tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_work_dir_that_cannot_be_one_is_one_line(sets, tmp_path, monkeypatch):
+    """``~`` is the user's home; an empty name, a file, a non-path are one ConfigError line each, before any work."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _fit(sets, "~/work")
+    assert (tmp_path / "home/work/artifacts/extract/id_train.zarr").is_dir()
+    (tmp_path / "a_file").write_text("mine\n")
+    for work_dir, fragment in (("", "must name a folder"), (5, "must name a folder"),
+                               (tmp_path / "a_file", "cannot be used as a folder")):
+        with pytest.raises(ConfigError, match=fragment) as err:
+            _fit(sets, work_dir)
+        assert "\n" not in str(err.value)
+    assert (tmp_path / "a_file").read_text() == "mine\n"
+
+
+def test_bad_labels_are_refused_before_the_work_dir_is_touched(sets, tmp_path, monkeypatch):
+    from lowgrad.errors import DataError
+
+    work = tmp_path / "work"
+    _fit(sets, work, **ROUTES["exact_nfk"])
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != "fit.lock"}
+    x, y, tx, ty, new = sets
+    outside, single = y.copy(), y.copy()
+    outside[0] = 7  # a 3-class model
+    single[y == 2] = 1
+    single[np.flatnonzero(y == 1)[0]] = 2  # class 2 has one image: no stratified calibration split
+    cases = [((x, outside, tx, ty, new), "fit labels: 1 outside the model's 3 classes (0..2), first 7"),
+             ((x, y, tx, np.full_like(ty, 3), new), "test labels: 45 outside the model's 3 classes"),
+             ((x, single, tx, ty, new), "class 2 has one image")]
+    for data, fragment in cases:
+        with pytest.raises(DataError, match=re.escape(fragment)) as err:
+            _fit(data, work, **ROUTES["exact_nfk"])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="finite"):
+        _fit(sets, work, **ROUTES["exact_nfk"], data={"mean": [float("nan")], "std": [0.5]})
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != "fit.lock"} == before

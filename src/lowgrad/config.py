@@ -87,8 +87,8 @@ class InputConfig(_Strict):
     resize_short_side: Int | None = Field(
         None, gt=0, description="resize: short side to this, then centre-crop image_size (ImageNet 256 -> 224)"
     )
-    mean: list[float]
-    std: list[Annotated[float, Field(gt=0)]]
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
 
     @model_validator(mode="after")
     def _check_input(self) -> "InputConfig":

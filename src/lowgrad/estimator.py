@@ -166,12 +166,13 @@ class LowGrad:
         params = self._params(train_images)
         self._params(test_images)
         model, params = self._classifier(params)
+        _check_labels(params, train_labels, test_labels)
         check_bank_size(params, len(train_images))
         model = model.to(pick_device(params.device))
         given = {"id_train": ImageSet(train_images, train_labels), "id_test": ImageSet(test_images, test_labels)}
         with torch.inference_mode(False), FitWork(work_dir, params, model) as work:
             route = work.route
-            self.factors_ = work.factors(train_images, train_labels)
+            self.factors_ = work.factors(train_images)
             stored, sets = {}, {}
             for name, image_set in given.items():
                 extractor = make_extractor(params, model, image_set, unflatten(self.factors_))
@@ -288,6 +289,21 @@ class LowGrad:
         out.thresholds_, out.rows_ = dict(det.thresholds), list(det.thresholds)
         out.id_test_scores_ = dict(det.id_test_scores)
         return out
+
+
+def _check_labels(params, train: np.ndarray, test: np.ndarray) -> None:
+    """Refuse, before anything is computed, labels outside the model's classes (test labels may be -1: none), and a
+    bank class too small for the fusion groups' stratified calibration split (two images per class)."""
+    n = params.model.num_classes
+    for what, labels, low in (("fit", train, 0), ("test", test, -1)):
+        wrong = labels[(labels < low) | (labels >= n)]
+        if len(wrong):
+            raise DataError(f"{what} labels: {len(wrong)} outside the model's {n} classes (0..{n - 1}), first {wrong[0]}")
+    if params.scoring.fusion.groups:
+        classes, counts = np.unique(train, return_counts=True)
+        if counts.min() < 2:
+            raise DataError(f"fit labels: class {classes[counts.argmin()]} has one image; the fusion groups' "
+                            "calibration split needs two per class")
 
 
 def _row_passes(params, route, model, images: np.ndarray, stored, name: str):

@@ -96,7 +96,9 @@ class FitWork:
     def __init__(self, folder: str | Path | None, params, model) -> None:
         from lowgrad.route import Route
 
-        self.folder = None if folder is None else Path(folder)
+        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not str(folder)):
+            raise ConfigError(f"work_dir must name a folder (a str or Path), got {folder!r}")
+        self.folder = None if folder is None else Path(folder).expanduser()
         self.params, self.model, self.route = params, model, Route.from_params(params)
         self._lock: int | None = None
 
@@ -109,8 +111,12 @@ class FitWork:
         if (self.folder / DVC_YAML).exists():
             raise ConfigError(f"work_dir {self.folder} is a lowgrad project (its stores are DVC's): give fit a "
                               "folder of its own")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / FIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / FIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a file there, a read-only folder, no space
+            raise ConfigError(f"work_dir {self.folder} cannot be used as a folder for the fit's files "
+                              f"({err.strerror or type(err).__name__}): name a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,14 +142,14 @@ class FitWork:
 
     # -- factors ---------------------------------------------------------------------------------------------------
 
-    def factors(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """The route's NFK factors (flat, as the ``factors`` stage stores them) fitted on the kernel set, or those of
-        the work directory when they were fitted from the same inputs and their file is intact."""
+    def factors(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The route's NFK factors (flat, as the ``factors`` stage stores them) fitted on the kernel set's images, or
+        those of the work directory when they were fitted from the same inputs and their file is intact."""
         from lowgrad.factors import fit_factors
 
         if self.folder is None or not self.route.needs_factors:
             return fit_factors(self.params, self.model, images)[0]
-        wanted = jsonable({**self._inputs, "dataset_sha256": digest_arrays(images, labels), "seed": self.params.seed,
+        wanted = jsonable({**self._inputs, "images_sha256": digest_arrays(images), "seed": self.params.seed,
                            "route": self.route.name, "kernel": self.route.kernel,
                            "gradient": self.params.gradient.model_dump(mode="json", exclude={"chunk_rows"})})
         path, info = self.folder / FACTORS, self.folder / FACTORS_INFO
@@ -182,6 +188,7 @@ class FitWork:
         factors_sha256 = digest_arrays(np.array(names), *(factors[k] for k in names)) if self.route.is_sketch else None
         meta = {**self._inputs, "dataset": name,
                 "dataset_sha256": digest_arrays(extractor.images.images, extractor.images.labels),
+                "batch_size": extractor.batch_size, "device": str(extractor.device),  # both move the float rounding
                 **self.route.store_meta(self.params, getattr(extractor.gradients, "layout", None), factors_sha256)}
         store = open_store(extractor, self.folder / EXTRACTED.format(name=name), chunk_rows, meta)
         damaged = store.damaged()

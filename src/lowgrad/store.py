@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import zlib
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,33 @@ def jsonable(meta: Any) -> Any:
 def _checksum(values: np.ndarray) -> int:
     """CRC-32 of an array's bytes in C order (~4 GB/s: verifying a store costs far less than filling it)."""
     return zlib.crc32(memoryview(np.ascontiguousarray(values)).cast("B"))
+
+
+def _fsync(file: Path) -> None:
+    """Flush a written file to disk (zarr does not write a chunk equal to its fill value: then nothing to flush)."""
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _layout_problem(path: Path, layout: dict[str, Any]) -> str | None:
+    """What is missing or changed in a store's arrays and progress folder against its recorded layout, or None."""
+    if not (path / _PROGRESS).is_dir():
+        return "its progress folder is missing"
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        for name, (dim, dtype) in layout["columns"].items():
+            array = group[name]
+            if (array.shape, array.chunks, str(array.dtype)) != ((layout["n_rows"], dim), (layout["chunk_rows"], dim), dtype):
+                return f"array '{name}' is {array.shape} {array.dtype} in chunks {array.chunks}, not as recorded"
+    except Exception as err:  # a deleted array folder or an edited array description
+        return f"its arrays cannot be opened as recorded ({type(err).__name__}: {err})"
+    return None
 
 
 class ChunkedStore:
@@ -74,14 +102,17 @@ class ChunkedStore:
         wanted = jsonable({"layout": layout, "meta": meta})
         if path.exists():
             found = cls._read_settings(path)
-            if found == wanted:
+            damaged = _layout_problem(path, layout) if found == wanted else None
+            if found == wanted and damaged is None:
                 store = cls(path, zarr.open_group(str(path), mode="r+"))
                 done = store.n_chunks - len(store.pending())
                 log.info("resuming %s: %d of %d chunks already done", path, done, store.n_chunks)
                 return store
+            why = (f"is damaged: {damaged}" if damaged else
+                   f"was written with other settings: {cls._difference(found, wanted)}")
             if on_mismatch != "overwrite":
-                raise StoreError(f"{path} was written with other settings: {cls._difference(found, wanted)}")
-            log.warning("%s holds another configuration (%s): starting afresh", path, cls._difference(found, wanted))
+                raise StoreError(f"{path} {why}")
+            log.warning("%s %s: starting afresh", path, why)
             shutil.rmtree(path)
         group = zarr.open_group(str(path), mode="w")
         for name, (dim, dtype) in columns.items():
@@ -172,26 +203,27 @@ class ChunkedStore:
     def _chunk_file(self, name: str, index: int) -> Path:
         return self.path / name / "c" / str(index) / "0"  # zarr v3's default chunk key for (index, 0)
 
-    def _problem(self, name: str, index: int, block: np.ndarray) -> str | None:
-        """Why chunk ``index`` of ``name`` cannot be trusted, or None when its values match its marker."""
-        recorded = self._recorded(index).get(name)
-        if recorded is not None and _checksum(block) == recorded:
-            return None
+    def _checked(self, name: str, index: int) -> tuple[np.ndarray | None, str | None]:
+        """``(values, None)`` of chunk ``index`` of ``name`` when they match its marker, else ``(None, why)``."""
         rows = self.chunk_slice(index)
         file = self._chunk_file(name, index).relative_to(self.path)
+        where = f"chunk {index} (rows {rows.start}-{rows.stop - 1}) of '{name}'"
+        try:
+            block = self.group[name][rows]
+        except Exception as err:  # a truncated, emptied or lengthened chunk file: zarr cannot decode it
+            return None, f"{where}: file {file} cannot be read ({type(err).__name__})"
+        recorded = self._recorded(index).get(name)
+        if recorded is not None and _checksum(block) == recorded:
+            return block, None
         why = ("has no checksum record" if recorded is None else
                f"file {file} is missing" if not self._chunk_file(name, index).exists() else
                f"file {file} does not match its checksum")
-        return f"chunk {index} (rows {rows.start}-{rows.stop - 1}) of '{name}' {why}"
+        return None, f"{where} {why}"
 
     def damaged(self) -> list[int]:
-        """Finished chunks whose stored values do not match their markers (reads the whole store once)."""
-        bad = []
-        for index in sorted(self._done()):
-            rows = self.chunk_slice(index)
-            if any(self._problem(name, index, self.group[name][rows]) for name in self.columns):
-                bad.append(index)
-        return bad
+        """Finished chunks whose stored values do not match their markers or cannot be read (reads the whole
+        store once)."""
+        return [index for index in sorted(self._done()) if any(self._checked(name, index)[1] for name in self.columns)]
 
     def discard(self, chunks: Iterable[int]) -> None:
         """Forget that ``chunks`` were written (they become pending) and mark the store incomplete first, so a
@@ -219,6 +251,7 @@ class ChunkedStore:
                 raise StoreError(f"chunk {index} of '{name}': shape {values.shape}, expected {expected}")
             stored = np.asarray(values, dtype=self.columns[name][1])  # the values as the array keeps them
             self.group[name][rows] = stored
+            _fsync(self._chunk_file(name, index))  # on disk before the marker that vouches for it
             checksums[name] = _checksum(stored)
         write_text(self._marker(index), json.dumps({"crc32": checksums}) + "\n", durable=True)
 
@@ -233,8 +266,7 @@ class ChunkedStore:
     def read_chunk(self, name: str, index: int) -> np.ndarray:
         """One chunk of one array, checked against its marker: a damaged chunk is a :class:`StoreError` that
         names it and the repair, never its (wrong or zero-filled) values."""
-        block = self.group[name][self.chunk_slice(index)]
-        problem = self._problem(name, index, block)
+        block, problem = self._checked(name, index)
         if problem:
             dataset = self.meta.get("dataset")
             repair = f"dvc repro -f -s extract@{dataset}" if dataset else "rerun the stage that wrote it"
