@@ -630,6 +630,20 @@ def test_a_bank_too_small_for_the_stratified_calibration_split_is_one_line():
     assert np.isfinite(_fused_msp_grad_knn(sets, rng, calibration_fraction=0.34)["fused_msp_grad_knn"]["ood"]).all()
 
 
+def test_a_bank_class_of_one_sample_is_one_line_before_the_split():
+    """12 bank samples, class 2 once: both parts of the split are large enough, but a stratified split needs two of
+    each class (scikit-learn's own error was a ValueError traceback): one DataError line naming the class."""
+    from lowgrad.errors import DataError
+
+    rng = np.random.default_rng(0)
+    labels = {"id_train": np.array([0] * 6 + [1] * 5 + [2]), "id_test": np.arange(6) % 3, "ood": np.arange(6) % 3}
+    sets = {name: {"name": name, "logits": rng.standard_normal((len(y), 3)), "features": rng.standard_normal((len(y), 4)),
+                   "labels": y, "g_low": rng.standard_normal((len(y), 4))} for name, y in labels.items()}
+    with pytest.raises(DataError, match="id_train: class 2 has one image") as err:
+        _fused_msp_grad_knn(sets, rng, calibration_fraction=0.34)
+    assert "\n" not in str(err.value)
+
+
 def test_a_fusion_member_constant_on_the_calibration_part_is_one_line():
     """A degenerate member (every held-out ID sample scores the same: here identical G_low rows, so grad_knn is 0
     everywhere) cannot be z-scored: one ConfigError naming the row and the member, not fusion's ValueError. The

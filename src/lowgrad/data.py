@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def check_class_labels(labels: np.ndarray, num_classes: int, what: str, unlabelled_ok: bool = False) -> None:
+    """Refuse labels outside the model's classes ``0..num_classes - 1`` (``-1``, no label, allowed where
+    ``unlabelled_ok``): one :class:`DataError` line naming how many and the first."""
+    wrong = labels[(labels < (-1 if unlabelled_ok else 0)) | (labels >= num_classes)]
+    if len(wrong):
+        raise DataError(f"{what}: {len(wrong)} outside the model's {num_classes} classes (0..{num_classes - 1}), "
+                        f"first {wrong[0]}")
+
+
 @dataclass(frozen=True)
 class ImageSet:
     images: np.ndarray  # uint8 (N, H, W, C)

@@ -148,12 +148,12 @@ class LowGrad:
         memory."""
         import torch
 
-        from lowgrad.data import ImageSet
+        from lowgrad.data import ImageSet, check_class_labels
         from lowgrad.extract import make_extractor
         from lowgrad.factors import unflatten
         from lowgrad.fit_work import FitWork
         from lowgrad.models import pick_device
-        from lowgrad.scoring import check_bank_size
+        from lowgrad.scoring import check_bank_size, check_calibration_split, stored_set
         from lowgrad.steps import fit_subspace, project_rows
 
         data = self.options.get("data", {})
@@ -166,7 +166,9 @@ class LowGrad:
         params = self._params(train_images)
         self._params(test_images)
         model, params = self._classifier(params)
-        _check_labels(params, train_labels, test_labels)
+        check_class_labels(train_labels, params.model.num_classes, "fit labels")  # before anything is computed
+        check_class_labels(test_labels, params.model.num_classes, "test labels", unlabelled_ok=True)
+        check_calibration_split(params, train_labels, "fit labels")
         check_bank_size(params, len(train_images))
         model = model.to(pick_device(params.device))
         given = {"id_train": ImageSet(train_images, train_labels), "id_test": ImageSet(test_images, test_labels)}
@@ -177,8 +179,7 @@ class LowGrad:
             for name, image_set in given.items():
                 extractor = make_extractor(params, model, image_set, unflatten(self.factors_))
                 stored[name] = work.extract(extractor, name, self.factors_)
-                sets[name] = {"name": name, "logits": stored[name].read("logits"),
-                              "features": stored[name].read("features"), "labels": stored[name].read("labels")[:, 0]}
+                sets[name] = stored_set(stored[name], name)
             passes = _row_passes(params, route, model, given["id_train"].images, stored["id_train"], "id_train")
             self.subspace_ = fit_subspace(params, passes, lambda: sets["id_train"]["labels"])
             self.subspace_.sketch_layout_ = getattr(extractor.gradients, "layout", None) if route.is_sketch else None
@@ -291,21 +292,6 @@ class LowGrad:
         return out
 
 
-def _check_labels(params, train: np.ndarray, test: np.ndarray) -> None:
-    """Refuse, before anything is computed, labels outside the model's classes (test labels may be -1: none), and a
-    bank class too small for the fusion groups' stratified calibration split (two images per class)."""
-    n = params.model.num_classes
-    for what, labels, low in (("fit", train, 0), ("test", test, -1)):
-        wrong = labels[(labels < low) | (labels >= n)]
-        if len(wrong):
-            raise DataError(f"{what} labels: {len(wrong)} outside the model's {n} classes (0..{n - 1}), first {wrong[0]}")
-    if params.scoring.fusion.groups:
-        classes, counts = np.unique(train, return_counts=True)
-        if counts.min() < 2:
-            raise DataError(f"fit labels: class {classes[counts.argmin()]} has one image; the fusion groups' "
-                            "calibration split needs two per class")
-
-
 def _row_passes(params, route, model, images: np.ndarray, stored, name: str):
     """The gradient rows of one set on the route: recomputed (matrix-free) or its extracted ones, chunk by chunk."""
     if route.recomputes_gradients:
@@ -314,4 +300,4 @@ def _row_passes(params, route, model, images: np.ndarray, stored, name: str):
         return exact_rows(params, model, images, desc=name)
     from lowgrad.subspace import RowPasses
 
-    return RowPasses(lambda: stored.iter_chunks("grads"), stored.n_rows, stored.columns["grads"][0])
+    return RowPasses.of_store(stored)

@@ -159,8 +159,8 @@ class FitWork:
             with np.load(path) as z:
                 return {key: z[key] for key in z.files}
         if found:
-            differ = sorted(k for k in set(wanted) | set(found.get("inputs") or {})
-                            if wanted.get(k) != (found.get("inputs") or {}).get(k))
+            recorded = found.get("inputs") or {}
+            differ = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
             log.warning("%s: %s: fitting them again", path,
                         f"fitted from other {', '.join(differ)}" if differ else "its file does not match its record")
         arrays, details = fit_factors(self.params, self.model, images)

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from lowgrad.config import Params
 from lowgrad.options import FusionGroup
 from lowgrad.rows import Row, detector_row_name, fusion_rows, member_detector
-from lowgrad.errors import ConfigError
+from lowgrad.errors import ConfigError, DataError
 from lowgrad.detectors import ODIN, Detector, Head, make_detector, uses_probe
 from lowgrad.fusion import fuse
 from lowgrad.probe import train_probe
@@ -51,6 +51,13 @@ class ScoringContext:
         head = train_probe(bank["g_low"], bank["labels"], self.num_classes, seed=self.seed, **self.probe_options)
         self._probes.append((bank["g_low"], head))
         return head
+
+
+def stored_set(store, name: str) -> DataSet:
+    """Set ``name``'s logits, features and labels from its extracted store (a :class:`lowgrad.store.ChunkedStore`,
+    every chunk checked, or the estimator's in-memory columns): what the detectors read besides ``G_low``."""
+    return {"name": name, "logits": store.read("logits"), "features": store.read("features"),
+            "labels": store.read("labels")[:, 0]}
 
 
 def _images(data: DataSet, ctx: ScoringContext):
@@ -147,6 +154,26 @@ def check_bank_size(params: Params, n_bank: int) -> None:
                               f"are fitted on (scoring.fusion.calibration_fraction = {scoring.fusion.calibration_fraction})")
 
 
+def check_calibration_split(params: Params, labels: np.ndarray, what: str = "id_train") -> None:
+    """Refuse a bank (its ``labels``) that the fusion groups' stratified calibration split cannot divide: each part
+    needs a sample of each class, so each class two (one :class:`ConfigError` / :class:`DataError` line); nothing to
+    check without fusion groups."""
+    fusion = params.scoring.fusion
+    if not fusion.groups:
+        return
+    classes, counts = np.unique(labels, return_counts=True)
+    n_bank, n_classes = len(labels), len(classes)
+    n_cal = int(np.ceil(fusion.calibration_fraction * n_bank))  # train_test_split's rounding
+    if min(n_cal, n_bank - n_cal) < n_classes:
+        raise ConfigError(f"scoring.fusion.calibration_fraction = {fusion.calibration_fraction} splits the {n_bank} "
+                          f"id_train samples into {n_bank - n_cal} to fit and {n_cal} to calibrate the fusion groups; "
+                          f"each part needs one sample of each of the {n_classes} classes (a stratified split): use a "
+                          "larger id_train or another calibration_fraction")
+    if counts.min() < 2:
+        raise DataError(f"{what}: class {classes[counts.argmin()]} has one image; the fusion groups' calibration split "
+                        "needs two per class")
+
+
 def fusion_plan(groups: list[FusionGroup]) -> dict[str, tuple[Row, str]]:
     """Every fusion row with its rule, forward-only baselines included (:func:`lowgrad.rows.fusion_rows`)."""
     return fusion_rows([(g.name, list(g.members), g.rule) for g in groups])
@@ -206,13 +233,7 @@ def fused_scores(
     (stratified, seeded) and calibrated on the rest; each member is scored once, whatever groups share it. The
     fitted members and their calibration scores go into ``fitted``."""
     fusion, scoring = params.scoring.fusion, params.scoring
-    n_bank, n_classes = len(bank["labels"]), len(np.unique(bank["labels"]))
-    n_cal = int(np.ceil(fusion.calibration_fraction * n_bank))  # train_test_split's rounding
-    if min(n_cal, n_bank - n_cal) < n_classes:
-        raise ConfigError(f"scoring.fusion.calibration_fraction = {fusion.calibration_fraction} splits the {n_bank} "
-                          f"id_train samples into {n_bank - n_cal} to fit and {n_cal} to calibrate the fusion groups; "
-                          f"each part needs one sample of each of the {n_classes} classes (a stratified split): use a "
-                          "larger id_train or another calibration_fraction")
+    check_calibration_split(params, bank["labels"])
     fit_rows, cal_rows = train_test_split(
         np.arange(len(bank["labels"])), test_size=fusion.calibration_fraction,
         random_state=params.seed, stratify=bank["labels"],

@@ -178,6 +178,11 @@ class RowPasses:
         step = block_rows or max(len(rows), 1)
         return cls(lambda: row_blocks(rows, step), len(rows), rows.shape[1])
 
+    @classmethod
+    def of_store(cls, store) -> "RowPasses":
+        """Passes over a store's gradient rows (``grads``), chunk by chunk, each chunk checked as it is read."""
+        return cls(lambda: store.iter_chunks("grads"), store.n_rows, store.columns["grads"][0])
+
     def normalised(self, shift: np.ndarray, scale: np.ndarray) -> "RowPasses":
         return RowPasses(self.blocks, self.n_rows, self.dim, shift, scale)
 

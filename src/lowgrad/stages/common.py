@@ -23,7 +23,7 @@ def stored_row_passes(params: Params, store: "ChunkedStore") -> Iterator["RowPas
     if not params.cluster.scheduler:
         from lowgrad.subspace import RowPasses
 
-        yield RowPasses(lambda: store.iter_chunks("grads"), store.n_rows, store.columns["grads"][0])
+        yield RowPasses.of_store(store)
         return
     from lowgrad.scaleout import DaskRowPasses, dask_client
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from lowgrad.config import Params
-from lowgrad.data import load_dataset, save_image_set
-from lowgrad.errors import DataError
+from lowgrad.data import check_class_labels, load_dataset, save_image_set
 from lowgrad.paths import PREPARED
 
 
@@ -16,9 +15,7 @@ def prepare(params: Params, name: str) -> None:
     """Load, filter, split and sub-sample one configured dataset; ID sets must have labels of the model's classes."""
     image_set = load_dataset(name, params.data, params.seed)
     if name in ("id_train", "id_test"):
-        bad = (image_set.labels < 0) | (image_set.labels >= params.model.num_classes)
-        if bad.any():
-            raise DataError(f"dataset '{name}' has labels outside 0..{params.model.num_classes - 1} (model.num_classes)")
+        check_class_labels(image_set.labels, params.model.num_classes, f"dataset '{name}' labels (model.num_classes)")
     save_image_set(PREPARED.format(name=name), image_set)
 
 

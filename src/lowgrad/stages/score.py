@@ -21,7 +21,7 @@ from lowgrad.models import head_of, load_classifier
 from lowgrad.paths import DETECTOR, EXTRACTED, METRICS, PHI_SQNORM, PREPARED, PROJECTED, SCORES, atomic_dir, atomic_path
 from lowgrad.provenance import run_provenance
 from lowgrad.saved_detector import save_fitted
-from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all
+from lowgrad.scoring import ScoringContext, check_bank_size, k_sweep, run_all, stored_set
 from lowgrad.stages.prepare import prepared_size
 from lowgrad.store import ChunkedStore
 
@@ -29,12 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def _inputs(name: str) -> dict[str, Any]:
-    store = ChunkedStore.open(EXTRACTED.format(name=name))
     return {
-        "name": name,
-        "logits": store.read("logits"),
-        "features": store.read("features"),
-        "labels": store.read("labels")[:, 0],
+        **stored_set(ChunkedStore.open(EXTRACTED.format(name=name)), name),
         "g_low": np.load(PROJECTED.format(name=name)),
         "phi_sqnorm": np.load(PHI_SQNORM.format(name=name)),
     }
